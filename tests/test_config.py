@@ -1,0 +1,140 @@
+"""Recipes and the command line: precedence, override syntaxes, `--help`, the resolved
+plan of the cluster recipes (dry run), and one clear line for every kind of bad input."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import ROOT, run_train
+
+from titan.config import ConfigError, load_config
+
+GPT_NEURO_8B = """# torchtitan Config.toml
+[job]
+dump_folder = "./outputs/primate_8B_131k"
+description = "primate-8B-131k training"
+[profiling]
+enable_profiling = false
+save_traces_folder = "profile_trace"
+profile_freq = 10
+[metrics]
+log_freq = 90
+enable_tensorboard = false
+save_tb_folder = "tb"
+[model]
+name = "llama3"
+flavor = "8B"
+norm_type = "rmsnorm"  # layernorm / np_layernorm / rmsnorm / fused_rmsnorm
+[optimizer]
+name = "AdamW"
+lr = 3e-4
+[training]
+batch_size = 4
+seq_len = 131072
+vocab_size = 256
+warmup_steps = 1000  # lr scheduler warm up
+max_norm = 1.0  # grad norm clipping
+steps = 50000  # number of training steps
+data_parallel_replicate_degree = 2
+data_parallel_shard_degree = 32
+tensor_parallel_degree = 1
+compile = true
+dataset = "primate"
+[experimental]
+pipeline_parallel_degree = 1
+[checkpoint]
+enable_checkpoint = true
+folder = "checkpoint"
+interval_type = "steps"
+interval = 90
+model_weights_only = false
+export_dtype = "bfloat16"
+async_mode = "async"  # ["disabled", "async", "async_with_pinned_mem"]
+[activation_checkpoint]
+mode = 'full'  # ['none', 'selective', 'full']
+selective_ac_option = 'op'  # 'int' = ac every positive int layer or 'op'
+[float8]
+enable_float8_linear = false
+"""
+
+
+def test_precedence_and_override_syntaxes(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[training]\nsteps = 7\nseq_len = 64\ncompile = true\n[data]\nshuffle = true\n")
+    cfg = load_config(["--job.config_file", str(recipe), "--training.seq_len=128",
+                       "--training.no_compile", "--data.no_shuffle", "--checkpoint.enable_checkpoint",
+                       "--optimizer.lr", "1e-3", "--data.source_datasets=a,b"])
+    assert cfg.training.steps == 7  # file over default
+    assert cfg.training.seq_len == 128  # command line over file
+    assert cfg.training.compile is False and cfg.data.shuffle is False
+    assert cfg.checkpoint.enable_checkpoint is True
+    assert cfg.optimizer.lr == 1e-3 and cfg.data.source_datasets == ["a", "b"]
+    assert load_config([]).training.steps == 10000  # defaults alone
+
+
+def test_every_recipe_loads():
+    for recipe in sorted((ROOT / "train_configs").glob("*.toml")):
+        load_config(["--job.config_file", str(recipe)])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--trainig.steps=3"], "unknown config section 'trainig' (did you mean 'training'?)"),
+    (["--training.step=3"], "unknown config key 'training.step' (did you mean 'training.steps'?)"),
+    (["--training.steps=three"], "training.steps = 'three': expected an integer"),
+    (["--training.seq_len=0"], "training.seq_len = 0: must be a positive integer"),
+    (["--training.tensor_parallel_degree=2"], "training.tensor_parallel_degree = 2: only 1"),
+    (["--model.flavor=9B"], "model.flavor = '9B': must be one of"),
+    (["--activation_checkpoint.mode=fulll"], "(did you mean 'full'?)"),
+    (["--float8.enable_float8_linear"], "float8 training is not implemented"),
+    (["--job.config_file=/nonexistent.toml"], "no such file"),
+])
+def test_bad_input_is_a_config_error(argv, message):
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(argv)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_wrong_type_in_toml(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[training]\nbatch_size = "four"\n')
+    with pytest.raises(ConfigError, match="training.batch_size = 'four': expected an integer"):
+        load_config(["--job.config_file", str(recipe)])
+
+
+BAD_RUNS = [
+    # (overrides, world size, expected part of the one-line error)
+    (["--training.step=3"], 1, "did you mean 'training.steps'"),
+    (["--training.data_parallel_shard_degree=3"], 1, "but the world size is 1"),
+    (["--training.data_parallel_replicate_degree=2"], 1, "does not divide the world size 1"),
+    (["--training.global_batch_size=6", "--training.batch_size=4"], 1, "not a multiple of"),
+    (["--training.seq_len=-5"], 1, "training.seq_len = -5: must be a positive integer"),
+    (["--experimental.pipeline_parallel_degree=2"], 1, "only 1 is implemented"),
+]
+
+
+@pytest.mark.parametrize("overrides, nproc, message", BAD_RUNS)
+def test_bad_recipe_exits_with_one_line(tmp_path, overrides, nproc, message):
+    result = run_train(["--job.config_file", "train_configs/debug_model.toml",
+                        f"--job.dump_folder={tmp_path}", *overrides], nproc=nproc, timeout=120)
+    assert result.returncode != 0
+    err = result.stderr.strip()
+    assert "Traceback" not in result.stderr + result.stdout
+    assert err.count("\n") == 0 and err.startswith("error: ") and message in err, err
+
+
+def test_help_lists_every_key_with_its_docstring():
+    result = run_train(["--help"], timeout=120)
+    assert result.returncode == 0
+    assert "--training.seq_len (int, default 2048)" in result.stdout
+    assert "Tokens per sequence" in result.stdout
+
+
+def test_gpt_neuro_recipe_dry_run(tmp_path):
+    recipe = tmp_path / "primate_8b_131k.toml"
+    recipe.write_text(GPT_NEURO_8B)
+    result = run_train(["--job.config_file", str(recipe), "--job.dry_run"], timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "32 layers, dim 4096, 32 heads / 8 kv heads, FFN 14336, vocab 256" in out
+    assert "131,072 tokens" in out
+    assert "world 64 = 2 replicate x 32 shard (HSDP)" in out
+    assert "nothing was trained" in out

@@ -1,0 +1,138 @@
+"""Process-group set-up and the parallel layout.
+
+The only module that reads torchrun's environment variables (RANK, WORLD_SIZE,
+LOCAL_RANK). `ParallelDims` is the one object that carries the degrees and the device
+mesh; it is passed explicitly to whatever needs it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from titan.config import ConfigError, JobConfig
+
+
+@dataclass
+class ParallelDims:
+    """Data-parallel layout: `dp_replicate` HSDP replicas x `dp_shard` FSDP shards."""
+
+    dp_replicate: int
+    dp_shard: int
+    world_size: int
+    device_type: str
+    mesh: DeviceMesh | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_config(cls, cfg: JobConfig, world_size: int, device_type: str) -> ParallelDims:
+        t = cfg.training
+        replicate, shard = t.data_parallel_replicate_degree, t.data_parallel_shard_degree
+        if shard == -1:
+            if world_size % replicate:
+                raise ConfigError(
+                    f"training.data_parallel_replicate_degree = {replicate} does not divide the "
+                    f"world size {world_size}; choose a divisor of {world_size}"
+                )
+            shard = world_size // replicate
+        if replicate * shard != world_size:
+            raise ConfigError(
+                f"data_parallel_replicate_degree x data_parallel_shard_degree = {replicate} x "
+                f"{shard} = {replicate * shard}, but the world size is {world_size}; make the "
+                "product equal the number of ranks (or set data_parallel_shard_degree = -1)"
+            )
+        dims = cls(replicate, shard, world_size, device_type)
+        dims.check_batch(cfg)
+        return dims
+
+    @property
+    def dp_degree(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    def accumulation_steps(self, cfg: JobConfig) -> int:
+        t = cfg.training
+        global_batch = t.global_batch_size if t.global_batch_size > 0 else t.batch_size * self.dp_degree
+        return global_batch // (t.batch_size * self.dp_degree)
+
+    def check_batch(self, cfg: JobConfig) -> None:
+        t = cfg.training
+        per_pass = t.batch_size * self.dp_degree
+        if t.global_batch_size > 0 and t.global_batch_size % per_pass:
+            raise ConfigError(
+                f"training.global_batch_size = {t.global_batch_size} is not a multiple of "
+                f"batch_size x DP degree = {t.batch_size} x {self.dp_degree} = {per_pass}; "
+                f"use a multiple of {per_pass}"
+            )
+
+    def build_mesh(self) -> DeviceMesh:
+        if self.dp_replicate > 1:
+            self.mesh = init_device_mesh(
+                self.device_type,
+                (self.dp_replicate, self.dp_shard),
+                mesh_dim_names=("dp_replicate", "dp_shard"),
+            )
+        else:
+            self.mesh = init_device_mesh(
+                self.device_type, (self.dp_shard,), mesh_dim_names=("dp_shard",)
+            )
+        return self.mesh
+
+    def dp_rank(self) -> int:
+        """This rank's index among the data-parallel ranks (each reads different data)."""
+        assert self.mesh is not None
+        if self.dp_replicate > 1:
+            return self.mesh["dp_replicate"].get_local_rank() * self.dp_shard + self.mesh[
+                "dp_shard"
+            ].get_local_rank()
+        return self.mesh["dp_shard"].get_local_rank()
+
+
+def env_rank() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) without it."""
+    return (
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+    )
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted this worker group (0 on the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+
+
+def init_distributed(timeout_s: int = 1800) -> tuple[torch.device, int, int]:
+    """Pick the device (CUDA + NCCL when available, else CPU + gloo) and join the process
+    group; works without torchrun as a world of one. Returns (device, rank, world_size)."""
+    rank, local_rank, world_size = env_rank()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:  # a plain `python train.py`
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout_s),
+            device_id=device if backend == "nccl" else None,
+        )
+    return device, rank, world_size
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,164 @@
+"""Training metrics: the console line, `metrics.jsonl` (one JSON object per logged step)
+and TensorBoard scalars, all written by rank 0 only.
+
+FLOPs per token follow torchtitan (DESIGN §4): `6 * N_non_embedding + 12 * L * H * D * S`
+counts the full attention square; `mfu_causal` uses 6 instead of 12 for attention, the
+work a causal kernel really does.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from titan.logging import logger
+
+# Dense bf16 peak TFLOP/s by device name substring (DESIGN §4); first match wins.
+PEAK_TFLOPS = [
+    ("GH200", 989.0),
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("B200", 2250.0),
+    ("MI300X", 1307.0),
+    ("MI250X", 191.5),
+]
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak, or None when unknown (CPU): MFU is then not reported."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak device memory allocated (CUDA) or the process's peak RSS (CPU), in GiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+@dataclass
+class MetricsLogger:
+    """Accumulates per-step timings between log steps and writes one record per log step."""
+
+    dump_folder: Path
+    device: torch.device
+    flops_per_token: float
+    flops_per_token_causal: float
+    total_steps: int
+    enable_tensorboard: bool = False
+    tb_folder: str = "tb"
+    enabled: bool = True  # rank 0 only
+    _tb: object = field(default=None, repr=False)
+    _jsonl: object = field(default=None, repr=False)
+    _t_last: float = field(default_factory=time.perf_counter, repr=False)
+    _t_start: float = field(default_factory=time.perf_counter, repr=False)
+    _start_step: int = 0
+    _tokens: int = 0
+    _steps: int = 0
+    _data_s: float = 0.0
+    _step_s_avg: float | None = None
+    history: list[dict] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        self.peak = peak_tflops(self.device)
+        if not self.enabled:
+            return
+        self.dump_folder.mkdir(parents=True, exist_ok=True)
+        self._jsonl = (self.dump_folder / "metrics.jsonl").open("a", buffering=1)
+        if self.enable_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.dump_folder / self.tb_folder))
+
+    def record_start(self, step: int) -> None:
+        """Start the clocks (after set-up and any resume) at optimizer step `step`."""
+        self._t_last = self._t_start = time.perf_counter()
+        self._start_step = step
+
+    def record_step(self, tokens: int, data_wait_s: float) -> None:
+        """Count one finished optimizer step's tokens and its data-loading wait."""
+        self._tokens += tokens
+        self._steps += 1
+        self._data_s += data_wait_s
+
+    def log(self, step: int, loss: float, grad_norm: float, lr: float, extra: dict | None = None) -> dict:
+        """Write the metrics of the steps since the last call; returns the record."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        elapsed = max(now - self._t_last, 1e-9)
+        step_s = elapsed / max(self._steps, 1)
+        # Smooth the ETA; the first interval includes compilation and warmup.
+        self._step_s_avg = step_s if self._step_s_avg is None else 0.7 * self._step_s_avg + 0.3 * step_s
+        tps = self._tokens / elapsed  # per device: every rank processes its own tokens
+        rec = {
+            "step": step,
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens_per_s": tps,
+            "tflops": tps * self.flops_per_token / 1e12,
+            "mfu": None,
+            "mfu_causal": None,
+            "peak_memory_gib": peak_memory_gib(self.device),
+            "data_time_s": self._data_s,
+            "data_time_frac": self._data_s / elapsed,
+            "step_time_s": step_s,
+            "eta_s": self._step_s_avg * (self.total_steps - step),
+            "time": time.time(),
+        }
+        if self.peak:
+            rec["mfu"] = 100 * rec["tflops"] / self.peak
+            rec["mfu_causal"] = 100 * tps * self.flops_per_token_causal / 1e12 / self.peak
+        rec.update(extra or {})
+        self._t_last, self._tokens, self._steps, self._data_s = now, 0, 0, 0.0
+        self.history.append(rec)
+        if not self.enabled:
+            return rec
+        mfu = f" mfu {rec['mfu']:.1f}%" if rec["mfu"] is not None else ""
+        logger.info(
+            f"step {step:>6} | loss {loss:.4f} | grad_norm {grad_norm:.3f} | lr {lr:.2e} | "
+            f"{tps:,.0f} tok/s/dev | {rec['tflops']:.2f} TFLOP/s{mfu} | "
+            f"mem {rec['peak_memory_gib']:.2f} GiB | data {100 * rec['data_time_frac']:.1f}% | "
+            f"left {_hms(rec['eta_s'])}"
+        )
+        self._jsonl.write(json.dumps(rec) + "\n")
+        if self._tb is not None:
+            for key, value in rec.items():
+                if isinstance(value, (int, float)) and key not in ("step", "time"):
+                    self._tb.add_scalar(key, value, step)
+        return rec
+
+    def summary(self, step: int, tokens_seen: int) -> None:
+        """The end-of-run summary: steps, tokens, wall time, throughput, first/last loss."""
+        if not self.enabled or not self.history:
+            return
+        wall = time.perf_counter() - self._t_start
+        steps = step - self._start_step
+        first, last = self.history[0], self.history[-1]
+        logger.info(
+            f"Finished: {steps} steps in {_hms(wall)} (step {step}, {tokens_seen:,} tokens in "
+            f"all), {last['tokens_per_s']:,.0f} tok/s/dev at the end, loss {first['loss']:.4f} "
+            f"(step {first['step']}) -> {last['loss']:.4f} (step {last['step']})"
+        )
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,107 @@
+"""Apply activation checkpointing, torch.compile and FSDP2 to a model built on the meta
+device, then materialize and initialize it, in the fixed order of DESIGN §4: per block
+checkpointing, then compile, then `fully_shard`; then the root; then `to_empty` and init.
+
+None of these wrappers changes parameter names, so state-dict keys stay Meta's plain
+names (`layers.0.attention.wq.weight`) whatever is applied.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+from torch.distributed._composable import checkpoint
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from titan.config import JobConfig
+from titan.distributed import ParallelDims
+from titan.logging import logger
+
+# Ops whose outputs selective ("op") checkpointing keeps: the matmuls and attention are
+# the expensive ones to recompute; norms, activations and RoPE are cheap.
+_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _op_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_ac(model: nn.Module, mode: str, selective_option: str) -> None:
+    """Activation checkpointing per transformer block: `full` recomputes every block,
+    `selective` with 'op' keeps matmul/attention outputs, with N recomputes every N-th block."""
+    if mode == "none":
+        return
+    for i, block in enumerate(model.layers.values()):
+        if mode == "full" or (selective_option.isdigit() and i % int(selective_option) == 0):
+            checkpoint(block)
+        elif selective_option == "op":
+            checkpoint(
+                block,
+                context_fn=functools.partial(create_selective_checkpoint_contexts, _op_policy),
+            )
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compile each transformer block in place (`Module.compile`: no `_orig_mod.` prefix);
+    all blocks share one shape, so this is one compilation."""
+    for block in model.layers.values():
+        block.compile(fullgraph=True)
+
+
+def apply_fsdp(model: nn.Module, dims: ParallelDims, param_dtype: str, reduce_dtype: str) -> None:
+    """`fully_shard` every block, then the root; HSDP when the mesh has a replicate dim."""
+    assert dims.mesh is not None
+    mp = MixedPrecisionPolicy(
+        param_dtype=getattr(torch, param_dtype), reduce_dtype=getattr(torch, reduce_dtype)
+    )
+    blocks = list(model.layers.values())
+    for i, block in enumerate(blocks):
+        # The last block's params are needed again right away by backward: keep them.
+        fully_shard(block, mesh=dims.mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(model, mesh=dims.mesh, mp_policy=mp)
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, seed: int, device: torch.device) -> None:
+    """Initialize every parameter as if the model were not sharded: each rank draws the
+    full tensor from one seeded generator and keeps its own shard, so the model is the
+    same on 1 or N ranks (DTensor random ops would not give that on CPU, DESIGN §7)."""
+    model.init_rope(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        full = torch.empty(param.shape, dtype=param.dtype, device=device)
+        model.init_param(name, full, generator)
+        if isinstance(param, DTensor):
+            shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+            param.to_local().copy_(shard.to_local())
+        else:
+            param.copy_(full)
+
+
+def parallelize(model: nn.Module, cfg: JobConfig, dims: ParallelDims, device: torch.device) -> None:
+    """Wrap a meta-device model for training and materialize it on `device`."""
+    ac = cfg.activation_checkpoint
+    apply_ac(model, ac.mode, ac.selective_ac_option)
+    if cfg.training.compile:
+        apply_compile(model)
+    param_dtype = cfg.training.mixed_precision_param
+    if device.type == "cpu" and param_dtype == "bfloat16":
+        logger.warning("CPU run: bfloat16 compute is slow here; using float32 parameters")
+        param_dtype = "float32"
+    apply_fsdp(model, dims, param_dtype, cfg.training.mixed_precision_reduce)
+    model.to_empty(device=device)
+    init_weights(model, cfg.training.seed, device)
+    logger.info(
+        f"Applied activation checkpointing ({ac.mode}), compile={cfg.training.compile}, "
+        f"FSDP2 (params {param_dtype}, reduce {cfg.training.mixed_precision_reduce})"
+    )
