@@ -59,10 +59,22 @@ enable_float8_linear = false
 
 def test_precedence_and_override_syntaxes(tmp_path):
     recipe = tmp_path / "r.toml"
-    recipe.write_text("[training]\nsteps = 7\nseq_len = 64\ncompile = true\n[data]\nshuffle = true\n")
-    cfg = load_config(["--job.config_file", str(recipe), "--training.seq_len=128",
-                       "--training.no_compile", "--data.no_shuffle", "--checkpoint.enable_checkpoint",
-                       "--optimizer.lr", "1e-3", "--data.source_datasets=a,b"])
+    recipe.write_text(
+        "[training]\nsteps = 7\nseq_len = 64\ncompile = true\n[data]\nshuffle = true\n"
+    )
+    cfg = load_config(
+        [
+            "--job.config_file",
+            str(recipe),
+            "--training.seq_len=128",
+            "--training.no_compile",
+            "--data.no_shuffle",
+            "--checkpoint.enable_checkpoint",
+            "--optimizer.lr",
+            "1e-3",
+            "--data.source_datasets=a,b",
+        ]
+    )
     assert cfg.training.steps == 7  # file over default
     assert cfg.training.seq_len == 128  # command line over file
     assert cfg.training.compile is False and cfg.data.shuffle is False
@@ -76,17 +88,23 @@ def test_every_recipe_loads():
         load_config(["--job.config_file", str(recipe)])
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--trainig.steps=3"], "unknown config section 'trainig' (did you mean 'training'?)"),
-    (["--training.step=3"], "unknown config key 'training.step' (did you mean 'training.steps'?)"),
-    (["--training.steps=three"], "training.steps = 'three': expected an integer"),
-    (["--training.seq_len=0"], "training.seq_len = 0: must be a positive integer"),
-    (["--training.tensor_parallel_degree=2"], "training.tensor_parallel_degree = 2: only 1"),
-    (["--model.flavor=9B"], "model.flavor = '9B': must be one of"),
-    (["--activation_checkpoint.mode=fulll"], "(did you mean 'full'?)"),
-    (["--float8.enable_float8_linear"], "float8 training is not implemented"),
-    (["--job.config_file=/nonexistent.toml"], "no such file"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--trainig.steps=3"], "unknown config section 'trainig' (did you mean 'training'?)"),
+        (
+            ["--training.step=3"],
+            "unknown config key 'training.step' (did you mean 'training.steps'?)",
+        ),
+        (["--training.steps=three"], "training.steps = 'three': expected an integer"),
+        (["--training.seq_len=0"], "training.seq_len = 0: must be a positive integer"),
+        (["--training.tensor_parallel_degree=2"], "training.tensor_parallel_degree = 2: only 1"),
+        (["--model.flavor=9B"], "model.flavor = '9B': must be one of"),
+        (["--activation_checkpoint.mode=fulll"], "(did you mean 'full'?)"),
+        (["--float8.enable_float8_linear"], "float8 training is not implemented"),
+        (["--job.config_file=/nonexistent.toml"], "no such file"),
+    ],
+)
 def test_bad_input_is_a_config_error(argv, message):
     with pytest.raises(ConfigError, match=None) as info:
         load_config(argv)
@@ -113,8 +131,16 @@ BAD_RUNS = [
 
 @pytest.mark.parametrize("overrides, nproc, message", BAD_RUNS)
 def test_bad_recipe_exits_with_one_line(tmp_path, overrides, nproc, message):
-    result = run_train(["--job.config_file", "train_configs/debug_model.toml",
-                        f"--job.dump_folder={tmp_path}", *overrides], nproc=nproc, timeout=120)
+    result = run_train(
+        [
+            "--job.config_file",
+            "train_configs/debug_model.toml",
+            f"--job.dump_folder={tmp_path}",
+            *overrides,
+        ],
+        nproc=nproc,
+        timeout=120,
+    )
     assert result.returncode != 0
     err = result.stderr.strip()
     assert "Traceback" not in result.stderr + result.stdout
@@ -137,4 +163,4 @@ def test_gpt_neuro_recipe_dry_run(tmp_path):
     assert "32 layers, dim 4096, 32 heads / 8 kv heads, FFN 14336, vocab 256" in out
     assert "131,072 tokens" in out
     assert "world 64 = 2 replicate x 32 shard (HSDP)" in out
-    assert "nothing was trained" in out
+    assert "nothing is trained" in out

@@ -21,7 +21,6 @@ import pickle
 import re
 import shutil
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,7 +146,9 @@ def verify(step_dir: Path) -> str | None:
         return f"the .metadata file is unreadable ({type(e).__name__})"
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+        needed[info.relative_path] = max(
+            needed.get(info.relative_path, 0), info.offset + info.length
+        )
     for rel, end in sorted(needed.items()):
         path = step_dir / rel
         if not path.is_file():
@@ -272,7 +273,6 @@ class Checkpointer:
             step_dir = self.folder / f"step-{step}"
             (step_dir / MARKER).write_text(json.dumps({"step": step, "kind": kind}))
             self._purge()
-        dist.barrier(group=self._pg) if self._pg is not None else None
 
     def poll(self) -> None:
         """Finish an async save that has completed, without blocking."""
@@ -299,7 +299,9 @@ class Checkpointer:
         complete = [(s, p) for s, p, ok in list_steps(self.folder) if ok]
         if k <= 0 or len(complete) <= k:
             return
-        newest_full = max((s for s, p in complete if read_marker(p).get("kind") == "full"), default=None)
+        newest_full = max(
+            (s for s, p in complete if read_marker(p).get("kind") == "full"), default=None
+        )
         for step, path in complete[:-k]:
             if step != newest_full:
                 shutil.rmtree(path, ignore_errors=True)
@@ -333,9 +335,11 @@ class Checkpointer:
 
     def _remove_incomplete(self) -> None:
         if self.rank == 0:
-            for step, path, ok in list_steps(self.folder):
+            for _, path, ok in list_steps(self.folder):
                 if not ok:
-                    logger.warning(f"Removing incomplete checkpoint {path} (its save was cut short)")
+                    logger.warning(
+                        f"Removing incomplete checkpoint {path} (its save was cut short)"
+                    )
                     shutil.rmtree(path, ignore_errors=True)
         dist.barrier()
 
@@ -344,7 +348,7 @@ class Checkpointer:
         `initial_load_path`; returns True when a run was resumed."""
         if self.enabled:
             self._remove_incomplete()
-            for step, path in self._resume_candidates():
+            for _, path in self._resume_candidates():
                 problem = verify(path)
                 if problem is None:
                     self._load_full(path)
@@ -418,7 +422,11 @@ class Checkpointer:
             if meta is not None and tuple(getattr(meta, "size", ())) == tuple(tensor.shape):
                 load[name] = tensor
             else:
-                why = "absent" if meta is None else f"shape {tuple(meta.size)} != {tuple(tensor.shape)}"
+                why = (
+                    "absent"
+                    if meta is None
+                    else f"shape {tuple(meta.size)} != {tuple(tensor.shape)}"
+                )
                 skipped.append(f"{name} ({why})")
         if not load:
             raise CheckpointError(

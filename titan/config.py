@@ -74,7 +74,7 @@ class Model:
     norm_type: str = "rmsnorm"
     """Normalization layer; only 'rmsnorm' (Llama's) is implemented."""
     attn_impl: str = "auto"
-    """Attention kernel: auto (FlashAttention-3, else flash-attn 2 when importable on CUDA, else SDPA), sdpa, flash3 or flash2."""
+    """Attention kernel: auto (FA3 > flash-attn 2 > SDPA, as importable), sdpa, flash3, flash2."""
 
 
 @dataclass
@@ -108,7 +108,7 @@ class Training:
     batch_size: int = 8
     """Sequences per micro-batch on each data-parallel rank."""
     global_batch_size: int = -1
-    """Sequences per optimizer step over all ranks; -1 = batch_size x DP degree (no accumulation)."""
+    """Sequences per optimizer step over all ranks; -1 = batch_size x DP degree (no accumulation)"""
     seq_len: int = 2048
     """Tokens per sequence (the model's context length)."""
     vocab_size: int = 256
@@ -152,11 +152,13 @@ class Data:
     streaming: bool = False
     """Stream rows (IterableDataset) instead of using the cached map-style dataset."""
     shuffle: bool = True
-    """Reshuffle the row order each epoch (seeded)."""
+    """Reshuffle rows (map-style) or shards (streaming) each epoch, seeded by training.seed."""
     prefetch: int = 4
     """Batches prepared ahead by the background loader thread."""
     synthetic_rows: int = 64
-    """Rows per split when the synthetic dataset is generated on first use."""
+    """Train rows of the synthetic dataset generated on first use (test: a tenth, at least 4)."""
+    stream_shards: int = 256
+    """Shards of a local dataset when streaming (a resume re-reads at most one); >= DP ranks."""
 
 
 @dataclass
@@ -178,7 +180,7 @@ class Checkpoint:
     interval: int = 500
     """Save every this many steps (or seconds)."""
     model_weights_only: bool = False
-    """At the last step, export the model weights only (in export_dtype) instead of the full state."""
+    """Make the last save a model-only export in export_dtype instead of the full state."""
     export_dtype: str = "float32"
     """Dtype of the model-only export: float32, bfloat16 or float16."""
     async_mode: str = "disabled"
@@ -246,7 +248,7 @@ def _field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body
     docs = {}
-    for node, nxt in zip(body, body[1:]):
+    for node, nxt in zip(body, body[1:], strict=False):
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)
@@ -337,7 +339,9 @@ def _set(cfg: JobConfig, dotted: str, value: Any, from_cli: bool) -> None:
     if key not in types_:
         close = difflib.get_close_matches(key, list(types_), n=1, cutoff=0.6)
         hint = f" (did you mean '{section}.{close[0]}'?)" if close else ""
-        raise ConfigError(f"unknown config key '{dotted}'{hint}; [{section}] has: {', '.join(types_)}")
+        raise ConfigError(
+            f"unknown config key '{dotted}'{hint}; [{section}] has: {', '.join(types_)}"
+        )
     setattr(obj, key, _coerce(dotted, value, types_[key], from_cli))
 
 
@@ -360,8 +364,7 @@ def _parse_cli(argv: list[str]) -> list[tuple[str, Any]]:
         arg = argv[i]
         if not arg.startswith("--") or "." not in arg:
             raise ConfigError(
-                f"unexpected argument {arg!r}: options look like --section.key=value "
-                "(see --help)"
+                f"unexpected argument {arg!r}: options look like --section.key=value (see --help)"
             )
         name, eq, value = arg[2:].partition("=")
         section, _, key = name.partition(".")
@@ -429,7 +432,8 @@ def load_config(argv: list[str]) -> JobConfig:
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(
-            f"{key} = {value!r}: must be one of {', '.join(allowed)}{_suggest(value, list(allowed))}"
+            f"{key} = {value!r}: must be one of {', '.join(allowed)}"
+            f"{_suggest(value, list(allowed))}"
         )
 
 
@@ -444,17 +448,24 @@ def validate(cfg: JobConfig) -> None:
     _choice("model.norm_type", m.norm_type, ("rmsnorm",))
     _choice("model.attn_impl", m.attn_impl, ("auto", "sdpa", "flash3", "flash2"))
     _choice("optimizer.name", cfg.optimizer.name, ("AdamW",))
-    _choice("lr_scheduler.decay_type", cfg.lr_scheduler.decay_type, ("cosine", "linear", "constant"))
+    _choice(
+        "lr_scheduler.decay_type", cfg.lr_scheduler.decay_type, ("cosine", "linear", "constant")
+    )
     _choice("training.mixed_precision_param", t.mixed_precision_param, ("bfloat16", "float32"))
     _choice("training.mixed_precision_reduce", t.mixed_precision_reduce, ("float32", "bfloat16"))
     _choice("data.split", cfg.data.split, ("train", "test"))
     _choice("checkpoint.interval_type", cfg.checkpoint.interval_type, ("steps", "seconds"))
-    _choice("checkpoint.async_mode", cfg.checkpoint.async_mode,
-            ("disabled", "async", "async_with_pinned_mem"))
-    _choice("checkpoint.export_dtype", cfg.checkpoint.export_dtype,
-            ("float32", "bfloat16", "float16"))
-    _choice("activation_checkpoint.mode", cfg.activation_checkpoint.mode,
-            ("none", "selective", "full"))
+    _choice(
+        "checkpoint.async_mode",
+        cfg.checkpoint.async_mode,
+        ("disabled", "async", "async_with_pinned_mem"),
+    )
+    _choice(
+        "checkpoint.export_dtype", cfg.checkpoint.export_dtype, ("float32", "bfloat16", "float16")
+    )
+    _choice(
+        "activation_checkpoint.mode", cfg.activation_checkpoint.mode, ("none", "selective", "full")
+    )
     opt = cfg.activation_checkpoint.selective_ac_option
     if not (opt == "op" or (opt.isdigit() and int(opt) > 0)):
         raise ConfigError(
@@ -462,8 +473,11 @@ def validate(cfg: JobConfig) -> None:
             "integer N (checkpoint every N-th block)"
         )
     for states in cfg.checkpoint.exclude_from_loading:
-        _choice("checkpoint.exclude_from_loading", states,
-                ("model", "optimizer", "lr_scheduler", "dataloader", "train_state"))
+        _choice(
+            "checkpoint.exclude_from_loading",
+            states,
+            ("model", "optimizer", "lr_scheduler", "dataloader", "train_state"),
+        )
 
     positive = {
         "training.batch_size": t.batch_size,
@@ -476,13 +490,16 @@ def validate(cfg: JobConfig) -> None:
         "checkpoint.interval": cfg.checkpoint.interval,
         "data.synthetic_rows": cfg.data.synthetic_rows,
         "data.prefetch": cfg.data.prefetch,
+        "data.stream_shards": cfg.data.stream_shards,
         "training.data_parallel_replicate_degree": t.data_parallel_replicate_degree,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} = {value}: must be a positive integer")
-    for key, value in {"training.warmup_steps": t.warmup_steps,
-                       "checkpoint.keep_latest_k": cfg.checkpoint.keep_latest_k}.items():
+    for key, value in {
+        "training.warmup_steps": t.warmup_steps,
+        "checkpoint.keep_latest_k": cfg.checkpoint.keep_latest_k,
+    }.items():
         if value < 0:
             raise ConfigError(f"{key} = {value}: must be >= 0")
     if cfg.optimizer.lr <= 0:

@@ -9,10 +9,12 @@ names (`layers.0.attention.wq.weight`) whatever is applied.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.distributed._composable import checkpoint
+import torch.utils.checkpoint
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
@@ -36,26 +38,38 @@ def _op_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def _checkpointed(forward: Callable, context_fn: Callable | None) -> Callable:
+    @functools.wraps(forward)
+    def run(*args: Any) -> Any:
+        kwargs = {"context_fn": context_fn} if context_fn is not None else {}
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
 def apply_ac(model: nn.Module, mode: str, selective_option: str) -> None:
     """Activation checkpointing per transformer block: `full` recomputes every block,
-    `selective` with 'op' keeps matmul/attention outputs, with N recomputes every N-th block."""
+    `selective` with 'op' keeps matmul/attention outputs, with N recomputes every N-th block.
+
+    The block's `forward` is replaced rather than the block wrapped, so parameter names
+    stay plain and FSDP's hooks (on the module call) stay outside the recomputed region.
+    """
     if mode == "none":
         return
+    policy = functools.partial(create_selective_checkpoint_contexts, _op_policy)
     for i, block in enumerate(model.layers.values()):
         if mode == "full" or (selective_option.isdigit() and i % int(selective_option) == 0):
-            checkpoint(block)
+            block.forward = _checkpointed(block.forward, None)
         elif selective_option == "op":
-            checkpoint(
-                block,
-                context_fn=functools.partial(create_selective_checkpoint_contexts, _op_policy),
-            )
+            block.forward = _checkpointed(block.forward, policy)
 
 
 def apply_compile(model: nn.Module) -> None:
-    """Compile each transformer block in place (`Module.compile`: no `_orig_mod.` prefix);
-    all blocks share one shape, so this is one compilation."""
+    """Compile each transformer block's forward (with its checkpointing, if any); FSDP's
+    hooks stay outside the graph and names gain no `_orig_mod.` prefix. All blocks share
+    one shape, so this is one compilation."""
     for block in model.layers.values():
-        block.compile(fullgraph=True)
+        block.forward = torch.compile(block.forward, fullgraph=True)
 
 
 def apply_fsdp(model: nn.Module, dims: ParallelDims, param_dtype: str, reduce_dtype: str) -> None:

@@ -39,9 +39,21 @@ from titan.parallelize import parallelize
 # ----------------------------------------------------------------------------- builders
 
 
-def build_model(cfg: JobConfig, dims: ParallelDims, device: torch.device) -> tuple[Transformer, ModelArgs]:
+def resolve_attention(cfg: JobConfig, device: torch.device) -> str:
+    """The attention kernel `model.attn_impl` stands for on this device (logged)."""
+    try:
+        attn = resolve_attn_impl(cfg.model.attn_impl, device)
+    except ValueError as e:
+        raise ConfigError(f"model.attn_impl = {cfg.model.attn_impl!r}: {e}") from None
+    logger.info(f"Attention kernel: {attn} (model.attn_impl = {cfg.model.attn_impl})")
+    return attn
+
+
+def build_model(
+    cfg: JobConfig, dims: ParallelDims, device: torch.device
+) -> tuple[Transformer, ModelArgs]:
     """Build on the meta device, wrap (AC, compile, FSDP2), then materialize and init."""
-    attn = resolve_attn_impl(cfg.model.attn_impl, device)
+    attn = resolve_attention(cfg, device)
     args = build_model_args(cfg.model.flavor, cfg.training.vocab_size, cfg.training.seq_len, attn)
     with torch.device("meta"):
         model = Transformer(args)
@@ -49,7 +61,9 @@ def build_model(cfg: JobConfig, dims: ParallelDims, device: torch.device) -> tup
     return model, args
 
 
-def build_metrics(cfg: JobConfig, args: ModelArgs, device: torch.device, rank: int) -> MetricsLogger:
+def build_metrics(
+    cfg: JobConfig, args: ModelArgs, device: torch.device, rank: int
+) -> MetricsLogger:
     return MetricsLogger(
         dump_folder=Path(cfg.job.dump_folder),
         device=device,
@@ -62,30 +76,61 @@ def build_metrics(cfg: JobConfig, args: ModelArgs, device: torch.device, rank: i
     )
 
 
-def plan_table(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, n_params: int, n_embed: int) -> str:
+def plan_table(
+    cfg: JobConfig, args: ModelArgs, dims: ParallelDims, n_params: int, n_embed: int
+) -> str:
     """The start-up summary: model, mesh, batch arithmetic, data."""
     t = cfg.training
     accum = dims.accumulation_steps(cfg)
     global_seqs = t.batch_size * dims.dp_degree * accum
     rows = [
-        ("model", f"{cfg.model.name} {cfg.model.flavor}: {n_params:,} parameters "
-                  f"({n_params - n_embed:,} without embedding)"),
-        ("shape", f"{args.n_layers} layers, dim {args.dim}, {args.n_heads} heads / "
-                  f"{args.n_kv_heads} kv heads, FFN {args.ffn_hidden_dim}, vocab {args.vocab_size}"),
-        ("context", f"{t.seq_len:,} tokens, RoPE theta {args.rope_theta:g}"
-                    + (f", Llama-3.1 scaling x{args.rope_scale_factor:g}" if args.use_scaled_rope else "")),
-        ("mesh", f"world {dims.world_size} = {dims.dp_replicate} replicate x {dims.dp_shard} shard "
-                 f"({'HSDP' if dims.dp_replicate > 1 else 'FSDP2'}) on {dims.device_type}"),
-        ("micro-batch", f"{t.batch_size} x {t.seq_len:,} = {t.batch_size * t.seq_len:,} tokens per rank"),
-        ("step", f"{global_seqs} sequences = {global_seqs * t.seq_len:,} tokens "
-                 f"({accum} accumulation step{'s' if accum > 1 else ''})"),
-        ("training", f"{t.steps:,} steps, lr {cfg.optimizer.lr:g}, warmup {t.warmup_steps}, "
-                     f"{cfg.lr_scheduler.decay_type} decay to {cfg.lr_scheduler.min_lr_ratio:g}x"),
-        ("kernels", f"attention {args.attn_impl}, AC {cfg.activation_checkpoint.mode}, "
-                    f"compile {t.compile}, params {t.mixed_precision_param}, "
-                    f"reduce {t.mixed_precision_reduce}"),
-        ("data", f"{t.dataset}" + (f" from {t.dataset_path}" if t.dataset_path else "")
-                 + f", split {cfg.data.split}" + (", streaming" if cfg.data.streaming else "")),
+        (
+            "model",
+            f"{cfg.model.name} {cfg.model.flavor}: {n_params:,} parameters "
+            f"({n_params - n_embed:,} without embedding)",
+        ),
+        (
+            "shape",
+            f"{args.n_layers} layers, dim {args.dim}, {args.n_heads} heads / "
+            f"{args.n_kv_heads} kv heads, FFN {args.ffn_hidden_dim}, vocab {args.vocab_size}",
+        ),
+        (
+            "context",
+            f"{t.seq_len:,} tokens, RoPE theta {args.rope_theta:g}"
+            + (f", Llama-3.1 scaling x{args.rope_scale_factor:g}" if args.use_scaled_rope else ""),
+        ),
+        (
+            "mesh",
+            f"world {dims.world_size} = {dims.dp_replicate} replicate x {dims.dp_shard} shard "
+            f"({'HSDP' if dims.dp_replicate > 1 else 'FSDP2'}) on {dims.device_type}",
+        ),
+        (
+            "micro-batch",
+            f"{t.batch_size} x {t.seq_len:,} = {t.batch_size * t.seq_len:,} tokens per rank",
+        ),
+        (
+            "step",
+            f"{global_seqs} sequences = {global_seqs * t.seq_len:,} tokens "
+            f"({accum} accumulation step{'s' if accum > 1 else ''})",
+        ),
+        (
+            "training",
+            f"{t.steps:,} steps, lr {cfg.optimizer.lr:g}, warmup {t.warmup_steps}, "
+            f"{cfg.lr_scheduler.decay_type} decay to {cfg.lr_scheduler.min_lr_ratio:g}x",
+        ),
+        (
+            "kernels",
+            f"attention {args.attn_impl}, AC {cfg.activation_checkpoint.mode}, "
+            f"compile {t.compile}, params {t.mixed_precision_param}, "
+            f"reduce {t.mixed_precision_reduce}",
+        ),
+        (
+            "data",
+            f"{t.dataset}"
+            + (f" from {t.dataset_path}" if t.dataset_path else "")
+            + f", split {cfg.data.split}"
+            + (", streaming" if cfg.data.streaming else ""),
+        ),
     ]
     return tabulate(rows, tablefmt="simple_outline")
 
@@ -134,9 +179,10 @@ def train_step(
         inputs = inputs.to(device, non_blocking=True)  # (batch, seq)
         labels = labels.to(device, non_blocking=True)  # (batch, seq)
         logits = model(inputs)  # (batch, seq, vocab)
-        loss = F.cross_entropy(
-            logits.flatten(0, 1).float(), labels.flatten(), reduction="sum"
-        ) / global_tokens
+        loss = (
+            F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+            / global_tokens
+        )
         # FSDP averages gradients over the DP ranks; scaling by the degree makes it the sum.
         (loss * dp_degree).backward()
         loss_sum += loss.detach()
@@ -178,8 +224,18 @@ def next_micro_batches(data: Iterator, n: int) -> tuple[list, float]:
     return batches, time.perf_counter() - begin
 
 
-def train(cfg: JobConfig, model, optimizer, scheduler, dataloader, dims, checkpointer,
-          train_state: TrainState, metrics: MetricsLogger, rank: int) -> None:
+def train(
+    cfg: JobConfig,
+    model,
+    optimizer,
+    scheduler,
+    dataloader,
+    dims,
+    checkpointer,
+    train_state: TrainState,
+    metrics: MetricsLogger,
+    rank: int,
+) -> None:
     t = cfg.training
     accum = dims.accumulation_steps(cfg)
     global_tokens = t.batch_size * t.seq_len * accum * dims.dp_degree
@@ -188,15 +244,19 @@ def train(cfg: JobConfig, model, optimizer, scheduler, dataloader, dims, checkpo
     with maybe_profile(cfg, rank) as profiler:
         while train_state.step < t.steps:
             batches, wait_s = next_micro_batches(data, accum)
-            loss, grad_norm = train_step(model, optimizer, batches, global_tokens, dims.dp_degree, t.max_norm)
+            loss, grad_norm = train_step(
+                model, optimizer, batches, global_tokens, dims.dp_degree, t.max_norm
+            )
             train_state.step += 1
             train_state.tokens_seen += global_tokens
             scheduler.step()
             metrics.record_step(global_tokens // dims.dp_degree, wait_s)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
-                logger.warning(f"step {train_state.step}: loss {loss}, grad norm {grad_norm}: "
-                               f"not finite, update skipped ({bad_in_a_row} in a row)")
+                logger.warning(
+                    f"step {train_state.step}: loss {loss}, grad norm {grad_norm}: "
+                    f"not finite, update skipped ({bad_in_a_row} in a row)"
+                )
                 if bad_in_a_row >= t.max_consecutive_bad_steps:
                     raise TrainingDiverged(
                         f"{bad_in_a_row} consecutive steps with a non-finite loss or gradient norm "
@@ -205,9 +265,14 @@ def train(cfg: JobConfig, model, optimizer, scheduler, dataloader, dims, checkpo
                     )
                 continue  # never checkpoint a bad step
             bad_in_a_row = 0
-            if train_state.step % cfg.metrics.log_freq == 0 or train_state.step == t.steps:
-                metrics.log(train_state.step, loss, grad_norm, scheduler.get_last_lr()[0],
-                            {"skipped_steps": skipped})
+            if train_state.step % cfg.metrics.log_freq == 0 or train_state.step in (1, t.steps):
+                metrics.log(
+                    train_state.step,
+                    loss,
+                    grad_norm,
+                    scheduler.get_last_lr()[0],
+                    {"skipped_steps": skipped},
+                )
             checkpointer.maybe_save(train_state.step)
             if profiler is not None:
                 profiler.step()
@@ -244,44 +309,73 @@ def setup_and_train(cfg: JobConfig) -> None:
     if rank == 0:
         save_config(cfg)
         if restart_count():
-            logger.warning(f"torchrun restart {restart_count()}: resuming from the newest checkpoint")
+            logger.warning(
+                f"torchrun restart {restart_count()}: resuming from the newest checkpoint"
+            )
     run_on_rank0(prepare_dataset, cfg)
     model, args = build_model(cfg, dims, device)
-    logger.info("\n" + plan_table(cfg, args, dims, num_params(model), num_params(model) - num_params(model, exclude_embedding=True)))
+    logger.info(
+        "\n"
+        + plan_table(
+            cfg,
+            args,
+            dims,
+            num_params(model),
+            num_params(model) - num_params(model, exclude_embedding=True),
+        )
+    )
     optimizer = build_optimizer(model, cfg, device)
     scheduler = build_lr_scheduler(optimizer, cfg)
     dataloader = build_dataloader(cfg, dims.dp_rank(), dims.dp_degree)
     train_state = TrainState(dp_degree=dims.dp_degree, world_size=world)
-    checkpointer = Checkpointer(cfg, model, optimizer, scheduler, dataloader, train_state, dims.dp_rank())
+    checkpointer = Checkpointer(
+        cfg, model, optimizer, scheduler, dataloader, train_state, dims.dp_rank()
+    )
     checkpointer.load()
     if train_state.step >= cfg.training.steps:
-        logger.info(f"Already trained {train_state.step} of {cfg.training.steps} steps: nothing to do")
+        logger.info(
+            f"Already trained {train_state.step} of {cfg.training.steps} steps: nothing to do"
+        )
         return
     metrics = build_metrics(cfg, args, device, rank)
     try:
-        train(cfg, model, optimizer, scheduler, dataloader, dims, checkpointer, train_state, metrics, rank)
+        train(
+            cfg,
+            model,
+            optimizer,
+            scheduler,
+            dataloader,
+            dims,
+            checkpointer,
+            train_state,
+            metrics,
+            rank,
+        )
     finally:
         metrics.close()
 
 
 def dry_run(cfg: JobConfig) -> None:
-    """Resolve the plan (model on the meta device, mesh, batch) without a process group."""
+    """Resolve the plan (model on the meta device, mesh, batch) without a process group.
+    The world size comes from WORLD_SIZE, else from the recipe's explicit degrees."""
     rank, _, world = env_rank()
     t = cfg.training
     if "WORLD_SIZE" not in os.environ and t.data_parallel_shard_degree > 0:
         world = t.data_parallel_replicate_degree * t.data_parallel_shard_degree
     init_logger(rank)
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    dims = ParallelDims.from_config(cfg, world, device_type)
-    args = build_model_args(cfg.model.flavor, t.vocab_size, t.seq_len, cfg.model.attn_impl)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dims = ParallelDims.from_config(cfg, world, device.type)
+    attn = resolve_attention(cfg, device)
+    args = build_model_args(cfg.model.flavor, t.vocab_size, t.seq_len, attn)
     with torch.device("meta"):
         model = Transformer(args)
     n = num_params(model)
-    print(plan_table(cfg, args, dims, n, n - num_params(model, exclude_embedding=True)))
-    print(f"FLOPs per token: {flops_per_token(args, t.seq_len, causal=False):.4g} "
-          f"(causal-aware {flops_per_token(args, t.seq_len, causal=True):.4g})")
-    print("dry run: resolved config follows; nothing was trained")
-    print(cfg.to_json())
+    logger.info(
+        "dry run: the resolved plan and config follow; nothing is trained\n"
+        + plan_table(cfg, args, dims, n, n - num_params(model, exclude_embedding=True))
+        + f"\nFLOPs per token: {flops_per_token(args, t.seq_len, causal=False):.4g} "
+        f"(causal-aware {flops_per_token(args, t.seq_len, causal=True):.4g})\n" + cfg.to_json()
+    )
 
 
 def main(argv: list[str]) -> int:
