@@ -351,8 +351,9 @@ def setup_and_train(cfg: JobConfig) -> None:
             metrics,
             rank,
         )
-    finally:
+    finally:  # stop the prefetch thread before the interpreter shuts down
         metrics.close()
+        dataloader.close()
 
 
 def dry_run(cfg: JobConfig) -> None:

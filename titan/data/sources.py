@@ -1,0 +1,216 @@
+"""Where rows come from: `training.dataset` / `training.dataset_path` resolved to a Hugging
+Face dataset split, opened map-style (memory-mapped Arrow) or for streaming, and checked.
+
+- `primate`, `rodent`: the Hub datasets `eminorhan/neural-pile-{primate,rodent}` (read from
+  the local HF cache when `HF_HUB_OFFLINE=1`); `training.dataset_path` overrides the id.
+- `synthetic`: the folder written by `titan.data.synthetic` (default `data_cache/synthetic`,
+  relative to the working directory, or `training.dataset_path`).
+- `training.dataset_path`: a `save_to_disk` folder (a DatasetDict, or a single Dataset that
+  then serves only its own split), a parquet/arrow file, glob or folder, or a Hub id.
+
+Problems with the source itself (missing path, split or column, wrong column type, a
+`data.source_datasets` filter that keeps nothing) raise `ConfigError` with one line that
+names the source and what it has.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from titan.config import ConfigError, JobConfig
+from titan.data.tokenizer import is_spike_matrix_type
+
+HUB_IDS = {"primate": "eminorhan/neural-pile-primate", "rodent": "eminorhan/neural-pile-rodent"}
+"""Named datasets and their Hub ids."""
+SYNTHETIC_DIR = Path("data_cache") / "synthetic"
+"""Default folder of the synthetic dataset, relative to the working directory."""
+COLUMN = "spike_counts"
+SOURCE_COLUMN = "source_dataset"
+_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved data source."""
+
+    label: str
+    """How messages name it."""
+    kind: str
+    """'hub' (a Hub id), 'disk' (a save_to_disk folder) or 'files' (parquet/arrow files)."""
+    location: str
+    """Hub id, folder, file or glob."""
+    builder: str | None = None
+    """For 'files': the `datasets` builder (parquet or arrow); None lets `datasets` infer it."""
+
+
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """Silence `datasets` progress bars inside the block (restored afterwards)."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def synthetic_path(cfg: JobConfig) -> Path:
+    """Folder of the synthetic dataset for this config."""
+    return Path(cfg.training.dataset_path or SYNTHETIC_DIR)
+
+
+def resolve_source(cfg: JobConfig) -> Source:
+    """The source named by `training.dataset` and `training.dataset_path`."""
+    name, path = cfg.training.dataset, cfg.training.dataset_path
+    if name == "synthetic":
+        p = synthetic_path(cfg)
+        return Source(f"synthetic dataset {p}", "disk", str(p))
+    if path is None:
+        if name in HUB_IDS:
+            return Source(HUB_IDS[name], "hub", HUB_IDS[name])
+        raise ConfigError(
+            f"training.dataset = {name!r}: unknown dataset; use primate, rodent or synthetic, "
+            "or set training.dataset_path to a local dataset or Hub id"
+        )
+    return _resolve_path(path)
+
+
+def _resolve_path(path: str) -> Source:
+    p = Path(path).expanduser()
+    if any(c in path for c in "*?["):
+        files = sorted(glob.glob(str(p), recursive=True))
+        if not files:
+            raise ConfigError(f"training.dataset_path = {path!r}: no file matches this pattern")
+        return Source(path, "files", str(p), _FILE_BUILDERS.get(Path(files[0]).suffix))
+    if p.is_file():
+        if p.suffix == ".arrow" and (p.parent / "state.json").is_file():
+            return Source(str(p.parent), "disk", str(p.parent))  # a file of a save_to_disk folder
+        if p.suffix not in _FILE_BUILDERS:
+            raise ConfigError(
+                f"training.dataset_path = {path!r}: unsupported file type {p.suffix!r}; "
+                "use .parquet or .arrow files, a save_to_disk folder or a Hub id"
+            )
+        return Source(str(p), "files", str(p), _FILE_BUILDERS[p.suffix])
+    if p.is_dir():
+        if (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
+            return Source(str(p), "disk", str(p))
+        return Source(str(p), "files", str(p))  # datasets infers the format and the splits
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if looks_like_hub_id:
+        return Source(path, "hub", path)
+    raise ConfigError(f"training.dataset_path = {path!r}: no such file or directory")
+
+
+def _load(src: Source, streaming: bool) -> Any:
+    """The source's splits: a DatasetDict / IterableDatasetDict, or one Dataset."""
+    import datasets
+
+    try:
+        with quiet_datasets():
+            if src.kind == "disk":
+                if not Path(src.location).exists():
+                    raise ConfigError(
+                        f"{src.label}: no such folder (for the synthetic dataset, run "
+                        "titan.data.prepare_dataset or python -m titan.data.synthetic first)"
+                    )
+                return datasets.load_from_disk(src.location)
+            if src.kind == "files" and src.builder is not None:
+                return datasets.load_dataset(
+                    src.builder, data_files=src.location, streaming=streaming
+                )
+            return datasets.load_dataset(src.location, streaming=streaming)
+    except ConfigError:
+        raise
+    except Exception as e:  # datasets raises many types; report them as one clear line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        hint = ""
+        if src.kind == "hub":
+            hint = (
+                "; offline (HF_HUB_OFFLINE=1) it must already be in the HF cache "
+                f"({datasets.config.HF_DATASETS_CACHE})"
+            )
+        raise ConfigError(f"{src.label}: cannot load it ({type(e).__name__}: {first}){hint}") from e
+
+
+def _pick_split(src: Source, loaded: Any, split: str) -> Any:
+    import datasets
+
+    if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        if split not in loaded:
+            raise ConfigError(
+                f"{src.label}: no split {split!r}; it has: {', '.join(loaded) or 'none'}"
+            )
+        return loaded[split]
+    own = str(loaded.split) if loaded.split is not None else "train"
+    if split != own:
+        raise ConfigError(
+            f"{src.label}: no split {split!r}; it is a single dataset (split {own!r}), "
+            "not a DatasetDict"
+        )
+    return loaded
+
+
+def _check_columns(src: Source, split: str, ds: Any, source_datasets: list[str]) -> None:
+    features = ds.features
+    if features is None:  # some streamed sources only know their columns once read
+        return
+    names = list(features)
+    if COLUMN not in names:
+        raise ConfigError(
+            f"{src.label} [{split}]: no column {COLUMN!r}; its columns are: {', '.join(names)}"
+        )
+    tp = features.arrow_schema.field(COLUMN).type
+    if not is_spike_matrix_type(tp):
+        raise ConfigError(
+            f"{src.label} [{split}]: column {COLUMN!r} has type {tp}; expected a list of "
+            "lists of integers (Sequence(Sequence(uint8)), shape (n_neurons, n_time_bins))"
+        )
+    if source_datasets and SOURCE_COLUMN not in names:
+        raise ConfigError(
+            f"{src.label} [{split}]: data.source_datasets is set but there is no column "
+            f"{SOURCE_COLUMN!r}; its columns are: {', '.join(names)}"
+        )
+
+
+def open_split(src: Source, split: str, streaming: bool, source_datasets: list[str]) -> Any:
+    """The checked split: a `datasets.Dataset` (map-style, and streamed local sources, which
+    the loader cuts into shards itself) or an `IterableDataset` (streamed Hub/files)."""
+    import datasets
+
+    # offline, a Hub dataset can only come from the local cache: stream it like a local one
+    local = src.kind == "disk" or (src.kind == "hub" and datasets.config.HF_HUB_OFFLINE)
+    stream = streaming and not local
+    ds = _pick_split(src, _load(src, stream), split)
+    _check_columns(src, split, ds, source_datasets)
+    cols = [COLUMN] + ([SOURCE_COLUMN] if source_datasets else [])
+    if ds.features is not None:
+        ds = ds.select_columns(cols)
+    if stream and hasattr(ds, "reshard"):  # datasets >= 4
+        ds = ds.reshard()  # one shard per parquet row group where possible: cheap resume
+    return ds
+
+
+def check_column_type(label: str, tp: pa.DataType) -> None:
+    """The column-type check for streamed sources whose features were unknown up front."""
+    if not is_spike_matrix_type(tp):
+        raise ConfigError(
+            f"{label}: column {COLUMN!r} has type {tp}; expected a list of lists of integers "
+            "(Sequence(Sequence(uint8)))"
+        )
+
+
+def source_values(ds: Any) -> list[str]:
+    """Distinct `source_dataset` values of a map-style split (for messages)."""
+    import pyarrow.compute as pc
+
+    return sorted(pc.unique(ds.with_format("arrow")[SOURCE_COLUMN]).to_pylist())
