@@ -1,0 +1,589 @@
+"""Converter tests (issue 5): `llama_to_dcp.py` and `dcp_to_llama.py` / titan/convert.py.
+
+1. A tiny `transformers.LlamaForCausalLM` (GQA, Llama-3.1 RoPE scaling, sharded
+   safetensors) -> DCP keeping the vocabulary -> our model's logits match within 1e-4
+   -> `--format hf` -> `AutoModelForCausalLM.from_pretrained` matches again.
+2. A Meta checkpoint split in 2 model-parallel shards (Llama-3 and Llama-2 embedding
+   splits) converts to the same DCP tensors as the unsplit one; DCP -> Meta is exact;
+   `--format both` and `--dtype` work.
+3. A 512-token HF model converted with the embeddings dropped initializes the scaled-down
+   lang-primate recipe through `initial_load_path` (2 ranks); all blocks start from the
+   converted weights and train; the run's own checkpoint exports back to HF.
+4. Export of a full training checkpoint requests only `model.*` items from the reader,
+   and still works when the optimizer's files are deleted.
+5. The push path up to the upload call (create_repo/upload_folder stubbed), no token and
+   no network; every bad input gives a non-zero exit and one line, no traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from conftest import ROOT, run_train
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+
+from titan import convert
+from titan.convert import dcp_to_llama_main, llama_to_dcp_main
+from titan.models import keymap
+from titan.models.llama import ModelArgs, Transformer, build_model_args
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+TOKENS = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(1))
+
+
+def _hf_config(**overrides) -> transformers.LlamaConfig:
+    values = dict(
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+    )
+    return transformers.LlamaConfig(**(values | overrides))
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    """A tiny random LlamaForCausalLM saved in 3 safetensors shards with an index."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(_hf_config()).float().eval()
+    folder = tmp_path_factory.mktemp("hf")
+    model.save_pretrained(folder, max_shard_size="200KB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    return folder
+
+
+def _hf_logits(folder: Path) -> torch.Tensor:
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        return model.eval()(TOKENS).logits
+
+
+def _dcp_model_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    stored = convert.read_dcp_model_metadata(folder)
+    request = {"model": {k: torch.empty(s, dtype=d) for k, (s, d) in stored.items()}}
+    dcp.load(request, storage_reader=FileSystemReader(str(folder)), no_dist=True)
+    return request["model"]
+
+
+def _ok(rc: int, capsys) -> str:
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    return out.out
+
+
+# ----------------------------------------------------------------------------- 1
+
+
+def test_hf_to_dcp_to_hf_logits(hf_dir, tmp_path, capsys):
+    expected = _hf_logits(hf_dir)
+    argv = ["--input_dir", str(hf_dir), "--output_dir", str(tmp_path / "d")]
+    out = _ok(llama_to_dcp_main(argv), capsys)
+    assert "llama_to_dcp: 21 tensors" in out.splitlines()[-1]  # summary line
+    assert (tmp_path / "d" / ".complete").is_file()
+
+    params = json.loads((tmp_path / "d" / "params.json").read_text())
+    args = keymap.args_from_meta_params(params)
+    assert args.rope_original_context == 16 and args.n_kv_heads == 2
+    model = Transformer(args).eval()
+    model.load_state_dict(_dcp_model_tensors(tmp_path / "d"), strict=True)
+    with torch.no_grad():
+        assert (model(TOKENS) - expected).abs().max() < 1e-4
+
+    argv = ["--input_dir", str(tmp_path / "d"), "--output_dir", str(tmp_path / "hf"), "--format",
+            "hf", "--max_shard_size", "300KB"]  # fmt: skip
+    out = _ok(dcp_to_llama_main(argv), capsys)
+    assert "dcp_to_llama: 21 tensors, 131,392 parameters" in out
+    files = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    assert files == [
+        "README.md", "config.json", "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+    ]  # fmt: skip
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["rope_scaling"]["rope_type"] == "llama3"
+    assert config["rope_parameters"]["original_max_position_embeddings"] == 16
+    assert (_hf_logits(tmp_path / "hf") - expected).abs().max() < 1e-4
+
+
+def test_tied_hf_embeddings_and_bf16(tmp_path, capsys):
+    torch.manual_seed(1)
+    hf = transformers.LlamaForCausalLM(_hf_config(tie_word_embeddings=True)).eval()
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    argv = ["--input_dir", str(tmp_path / "hf"), "--output_dir", str(tmp_path / "d"),
+            "--dtype", "float32"]  # fmt: skip
+    _ok(llama_to_dcp_main(argv), capsys)
+    tensors = _dcp_model_tensors(tmp_path / "d")
+    assert tensors["output.weight"].dtype == torch.float32
+    assert torch.equal(tensors["output.weight"], tensors["tok_embeddings.weight"])
+    assert torch.equal(tensors["norm.weight"], hf.model.norm.weight.float())
+
+
+# ----------------------------------------------------------------------------- 2
+
+META_ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, multiple_of=32)
+DIM0 = ("wq", "wk", "wv", "w1", "w3", "output")
+
+
+def _split(sd: dict[str, torch.Tensor], n: int, embedding_dim: int) -> list[dict]:
+    shards: list[dict] = [{} for _ in range(n)]
+    for name, t in sd.items():
+        proj = name.split(".")[-2]
+        if name == "tok_embeddings.weight":
+            parts = t.chunk(n, dim=embedding_dim)
+        elif proj in DIM0:
+            parts = t.chunk(n, dim=0)
+        elif proj in ("wo", "w2"):
+            parts = t.chunk(n, dim=1)
+        else:
+            parts = [t] * n  # norms are replicated
+        for shard, part in zip(shards, parts, strict=True):
+            shard[name] = part.clone()
+    return shards
+
+
+@pytest.fixture(scope="module")
+def meta_dirs(tmp_path_factory) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """The same bf16 weights as 1 shard, 2 shards, and 2 shards with Llama-2's embedding."""
+    model = Transformer(META_ARGS)
+    model.init_weights(seed=5)
+    sd = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    params = keymap.meta_params_from_args(META_ARGS)
+    root = tmp_path_factory.mktemp("meta")
+    dirs = {}
+    for kind, shards in {
+        "one": [sd],
+        "two": _split(sd, 2, embedding_dim=0),
+        "two_llama2": _split(sd, 2, embedding_dim=1),
+    }.items():
+        folder = root / kind / "original"  # as in an HF repo: found by detection
+        folder.mkdir(parents=True)
+        (folder / "params.json").write_text(json.dumps(params))
+        for i, shard in enumerate(shards):
+            torch.save(shard, folder / f"consolidated.{i:02d}.pth")
+        dirs[kind] = folder.parent
+    return sd, dirs
+
+
+def test_meta_shards_merge_and_round_trip(meta_dirs, tmp_path, capsys, monkeypatch):
+    sd, dirs = meta_dirs
+    # Tiny budgets, so that row chunks, remapping and read groups are all exercised.
+    monkeypatch.setattr(convert, "CHUNK_BYTES", 4000)
+    monkeypatch.setattr(convert, "MAP_BYTES", 16000)
+    monkeypatch.setattr(convert, "GROUP_BYTES", 20000)
+    converted = {}
+    for kind, folder in dirs.items():
+        argv = ["--input_dir", str(folder), "--output_dir", str(tmp_path / kind),
+                "--vocab_size", "320"]  # fmt: skip
+        out = _ok(llama_to_dcp_main(argv), capsys)
+        assert f"meta checkpoint in {folder / 'original'}" in out
+        converted[kind] = _dcp_model_tensors(tmp_path / kind)
+    for kind in ("two", "two_llama2"):
+        assert converted[kind].keys() == sd.keys()
+        for name in sd:
+            assert torch.equal(converted[kind][name], converted["one"][name]), (kind, name)
+    for name in sd:
+        assert converted["one"][name].dtype == torch.bfloat16
+        assert torch.equal(converted["one"][name], sd[name]), name
+
+    # DCP -> Meta is exact, and its params.json is the original's.
+    argv = ["--input_dir", str(tmp_path / "two"), "--output_dir", str(tmp_path / "m"),
+            "--format", "meta"]  # fmt: skip
+    _ok(dcp_to_llama_main(argv), capsys)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "consolidated.00.pth",
+        "params.json",
+    ]
+    back = torch.load(tmp_path / "m" / "consolidated.00.pth", weights_only=True)
+    assert list(back) == list(sd)
+    assert all(torch.equal(back[k], sd[k]) and back[k].dtype == sd[k].dtype for k in sd)
+    params = json.loads((dirs["one"] / "original" / "params.json").read_text())
+    assert json.loads((tmp_path / "m" / "params.json").read_text()) == params
+
+    # --format both: HF at the top, Meta under original/ (the Hub's layout); --dtype.
+    argv = ["--input_dir", str(tmp_path / "two"), "--output_dir", str(tmp_path / "b"),
+            "--format", "both", "--dtype", "float32"]  # fmt: skip
+    _ok(dcp_to_llama_main(argv), capsys)
+    back = torch.load(tmp_path / "b" / "original" / "consolidated.00.pth", weights_only=True)
+    assert all(torch.equal(back[k], sd[k].float()) for k in sd)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b")
+    assert hf.dtype == torch.float32 and hf.config.vocab_size == 320
+    ours = Transformer(dataclasses.replace(META_ARGS, max_seq_len=64)).eval()
+    ours.load_state_dict({k: v.float() for k, v in sd.items()})
+    tokens = TOKENS[:, :32]
+    with torch.no_grad():
+        assert (hf.eval()(tokens).logits - ours(tokens)).abs().max() < 1e-4
+
+
+# ----------------------------------------------------------------------------- 3
+
+
+def test_dropped_embeddings_initialize_lang_primate_recipe(tmp_path, synthetic_dir, capsys):
+    debug = build_model_args("debugmodel", vocab_size=512, seq_len=128)
+    cfg = _hf_config(
+        hidden_size=debug.dim,
+        intermediate_size=debug.ffn_hidden_dim,
+        num_hidden_layers=debug.n_layers,
+        num_attention_heads=debug.n_heads,
+        num_key_value_heads=debug.n_kv_heads,
+        vocab_size=512,
+        max_position_embeddings=131072,
+        initializer_range=0.02,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
+    torch.manual_seed(2)
+    source = transformers.LlamaForCausalLM(cfg).float()
+    source.save_pretrained(tmp_path / "hf")
+    argv = ["--input_dir", str(tmp_path / "hf"), "--output_dir", str(tmp_path / "dcp"),
+            "--flavor", "debugmodel"]  # fmt: skip
+    out = _ok(llama_to_dcp_main(argv), capsys)
+    assert "dropping tok_embeddings.weight and output.weight" in out
+    assert (
+        "model.tok_embeddings.weight"
+        not in FileSystemReader(str(tmp_path / "dcp")).read_metadata().state_dict_metadata
+    )
+
+    dump = tmp_path / "run"
+    result = run_train(
+        [
+            "--job.config_file=train_configs/lang_primate_8b_131k.toml",
+            f"--job.dump_folder={dump}",
+            f"--checkpoint.initial_load_path={tmp_path / 'dcp'}",
+            "--model.flavor=debugmodel",
+            "--model.attn_impl=sdpa",
+            "--training.dataset=synthetic",
+            f"--training.dataset_path={synthetic_dir}",
+            "--training.seq_len=64",
+            "--training.batch_size=2",
+            "--training.steps=2",
+            "--training.warmup_steps=1",
+            "--training.no_compile",
+            "--training.mixed_precision_param=float32",
+            "--optimizer.lr=1e-6",
+            "--checkpoint.async_mode=disabled",
+            "--metrics.no_enable_tensorboard",
+            "--metrics.log_freq=1",
+        ],
+        nproc=2,
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert "Initialized 37 of 39 model tensors" in log
+    assert "tok_embeddings.weight (absent), output.weight (absent)" in log
+
+    # The run's own full checkpoint (optimizer and all) exports to HF; the architecture
+    # comes from the run's config.toml. Every block equals the converted weights up to
+    # two tiny AdamW steps, and has moved (it was trained).
+    step_dir = dump / "checkpoint" / "step-2"
+    argv = ["--input_dir", str(step_dir), "--output_dir", str(tmp_path / "x")]
+    out = _ok(dcp_to_llama_main(argv), capsys)
+    assert "(from the run's config.toml (flavor debugmodel))" in out
+    card = (tmp_path / "x" / "README.md").read_text()
+    assert "step: 2" in card and "lang_primate_8b_131k.toml" in card
+    trained = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "x").state_dict()
+    original = source.state_dict()
+    for name, tensor in trained.items():
+        if "embed_tokens" in name or "lm_head" in name:
+            assert tensor.shape[0] == 256
+            continue
+        assert torch.allclose(tensor, original[name], atol=1e-5), name
+        if "layernorm" not in name and "model.norm" not in name:
+            assert not torch.equal(tensor, original[name]), f"{name} was not trained"
+
+
+# ----------------------------------------------------------------------------- 4
+
+
+def _training_checkpoint(folder: Path, single_file: bool) -> dict[str, torch.Tensor]:
+    """A full training checkpoint of the debug flavor, with optimizer state, laid out as
+    titan's trainer writes it, plus its run's config.toml two levels up."""
+    args = build_model_args("debugmodel", vocab_size=256, seq_len=64)
+    model = Transformer(args)
+    model.init_weights(seed=1)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    optim = {
+        "state": {
+            k: {
+                "exp_avg": torch.randn_like(v),
+                "exp_avg_sq": torch.rand_like(v),
+                "step": torch.tensor(7.0),
+            }
+            for k, v in sd.items()
+        },  # fmt: skip
+        "param_groups": [{"lr": 1e-4, "params": list(sd)}],
+    }
+    state = {
+        "model": sd,
+        "optimizer": optim,
+        "lr_scheduler": {"last_epoch": 7},
+        "train_state": {"step": torch.tensor(7)},
+        "dataloader": {"dp_rank_0": b"position"},
+    }
+    writer = FileSystemWriter(str(folder), single_file_per_rank=single_file)
+    dcp.save(state, storage_writer=writer, no_dist=True)
+    (folder / ".complete").write_text(json.dumps({"step": 7, "kind": "full"}))
+    (folder.parent.parent / "config.toml").write_text(
+        '[job]\nconfig_file = "train_configs/debug_model.toml"\n'
+        '[model]\nflavor = "debugmodel"\n[training]\nseq_len = 64\ndataset = "synthetic"\n'
+    )
+    return sd
+
+
+def test_export_never_reads_optimizer(tmp_path, capsys, monkeypatch):
+    step_dir = tmp_path / "dump" / "checkpoint" / "step-7"
+    sd = _training_checkpoint(step_dir, single_file=True)
+    requested: list[str] = []
+    original = FileSystemReader.read_data
+
+    def recording(self, plan, planner):
+        requested.extend(item.storage_index.fqn for item in plan.items)
+        return original(self, plan, planner)
+
+    monkeypatch.setattr(FileSystemReader, "read_data", recording)
+    argv = ["--input_dir", str(step_dir), "--output_dir", str(tmp_path / "m"), "--format", "meta"]
+    _ok(dcp_to_llama_main(argv), capsys)
+    assert sorted(requested) == sorted(f"model.{k}" for k in sd)
+    back = torch.load(tmp_path / "m" / "consolidated.00.pth", weights_only=True)
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+
+    # One file per item: delete every file that holds optimizer or other non-model state.
+    step_dir = tmp_path / "dump2" / "checkpoint" / "step-7"
+    _training_checkpoint(step_dir, single_file=False)
+    metadata = FileSystemReader(str(step_dir)).read_metadata()
+    for index, info in metadata.storage_data.items():
+        if not index.fqn.startswith("model."):
+            (step_dir / info.relative_path).unlink(missing_ok=True)
+    argv = ["--input_dir", str(step_dir), "--output_dir", str(tmp_path / "h")]
+    _ok(dcp_to_llama_main(argv), capsys)
+    card = (tmp_path / "h" / "README.md").read_text()
+    assert "step: 7" in card and "train_configs/debug_model.toml" in card
+
+
+# ----------------------------------------------------------------------------- 5
+
+
+@pytest.fixture(scope="module")
+def dcp_dir(hf_dir, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("dcp") / "converted"
+    assert llama_to_dcp_main(["--input_dir", str(hf_dir), "--output_dir", str(folder)]) == 0
+    return folder
+
+
+def test_push_to_hub_up_to_the_upload_call(dcp_dir, tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create"] = (repo_id, kwargs)
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, **kwargs):
+        calls["upload"] = kwargs
+        calls["files"] = sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    argv = ["--input_dir", str(dcp_dir), "--output_dir", str(tmp_path / "o"),
+            "--hf_repo_name", "someone/tiny-neuro", "--push_to_hub", "--private"]  # fmt: skip
+    out = _ok(dcp_to_llama_main(argv), capsys)
+    assert calls["create"] == (
+        "someone/tiny-neuro",
+        {"private": True, "exist_ok": True, "repo_type": "model"},
+    )
+    assert calls["upload"]["repo_id"] == "someone/tiny-neuro"
+    assert calls["files"] == ["README.md", "config.json", "model.safetensors"]
+    assert "pushed to https://huggingface.co/someone/tiny-neuro" in out
+    card = (tmp_path / "o" / "README.md").read_text()
+    assert "# someone/tiny-neuro" in card and "library_name: transformers" in card
+
+
+def _cli(script: str, *argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        timeout=120,
+    )
+
+
+def _one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_push_without_token_or_network(dcp_dir, tmp_path):
+    env = {k: "" for k in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    no_token = _cli(
+        "dcp_to_llama.py", "--input_dir", str(dcp_dir), "--output_dir", str(tmp_path / "a"),
+        "--hf_repo_name", "someone/x", "--push_to_hub",
+        env={**env, "HF_HOME": str(tmp_path / "hf_home")},
+    )  # fmt: skip
+    _one_line_error(no_token, "no Hugging Face token")
+    offline = _cli(
+        "dcp_to_llama.py", "--input_dir", str(dcp_dir), "--output_dir", str(tmp_path / "b"),
+        "--hf_repo_name", "someone/x", "--push_to_hub",
+        env={"HF_TOKEN": "hf_test_token", "HF_ENDPOINT": "http://127.0.0.1:9"},
+    )  # fmt: skip
+    _one_line_error(offline, "cannot create the Hub repo someone/x")
+
+
+def test_cli_bad_input_exits_with_one_line(tmp_path):
+    _one_line_error(
+        _cli("llama_to_dcp.py", "--input_dir", str(tmp_path / "nope"), "--output_dir", "x"),
+        "no such directory",
+    )
+    (tmp_path / "empty").mkdir()
+    _one_line_error(
+        _cli("dcp_to_llama.py", "--input_dir", str(tmp_path / "empty"), "--output_dir", "x"),
+        "no .metadata",
+    )
+
+
+def _bad_llama_inputs(root: Path, hf_dir: Path) -> dict[str, tuple[list[str], str]]:
+    """Name -> (llama_to_dcp argv, words the error line must contain)."""
+    import shutil
+
+    def copy(name: str) -> Path:
+        return Path(shutil.copytree(hf_dir, root / name))
+
+    (root / "unknown").mkdir(parents=True)
+    (root / "unknown" / "weights.bin").write_bytes(b"x")
+    bad_json = copy("bad_json")
+    (bad_json / "config.json").write_text("{not json")
+    wrong_shape = copy("wrong_shape")
+    config = json.loads((wrong_shape / "config.json").read_text())
+    (wrong_shape / "config.json").write_text(json.dumps(config | {"intermediate_size": 256}))
+    truncated = copy("truncated")
+    shard = sorted(truncated.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    missing = copy("missing")
+    sorted(missing.glob("*.safetensors"))[-1].unlink()
+    meta = root / "meta_bad"
+    meta.mkdir()
+    (meta / "params.json").write_text(json.dumps(keymap.meta_params_from_args(META_ARGS)))
+    (meta / "consolidated.00.pth").write_bytes(b"not a zip file")
+    out_busy = root / "busy"
+    out_busy.mkdir()
+    (out_busy / "notes.txt").write_text("mine")
+
+    def argv(inp: Path, *extra: str, out: Path = root / "out") -> list[str]:
+        return ["--input_dir", str(inp), "--output_dir", str(out), *extra]
+
+    return {
+        "missing input": (argv(root / "nope"), "no such directory"),
+        "unknown layout": (argv(root / "unknown"), "no Llama checkpoint found"),
+        "told the wrong layout": (argv(hf_dir, "--source_format", "meta"), "params.json"),
+        "bad config.json": (argv(bad_json), "not readable JSON"),
+        "shape mismatch": (argv(wrong_shape), "config.json implies"),
+        "truncated safetensors": (argv(truncated), "cannot read"),
+        "missing shard": (argv(missing), "no such file"),
+        "unreadable pth": (argv(meta), "cannot read"),
+        "flavor mismatch": (argv(hf_dir, "--flavor", "8B"), "architecture mismatch"),
+        "output not empty": (argv(hf_dir, out=out_busy), "--overwrite"),
+        "foreign files": (argv(hf_dir, "--overwrite", out=out_busy), "did not write"),
+        "output is the input": (argv(hf_dir, "--overwrite", out=hf_dir), "overwrite the input"),
+    }
+
+
+def _bad_dcp_inputs(root: Path, dcp_dir: Path) -> dict[str, tuple[list[str], str]]:
+    """Name -> (dcp_to_llama argv, words the error line must contain)."""
+    import shutil
+
+    def copy(name: str) -> Path:
+        return Path(shutil.copytree(dcp_dir, root / name))
+
+    garbage = copy("garbage")
+    (garbage / ".metadata").write_bytes(b"garbage")
+    incomplete = copy("incomplete")
+    (incomplete / ".complete").unlink()
+    no_arch = copy("no_arch")
+    (no_arch / "params.json").unlink()
+    truncated = copy("truncated")
+    for f in truncated.glob("*.distcp"):
+        f.write_bytes(f.read_bytes()[:10])
+    optim_only = root / "optim_only"
+    dcp.save({"optimizer": {"x": torch.zeros(3)}}, checkpoint_id=str(optim_only), no_dist=True)
+    (optim_only / ".complete").write_text("{}")
+    steps = root / "checkpoint"
+    (steps / "step-10").mkdir(parents=True)
+
+    def argv(inp: Path, *extra: str) -> list[str]:
+        return ["--input_dir", str(inp), "--output_dir", str(root / "out"), *extra]
+
+    return {
+        "missing input": (argv(root / "nope"), "no such directory"),
+        "not a DCP dir": (argv(steps), "pass one, e.g."),
+        "unreadable metadata": (argv(garbage), "unreadable DCP metadata"),
+        "incomplete": (argv(incomplete), "incomplete checkpoint"),
+        "unknown architecture": (argv(no_arch), "pass --flavor"),
+        "shape mismatch": (argv(dcp_dir, "--flavor", "debugmodel"), "implies"),
+        "truncated data": (argv(truncated), "cannot read"),
+        "no model tensors": (argv(optim_only), "no model tensors"),
+        "push without repo": (argv(dcp_dir, "--push_to_hub"), "--hf_repo_name"),
+        "push meta only": (
+            argv(dcp_dir, "--push_to_hub", "--hf_repo_name", "a/b", "--format", "meta"),
+            "--format hf",
+        ),
+    }
+
+
+def test_every_bad_input_fails_with_one_line(hf_dir, dcp_dir, tmp_path, capsys):
+    cases = [(llama_to_dcp_main, name, *case) for name, case in
+             _bad_llama_inputs(tmp_path / "l", hf_dir).items()]  # fmt: skip
+    (tmp_path / "d").mkdir()
+    cases += [(dcp_to_llama_main, name, *case) for name, case in
+              _bad_dcp_inputs(tmp_path / "d", dcp_dir).items()]  # fmt: skip
+    capsys.readouterr()
+    for main, name, argv, words in cases:
+        assert main(argv) == 1, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: "), (name, err)
+        assert words in err[0], (name, err[0])
+
+
+def test_overwrite(dcp_dir, tmp_path, capsys):
+    argv = ["--input_dir", str(dcp_dir), "--output_dir", str(tmp_path / "o"), "--format", "both"]
+    _ok(dcp_to_llama_main(argv), capsys)
+    assert dcp_to_llama_main(argv) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    _ok(dcp_to_llama_main([*argv[:-1], "meta", "--overwrite"]), capsys)
+    # The HF files and original/ of the first export are gone.
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        "consolidated.00.pth",
+        "params.json",
+    ]
