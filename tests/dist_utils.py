@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import tempfile
-import pickle
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -20,8 +21,14 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, out: str, fn: Callable, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        OMP_NUM_THREADS="1",
+    )
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         result = fn(*args)
@@ -33,6 +40,11 @@ def _worker(rank: int, world: int, port: int, out: str, fn: Callable, args: tupl
 def run_ranks(fn: Callable, world: int, *args: Any) -> list[Any]:
     """`fn(*args)` on each of `world` ranks; returns the per-rank results in rank order."""
     with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(_worker, args=(world, _free_port(), out, fn, args), nprocs=world,
-                           join=True, start_method="spawn")
+        mp.start_processes(
+            _worker,
+            args=(world, _free_port(), out, fn, args),
+            nprocs=world,
+            join=True,
+            start_method="spawn",
+        )
         return [pickle.loads(Path(out, f"{r}.pkl").read_bytes()) for r in range(world)]

@@ -38,14 +38,18 @@ RECIPE_SCRIPTS = {
     "train_lang_primate_8B_131k.sh": "lang_primate_8b_131k",
     "train_debug.sh": "debug_model",
 }
-SHELL_FILES = [SLURM_DIR / "launch.sh", SLURM_DIR / "site.env.example",
-               ROOT / "scripts" / "install_slurm.sh",
-               *(SLURM_DIR / name for name in RECIPE_SCRIPTS)]
+SHELL_FILES = [
+    SLURM_DIR / "launch.sh",
+    SLURM_DIR / "site.env.example",
+    ROOT / "scripts" / "install_slurm.sh",
+    *(SLURM_DIR / name for name in RECIPE_SCRIPTS),
+]
 SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo", "scancel")
 JOB_TIMEOUT_S = 300
 
 
 # ----------------------------------------------------------------------------- static checks
+
 
 @pytest.mark.parametrize("path", SHELL_FILES, ids=lambda p: p.name)
 def test_scripts_parse(path: Path) -> None:
@@ -53,11 +57,14 @@ def test_scripts_parse(path: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None,
-                    reason="shellcheck is not installed (bash scripts/install_slurm.sh)")
+@pytest.mark.skipif(
+    shutil.which("shellcheck") is None,
+    reason="shellcheck is not installed (bash scripts/install_slurm.sh)",
+)
 def test_shellcheck_clean() -> None:
-    result = subprocess.run(["shellcheck", *map(str, SHELL_FILES)], capture_output=True,
-                            text=True, cwd=ROOT)
+    result = subprocess.run(
+        ["shellcheck", *map(str, SHELL_FILES)], capture_output=True, text=True, cwd=ROOT
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -87,6 +94,7 @@ def test_recipe_scripts_differ_only_in_header_and_recipe() -> None:
 
 # ----------------------------------------------------------------------------- the cluster
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -115,23 +123,40 @@ class SlurmCluster:
     node: str
     env: dict[str, str]
 
-    def cmd(self, *args: str, check: bool = True, env: dict | None = None,
-            **kwargs) -> subprocess.CompletedProcess:
-        result = subprocess.run(args, env={**self.env, **(env or {})}, capture_output=True,
-                                text=True, timeout=60, **kwargs)
+    def cmd(
+        self, *args: str, check: bool = True, env: dict | None = None, **kwargs
+    ) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            args,
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            **kwargs,
+        )
         if check and result.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} failed: {result.stdout}{result.stderr}")
         return result
 
     def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}"
-                         for p in sorted((self.root / "log").glob("*")))
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((self.root / "log").glob("*"))
+        )
 
-    def submit(self, script: str, *args: str, log: Path, sbatch_args: tuple = (),
-               env: dict | None = None) -> int:
+    def submit(
+        self, script: str, *args: str, log: Path, sbatch_args: tuple = (), env: dict | None = None
+    ) -> int:
         """sbatch a slurm/ script from the repo root, as a user would; returns the job id."""
-        out = self.cmd("sbatch", "--parsable", f"--output={log}", *sbatch_args,
-                       f"slurm/{script}", *args, cwd=ROOT, env=env).stdout
+        out = self.cmd(
+            "sbatch",
+            "--parsable",
+            f"--output={log}",
+            *sbatch_args,
+            f"slurm/{script}",
+            *args,
+            cwd=ROOT,
+            env=env,
+        ).stdout
         return int(out.strip().split(";")[0])
 
     def state(self, job_id: int) -> dict[str, str]:
@@ -147,8 +172,10 @@ class SlurmCluster:
             time.sleep(1)
         self.cmd("scancel", str(job_id), check=False)
         text = log.read_text() if log.exists() else "(no job log)"
-        pytest.fail(f"job {job_id} still {state['JobState']} after {timeout} s; "
-                    f"log:\n{text[-4000:]}\n{self.logs()}")
+        pytest.fail(
+            f"job {job_id} still {state['JobState']} after {timeout} s; "
+            f"log:\n{text[-4000:]}\n{self.logs()}"
+        )
 
 
 def _write_conf(root: Path, node: str) -> Path:
@@ -209,19 +236,26 @@ def _stop(pids: list[int], sig: int, grace_s: float) -> None:
 def slurm_cluster(tmp_path_factory):
     missing = [b for b in SLURM_BINARIES if shutil.which(b) is None]
     if missing:
-        pytest.skip(f"Slurm is not installed (missing {', '.join(missing)}); "
-                    "bash scripts/install_slurm.sh installs it")
+        pytest.skip(
+            f"Slurm is not installed (missing {', '.join(missing)}); "
+            "bash scripts/install_slurm.sh installs it"
+        )
     if os.geteuid() != 0:
         pytest.skip("the private Slurm cluster runs its daemons as root")
     root = tmp_path_factory.mktemp("slurm")
     node = socket.gethostname().split(".")[0]
     conf = _write_conf(root, node)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "SBATCH_", "SALLOC_", "SRUN_", "TITAN_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "SBATCH_", "SALLOC_", "SRUN_", "TITAN_"))
+    }
     env["SLURM_CONF"] = str(conf)
     site_env = root / "site.env"
-    site_env.write_text("export TITAN_NPROC_PER_NODE=2\n"
-                        'titan_site_setup() { echo "site setup ran on $(hostname)"; }\n')
+    site_env.write_text(
+        "export TITAN_NPROC_PER_NODE=2\n"
+        'titan_site_setup() { echo "site setup ran on $(hostname)"; }\n'
+    )
     env["TITAN_SITE_ENV"] = str(site_env)
     try:
         socket.gethostbyname(node)
@@ -230,12 +264,16 @@ def slurm_cluster(tmp_path_factory):
     cluster = SlurmCluster(root, conf, node, env)
     daemons = []
     try:
-        for argv in (["slurmctld", "-D", "-f", str(conf)],
-                     ["slurmd", "-D", "-f", str(conf), "-N", node]):
+        for argv in (
+            ["slurmctld", "-D", "-f", str(conf)],
+            ["slurmd", "-D", "-f", str(conf), "-N", node],
+        ):
             with open(root / "log" / f"{argv[0]}.out", "w") as out:
-                daemons.append(subprocess.Popen(argv, env=env, stdout=out,
-                                                stderr=subprocess.STDOUT,
-                                                start_new_session=True))
+                daemons.append(
+                    subprocess.Popen(
+                        argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                    )
+                )
         deadline = time.monotonic() + 60
         while cluster.cmd("sinfo", "-h", "-o", "%T", check=False).stdout.strip() != "idle":
             if time.monotonic() > deadline or any(d.poll() is not None for d in daemons):
@@ -247,8 +285,10 @@ def slurm_cluster(tmp_path_factory):
         if jobs:
             cluster.cmd("scancel", *jobs, check=False)
             deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and cluster.cmd(
-                    "squeue", "-h", "-o", "%i", check=False).stdout.strip():
+            while (
+                time.monotonic() < deadline
+                and cluster.cmd("squeue", "-h", "-o", "%i", check=False).stdout.strip()
+            ):
                 time.sleep(0.5)
         for d in daemons:
             d.terminate()
@@ -264,18 +304,21 @@ def slurm_cluster(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- jobs
 
+
 def test_recipe_scripts_accepted_by_sbatch(slurm_cluster: SlurmCluster) -> None:
     """Every header passes a real sbatch; site options arrive as SBATCH_* variables (as
     from slurm/site.env) and the command line beats the header (-N 1 against --nodes=4)."""
     site = {"SBATCH_PARTITION": "debug", "SBATCH_TIMELIMIT": "01:00:00"}
     for name in RECIPE_SCRIPTS:
-        result = slurm_cluster.cmd("sbatch", "--test-only", "-N", "1", f"slurm/{name}",
-                                   cwd=ROOT, env=site)
+        result = slurm_cluster.cmd(
+            "sbatch", "--test-only", "-N", "1", f"slurm/{name}", cwd=ROOT, env=site
+        )
         assert f"on nodes {slurm_cluster.node} in partition debug" in result.stderr, name
 
 
-def test_launcher_refuses_a_job_without_gpus_or_cpu_ranks(slurm_cluster: SlurmCluster,
-                                                          tmp_path: Path) -> None:
+def test_launcher_refuses_a_job_without_gpus_or_cpu_ranks(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
     site = tmp_path / "site.env"
     site.write_text("# no GPUs requested and no TITAN_NPROC_PER_NODE\n")
     log = tmp_path / "job.log"
@@ -291,8 +334,13 @@ def test_8b_script_runs_its_recipe(slurm_cluster: SlurmCluster, tmp_path: Path) 
     site = tmp_path / "site.env"
     site.write_text("export TITAN_NPROC_PER_NODE=1 TITAN_MAX_RESTARTS=0\n")
     log = tmp_path / "job.log"
-    job = slurm_cluster.submit("train_primate_8B_131k.sh", "--job.dry_run", log=log,
-                               sbatch_args=("-N", "1"), env={"TITAN_SITE_ENV": str(site)})
+    job = slurm_cluster.submit(
+        "train_primate_8B_131k.sh",
+        "--job.dry_run",
+        log=log,
+        sbatch_args=("-N", "1"),
+        env={"TITAN_SITE_ENV": str(site)},
+    )
     state = slurm_cluster.wait(job, log)
     text = log.read_text()
     assert state["JobState"] == "COMPLETED", text[-4000:]
@@ -301,10 +349,14 @@ def test_8b_script_runs_its_recipe(slurm_cluster: SlurmCluster, tmp_path: Path) 
 
 
 def _overrides(dump: Path, data: Path, steps: int, interval: int) -> list[str]:
-    return [f"--job.dump_folder={dump}", f"--training.dataset_path={data}",
-            f"--training.steps={steps}",
-            "--checkpoint.enable_checkpoint", f"--checkpoint.interval={interval}",
-            "--metrics.log_freq=1"]
+    return [
+        f"--job.dump_folder={dump}",
+        f"--training.dataset_path={data}",
+        f"--training.steps={steps}",
+        "--checkpoint.enable_checkpoint",
+        f"--checkpoint.interval={interval}",
+        "--metrics.log_freq=1",
+    ]
 
 
 def _metric_steps(dump: Path) -> list[int]:
@@ -314,8 +366,10 @@ def _metric_steps(dump: Path) -> list[int]:
 
 
 def _complete_steps(dump: Path) -> list[int]:
-    return sorted(int(p.parent.name.removeprefix("step-"))
-                  for p in (dump / "checkpoint").glob("step-*/.complete"))
+    return sorted(
+        int(p.parent.name.removeprefix("step-"))
+        for p in (dump / "checkpoint").glob("step-*/.complete")
+    )
 
 
 def _run_job(cluster: SlurmCluster, log: Path, *args: str) -> str:
@@ -326,8 +380,9 @@ def _run_job(cluster: SlurmCluster, log: Path, *args: str) -> str:
     return text
 
 
-def test_sbatch_trains_then_resumes(slurm_cluster: SlurmCluster, synthetic_dir: Path,
-                                    tmp_path: Path) -> None:
+def test_sbatch_trains_then_resumes(
+    slurm_cluster: SlurmCluster, synthetic_dir: Path, tmp_path: Path
+) -> None:
     dump = tmp_path / "run"
     log = tmp_path / "first.log"
     text = _run_job(slurm_cluster, log, *_overrides(dump, synthetic_dir, steps=4, interval=2))
@@ -348,6 +403,7 @@ def test_sbatch_trains_then_resumes(slurm_cluster: SlurmCluster, synthetic_dir: 
 
 def _rank_pids(dump: Path) -> list[int]:
     """The train.py workers of the run writing to `dump` (children of its torchrun agent)."""
+
     def cmdline(pid: str) -> str:
         try:
             return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -356,8 +412,12 @@ def _rank_pids(dump: Path) -> list[int]:
 
     pids = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and "train.py" in (cmd := cmdline(entry.name)) \
-                and str(dump) in cmd and "torch.distributed.run" not in cmd:
+        if (
+            entry.name.isdigit()
+            and "train.py" in (cmd := cmdline(entry.name))
+            and str(dump) in cmd
+            and "torch.distributed.run" not in cmd
+        ):
             try:
                 ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
             except (OSError, IndexError):
@@ -367,8 +427,9 @@ def _rank_pids(dump: Path) -> list[int]:
     return pids
 
 
-def test_killed_ranks_are_restarted(slurm_cluster: SlurmCluster, synthetic_dir: Path,
-                                    tmp_path: Path) -> None:
+def test_killed_ranks_are_restarted(
+    slurm_cluster: SlurmCluster, synthetic_dir: Path, tmp_path: Path
+) -> None:
     dump = tmp_path / "run"
     log = tmp_path / "job.log"
     steps = 6

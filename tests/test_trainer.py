@@ -3,8 +3,11 @@
 - FSDP2 on 1, 2 and 4 ranks (and HSDP) takes the same steps on the same global batch:
   1x4, 2x2 and 4x1 (ranks x micro-batches) give the same losses over 10 steps.
 - The same recipe and seed give identical losses run after run.
+- A step whose loss or gradient norm is not finite never reaches the optimizer; too many
+  in a row stop the run with one line.
 - `train.py` under torchrun on 2 CPU ranks: the loss falls, metrics.jsonl and checkpoints
-  are written, and the resolved config is saved beside them.
+  are written (the last one a bfloat16 model-only export), and the resolved config is
+  saved beside them.
 """
 
 from __future__ import annotations
@@ -92,6 +95,62 @@ def test_layouts_take_the_same_steps():
         torch.testing.assert_close(losses, reference, rtol=1e-5, atol=1e-6)
 
 
+def _nonfinite_step() -> tuple[float, bool, int]:
+    """A NaN weight makes the loss NaN: the step must leave weights and optimizer alone."""
+    from titan.config import load_config
+    from titan.distributed import ParallelDims, init_distributed
+    from titan.optim import build_optimizer
+    from titan.trainer import build_model, train_step
+
+    cfg = load_config(["--job.config_file=train_configs/debug_model.toml"])
+    device, _, world = init_distributed()
+    dims = ParallelDims.from_config(cfg, world, device.type)
+    dims.build_mesh()
+    model, _ = build_model(cfg, dims, device)
+    optimizer = build_optimizer(model, cfg, device)
+    with torch.no_grad():
+        model.norm.weight.to_local()[0] = float("nan")
+    before = [p.detach().full_tensor().clone() for p in model.parameters()]
+    window = torch.randint(0, 256, (1, SEQ + 1))
+    loss, _ = train_step(model, optimizer, [(window[:, :-1], window[:, 1:])], SEQ, 1, 1.0)
+    after = [p.detach().full_tensor() for p in model.parameters()]
+    unchanged = all(
+        torch.equal(a, b) for a, b in zip(after, before, strict=True) if not a.isnan().any()
+    )
+    return loss, unchanged, len(optimizer.state)
+
+
+def test_nonfinite_step_is_skipped():
+    loss, unchanged, optimizer_states = run_ranks(_nonfinite_step, 1)[0]
+    assert loss != loss  # NaN
+    assert unchanged and optimizer_states == 0
+
+
+def test_diverging_run_stops_with_one_line(tmp_path, synthetic_dir):
+    result = run_train(
+        [
+            "--job.config_file=train_configs/debug_model.toml",
+            f"--job.dump_folder={tmp_path}",
+            f"--training.dataset_path={synthetic_dir}",
+            "--training.seq_len=64",
+            "--optimizer.lr=1e12",
+            "--training.warmup_steps=0",
+            "--training.max_norm=0",
+            "--training.max_consecutive_bad_steps=2",
+            "--checkpoint.interval=1",
+        ]
+    )
+    assert result.returncode == 2, result.stdout[-2000:]
+    err = result.stderr.strip()
+    assert err.startswith("error: 2 consecutive steps with a non-finite loss or gradient norm")
+    assert "\n" not in err
+    # Only finite steps were checkpointed.
+    records = _read_metrics(tmp_path)
+    saved = sorted(int(p.name[5:]) for p in (tmp_path / "checkpoint").glob("step-*"))
+    finite = {r["step"] for r in records}
+    assert set(saved) <= finite
+
+
 def _read_metrics(folder):
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
@@ -107,6 +166,8 @@ def test_debug_recipe_trains_on_two_ranks(tmp_path, synthetic_dir):
             "--training.seq_len=256",
             "--metrics.log_freq=5",
             "--checkpoint.interval=20",
+            "--checkpoint.model_weights_only",
+            "--checkpoint.export_dtype=bfloat16",
         ],
         nproc=2,
     )
@@ -126,5 +187,11 @@ def test_debug_recipe_trains_on_two_ranks(tmp_path, synthetic_dir):
         assert key in records[-1]
     assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["step-20", "step-40"]
     assert (tmp_path / "checkpoint" / "step-40" / ".complete").is_file()
+    from titan.checkpoint import checkpoint_keys
+
+    full, export = (checkpoint_keys(tmp_path / "checkpoint" / s) for s in ("step-20", "step-40"))
+    assert any(k.startswith("optimizer.") for k in full)
+    assert all(k.startswith("model.") for k in export)
+    assert {m.properties.dtype for m in export.values()} == {torch.bfloat16}
     assert (tmp_path / "config.toml").is_file()
     assert "Finished: 40 steps" in result.stdout
