@@ -22,7 +22,9 @@ from dist_utils import run_ranks
 SEQ, GLOBAL_BATCH, STEPS = 32, 4, 10
 
 
-def _losses(world: int, replicate: int = 1, activation_checkpoint: str = "none") -> list[float]:
+def _losses(
+    world: int, replicate: int = 1, activation_checkpoint: str = "none", compile: bool = False
+) -> list[float]:
     """On every rank: 10 optimizer steps on two fixed global batches, alternating."""
     from titan.config import load_config
     from titan.distributed import ParallelDims, init_distributed
@@ -39,6 +41,7 @@ def _losses(world: int, replicate: int = 1, activation_checkpoint: str = "none")
             f"--activation_checkpoint.mode={activation_checkpoint}",
             "--training.warmup_steps=2",
             f"--training.steps={STEPS}",
+            f"--training.compile={compile}",
         ]
     )
     device, _, _ = init_distributed()
@@ -93,6 +96,19 @@ def test_layouts_take_the_same_steps():
         one["selective_ac"],
     ):
         torch.testing.assert_close(losses, reference, rtol=1e-5, atol=1e-6)
+
+
+def _eager_and_compiled() -> tuple[list[float], list[float]]:
+    return _losses(1, activation_checkpoint="selective"), _losses(
+        1, activation_checkpoint="selective", compile=True
+    )
+
+
+@pytest.mark.compile
+def test_compiled_blocks_take_the_same_steps():
+    """Opt-in (a cold compile costs ~30 s here): bash scripts/test.sh -m compile"""
+    eager, compiled = run_ranks(_eager_and_compiled, 1)[0]
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
 
 
 def _nonfinite_step() -> tuple[float, bool, int]:

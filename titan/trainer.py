@@ -135,6 +135,14 @@ def plan_table(
     return tabulate(rows, tablefmt="simple_outline")
 
 
+def format_config(cfg: JobConfig) -> str:
+    """One line per section: `[training] batch_size=4 seq_len=512 ...`."""
+    return "\n".join(
+        f"[{section}] " + " ".join(f"{k}={v!r}" for k, v in values.items())
+        for section, values in cfg.to_dict().items()
+    )
+
+
 def save_config(cfg: JobConfig) -> None:
     """Write the resolved config beside the outputs, as a TOML recipe that reloads as is."""
     lines = []
@@ -308,6 +316,10 @@ def setup_and_train(cfg: JobConfig) -> None:
         torch.use_deterministic_algorithms(True)
     if rank == 0:
         save_config(cfg)
+        logger.info(
+            f"Resolved config (saved to {Path(cfg.job.dump_folder) / 'config.toml'}):\n"
+            + format_config(cfg)
+        )
         if restart_count():
             logger.warning(
                 f"torchrun restart {restart_count()}: resuming from the newest checkpoint"
