@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import ROOT, run_train
+from conftest import ROOT, run_train, tiny_hf_config
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
 from titan import convert
@@ -41,35 +41,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 TOKENS = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(1))
 
 
-def _hf_config(**overrides) -> transformers.LlamaConfig:
-    values = dict(
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 16,
-        },
-        initializer_range=0.2,
-        tie_word_embeddings=False,
-    )
-    return transformers.LlamaConfig(**(values | overrides))
-
-
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
     """A tiny random LlamaForCausalLM saved in 3 safetensors shards with an index."""
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(_hf_config()).float().eval()
+    model = transformers.LlamaForCausalLM(tiny_hf_config()).float().eval()
     folder = tmp_path_factory.mktemp("hf")
     model.save_pretrained(folder, max_shard_size="200KB")
     assert (folder / "model.safetensors.index.json").is_file()
@@ -130,7 +106,7 @@ def test_hf_to_dcp_to_hf_logits(hf_dir, tmp_path, capsys):
 
 def test_tied_hf_embeddings_and_bf16(tmp_path, capsys):
     torch.manual_seed(1)
-    hf = transformers.LlamaForCausalLM(_hf_config(tie_word_embeddings=True)).eval()
+    hf = transformers.LlamaForCausalLM(tiny_hf_config(tie_word_embeddings=True)).eval()
     hf.to(torch.bfloat16).save_pretrained(tmp_path / "hf")
     argv = ["--input_dir", str(tmp_path / "hf"), "--output_dir", str(tmp_path / "d"),
             "--dtype", "float32"]  # fmt: skip
@@ -242,7 +218,7 @@ def test_meta_shards_merge_and_round_trip(meta_dirs, tmp_path, capsys, monkeypat
 
 def test_dropped_embeddings_initialize_lang_primate_recipe(tmp_path, synthetic_dir, capsys):
     debug = build_model_args("debugmodel", vocab_size=512, seq_len=128)
-    cfg = _hf_config(
+    cfg = tiny_hf_config(
         hidden_size=debug.dim,
         intermediate_size=debug.ffn_hidden_dim,
         num_hidden_layers=debug.n_layers,

@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+from conftest import tiny_hf_config
 
 from titan.models import keymap
 from titan.models.attention import attention_fn, resolve_attn_impl
@@ -42,28 +43,8 @@ def test_flavor_ffn_hidden_sizes():
 
 
 def _tiny_hf_model(seed: int = 0):
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 16,
-        },
-        initializer_range=0.2,  # large weights: position and head mix-ups show in logits
-        tie_word_embeddings=False,
-    )
     torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(cfg).float().eval()
+    return transformers.LlamaForCausalLM(tiny_hf_config()).float().eval()
 
 
 def test_logits_match_transformers_both_directions():

@@ -55,7 +55,9 @@ class ParallelDims:
 
     def accumulation_steps(self, cfg: JobConfig) -> int:
         t = cfg.training
-        global_batch = t.global_batch_size if t.global_batch_size > 0 else t.batch_size * self.dp_degree
+        global_batch = (
+            t.global_batch_size if t.global_batch_size > 0 else t.batch_size * self.dp_degree
+        )
         return global_batch // (t.batch_size * self.dp_degree)
 
     def check_batch(self, cfg: JobConfig) -> None:
@@ -85,9 +87,10 @@ class ParallelDims:
         """This rank's index among the data-parallel ranks (each reads different data)."""
         assert self.mesh is not None
         if self.dp_replicate > 1:
-            return self.mesh["dp_replicate"].get_local_rank() * self.dp_shard + self.mesh[
-                "dp_shard"
-            ].get_local_rank()
+            return (
+                self.mesh["dp_replicate"].get_local_rank() * self.dp_shard
+                + self.mesh["dp_shard"].get_local_rank()
+            )
         return self.mesh["dp_shard"].get_local_rank()
 
 
@@ -98,6 +101,11 @@ def env_rank() -> tuple[int, int, int]:
         int(os.environ.get("LOCAL_RANK", 0)),
         int(os.environ.get("WORLD_SIZE", 1)),
     )
+
+
+def launched_world_size() -> int | None:
+    """WORLD_SIZE when a launcher (torchrun, or the user for a dry run) set it, else None."""
+    return int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
 
 
 def restart_count() -> int:

@@ -91,7 +91,9 @@ class MetricsLogger:
         self._steps += 1
         self._data_s += data_wait_s
 
-    def log(self, step: int, loss: float, grad_norm: float, lr: float, extra: dict | None = None) -> dict:
+    def log(
+        self, step: int, loss: float, grad_norm: float, lr: float, extra: dict | None = None
+    ) -> dict:
         """Write the metrics of the steps since the last call; returns the record."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -99,7 +101,9 @@ class MetricsLogger:
         elapsed = max(now - self._t_last, 1e-9)
         step_s = elapsed / max(self._steps, 1)
         # Smooth the ETA; the first interval includes compilation and warmup.
-        self._step_s_avg = step_s if self._step_s_avg is None else 0.7 * self._step_s_avg + 0.3 * step_s
+        self._step_s_avg = (
+            step_s if self._step_s_avg is None else 0.7 * self._step_s_avg + 0.3 * step_s
+        )
         tps = self._tokens / elapsed  # per device: every rank processes its own tokens
         rec = {
             "step": step,

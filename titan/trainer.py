@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -28,7 +27,13 @@ from torch.distributed.tensor import DTensor
 from titan.checkpoint import Checkpointer, CheckpointError, TrainState
 from titan.config import ConfigError, JobConfig, format_help, load_config
 from titan.data import build_dataloader, prepare_dataset
-from titan.distributed import ParallelDims, env_rank, init_distributed, restart_count
+from titan.distributed import (
+    ParallelDims,
+    env_rank,
+    init_distributed,
+    launched_world_size,
+    restart_count,
+)
 from titan.logging import init_logger, logger
 from titan.metrics import MetricsLogger
 from titan.models.attention import resolve_attn_impl
@@ -371,10 +376,11 @@ def setup_and_train(cfg: JobConfig) -> None:
 def dry_run(cfg: JobConfig) -> None:
     """Resolve the plan (model on the meta device, mesh, batch) without a process group.
     The world size comes from WORLD_SIZE, else from the recipe's explicit degrees."""
-    rank, _, world = env_rank()
-    t = cfg.training
-    if "WORLD_SIZE" not in os.environ and t.data_parallel_shard_degree > 0:
-        world = t.data_parallel_replicate_degree * t.data_parallel_shard_degree
+    rank, t = env_rank()[0], cfg.training
+    world = launched_world_size()
+    if world is None:  # the recipe's explicit degrees, else a single process
+        explicit = t.data_parallel_shard_degree > 0
+        world = t.data_parallel_replicate_degree * t.data_parallel_shard_degree if explicit else 1
     init_logger(rank)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dims = ParallelDims.from_config(cfg, world, device.type)
