@@ -41,9 +41,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     opts = parser.parse_args()
     llama.FLAVORS["bench"] = llama.ModelArgs(
-        **{**llama.FLAVORS["debugmodel"].__dict__, "dim": opts.dim, "n_layers": opts.layers,
-           "n_heads": opts.dim // 64, "n_kv_heads": opts.dim // 128, "multiple_of": 256,
-           "vocab_size": 32000}
+        **{
+            **llama.FLAVORS["debugmodel"].__dict__,
+            "dim": opts.dim,
+            "n_layers": opts.layers,
+            "n_heads": opts.dim // 64,
+            "n_kv_heads": opts.dim // 128,
+            "multiple_of": 256,
+            "vocab_size": 32000,
+        }
     )
     device, rank, world = init_distributed()
     init_logger(rank)
@@ -52,13 +58,21 @@ def main() -> None:
     dist.broadcast_object_list(holder)
     rows = []
     for mode in ("disabled", "async", "async_with_pinned_mem"):
-        cfg = load_config([
-            "--model.flavor=bench", "--training.vocab_size=32000", "--training.seq_len=128",
-            "--activation_checkpoint.mode=none", "--training.mixed_precision_param=float32",
-            "--checkpoint.enable_checkpoint", f"--checkpoint.async_mode={mode}",
-            f"--job.dump_folder={holder[0]}/{mode}", "--checkpoint.interval=1",
-            "--training.steps=1000", "--checkpoint.keep_latest_k=1",
-        ])
+        cfg = load_config(
+            [
+                "--model.flavor=bench",
+                "--training.vocab_size=32000",
+                "--training.seq_len=128",
+                "--activation_checkpoint.mode=none",
+                "--training.mixed_precision_param=float32",
+                "--checkpoint.enable_checkpoint",
+                f"--checkpoint.async_mode={mode}",
+                f"--job.dump_folder={holder[0]}/{mode}",
+                "--checkpoint.interval=1",
+                "--training.steps=1000",
+                "--checkpoint.keep_latest_k=1",
+            ]
+        )
         dims = ParallelDims.from_config(cfg, world, device.type)
         dims.build_mesh()
         model, _ = build_model(cfg, dims, device)
@@ -66,9 +80,15 @@ def main() -> None:
         # One real step so the optimizer state exists and is saved.
         model(torch.randint(0, 256, (1, 128), device=device)).float().mean().backward()
         optimizer.step()
-        ckpt = Checkpointer(cfg, model, optimizer, build_lr_scheduler(optimizer, cfg),
-                            _NoData(), TrainState(dp_degree=dims.dp_degree, world_size=world),
-                            dims.dp_rank())
+        ckpt = Checkpointer(
+            cfg,
+            model,
+            optimizer,
+            build_lr_scheduler(optimizer, cfg),
+            _NoData(),
+            TrainState(dp_degree=dims.dp_degree, world_size=world),
+            dims.dp_rank(),
+        )
         blocked, total = [], []
         for step in range(1, opts.repeats + 1):
             dist.barrier()
@@ -83,13 +103,35 @@ def main() -> None:
         load_s = time.perf_counter() - begin
         ckpt.close()
         n = sum(p.numel() for p in model.parameters())
-        rows.append((mode, f"{n / 1e6:.0f}M", f"{min(blocked):.2f}", f"{min(total):.2f}",
-                     f"{100 * min(blocked) / min(total):.0f}%", f"{load_s:.2f}"))
+        rows.append(
+            (
+                mode,
+                f"{n / 1e6:.0f}M",
+                f"{min(blocked):.2f}",
+                f"{min(total):.2f}",
+                f"{100 * min(blocked) / min(total):.0f}%",
+                f"{load_s:.2f}",
+            )
+        )
     if rank == 0:
-        print(tabulate(rows, headers=["async_mode", "params", "loop blocked s", "save done s",
-                                      "blocked / save", "load s"], tablefmt="github"))
-        print(f"world size {world}, device {device.type}, torch {torch.__version__}; "
-              "minimum over repeats")
+        print(
+            tabulate(
+                rows,
+                headers=[
+                    "async_mode",
+                    "params",
+                    "loop blocked s",
+                    "save done s",
+                    "blocked / save",
+                    "load s",
+                ],
+                tablefmt="github",
+            )
+        )
+        print(
+            f"world size {world}, device {device.type}, torch {torch.__version__}; "
+            "minimum over repeats"
+        )
         shutil.rmtree(holder[0], ignore_errors=True)
     dist.destroy_process_group()
 
