@@ -130,12 +130,30 @@ def init_distributed(timeout_s: int = 1800) -> tuple[torch.device, int, int]:
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         dist.init_process_group(
             backend=backend,
+            store=_attempt_store(world_size, timedelta(seconds=timeout_s)),
             rank=rank,
             world_size=world_size,
             timeout=timedelta(seconds=timeout_s),
             device_id=device if backend == "nccl" else None,
         )
     return device, rank, world_size
+
+
+def _attempt_store(world_size: int, timeout: timedelta) -> dist.Store | None:
+    """Under torchrun, workers share the agent's rendezvous store, which outlives a restart:
+    a restarted attempt could read the previous attempt's gloo/NCCL addresses from it and
+    fail with "Connection refused" (pytorch#135712). Keep each attempt's keys apart.
+    Returns None (torch's own env:// rendezvous) when not under the agent's store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(
+        host_name=os.environ["MASTER_ADDR"],
+        port=int(os.environ["MASTER_PORT"]),
+        world_size=world_size,
+        is_master=False,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"titan/attempt_{restart_count()}", store)
 
 
 def _free_port() -> int:
