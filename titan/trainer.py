@@ -14,7 +14,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tabulate import tabulate
 from torch.distributed.tensor import DTensor
+from torch.optim.lr_scheduler import LRScheduler
 
 from titan.checkpoint import Checkpointer, CheckpointError, TrainState
 from titan.config import ConfigError, JobConfig, format_help, load_config
@@ -239,16 +240,17 @@ def next_micro_batches(data: Iterator, n: int) -> tuple[list, float]:
 
 def train(
     cfg: JobConfig,
-    model,
-    optimizer,
-    scheduler,
-    dataloader,
-    dims,
-    checkpointer,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler,
+    dataloader: Iterable,
+    dims: ParallelDims,
+    checkpointer: Checkpointer,
     train_state: TrainState,
     metrics: MetricsLogger,
     rank: int,
 ) -> None:
+    """Steps from `train_state.step` to `training.steps`: fetch, step, log, checkpoint."""
     t = cfg.training
     accum = dims.accumulation_steps(cfg)
     global_tokens = t.batch_size * t.seq_len * accum * dims.dp_degree
