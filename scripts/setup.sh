@@ -10,11 +10,20 @@ if [ -x .venv/bin/python ] && cmp -s requirements.lock .venv/.installed-lock; th
 fi
 echo "setting up .venv (pinned dependencies from requirements.lock; takes a few minutes once)"
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-.venv/bin/python -m pip install --quiet --upgrade pip 2>&1 | grep -v WARNING || true
+log=.venv/setup.log
+: >"$log"
+run() {  # quiet on success; on failure, the end of pip's output and a non-zero exit
+  "$@" >>"$log" 2>&1 || {
+    tail -n 20 "$log" >&2
+    echo "error: '$*' failed (full log: $log)" >&2
+    exit 1
+  }
+}
+run .venv/bin/python -m pip install --upgrade pip
 # torch is pinned in the lock file: an unpinned torch would pull gigabytes of CUDA
 # packages on a CPU machine.
-.venv/bin/python -m pip install --quiet -r requirements.lock 2>&1 | grep -v WARNING || true
-.venv/bin/python -m pip install --quiet --no-deps -e . 2>&1 | grep -v WARNING || true
-.venv/bin/python -c "import torch, datasets, transformers, titan" \
-  || { echo "error: .venv set-up failed; see the pip output above" >&2; exit 1; }
+run .venv/bin/python -m pip install -r requirements.lock
+run .venv/bin/python -m pip install --no-deps -e .
+run .venv/bin/python -c "import torch, datasets, transformers, titan"
 cp requirements.lock .venv/.installed-lock
+echo "set up .venv (torch $(.venv/bin/python -c 'import torch; print(torch.__version__)'))"
