@@ -1,9 +1,11 @@
-"""Shared fixtures: the repository root, a runner for `train.py` in a subprocess, a tiny
+"""Shared helpers: the repository root, running `train.py` in a subprocess (and finding its
+workers, reading its metrics), a tiny
 synthetic dataset built once per session, and the tiny Hugging Face Llama config that
 our model and converters are checked against."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,32 +16,71 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_train(
-    args: list[str],
-    nproc: int = 1,
-    cwd: Path = ROOT,
-    timeout: int = 600,
-    extra_env: dict | None = None,
-    torchrun_args: list[str] | None = None,
-) -> subprocess.CompletedProcess:
-    """Run train.py (under torchrun when nproc > 1) and capture its output."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
-    if nproc > 1 or torchrun_args:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            str(nproc),
-            *(torchrun_args or []),
-            str(ROOT / "train.py"),
-        ]
-    else:
-        cmd = [sys.executable, str(ROOT / "train.py")]
+# Environment of every train.py subprocess: one thread per rank (2 cores), unbuffered logs.
+TRAIN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def train_command(nproc: int, *torchrun_args: str) -> list[str]:
+    """`python train.py`, or torchrun with `nproc` ranks when nproc > 1 or options are given."""
+    if nproc == 1 and not torchrun_args:
+        return [sys.executable, str(ROOT / "train.py")]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        *torchrun_args,
+        str(ROOT / "train.py"),
+    ]
+
+
+def run_train(args: list[str], nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run train.py and capture its output."""
     return subprocess.run(
-        cmd + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        train_command(nproc) + args,
+        cwd=ROOT,
+        env=TRAIN_ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
+
+
+def read_metrics(dump: Path) -> list[dict]:
+    """The records of `<dump>/metrics.jsonl`, in the order they were written."""
+    return [
+        json.loads(line)
+        for line in (dump / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+
+
+def worker_pids(dump: Path) -> list[int]:
+    """The train.py workers of the run writing to `dump` (children of its torchrun agent)."""
+
+    def cmdline(pid: str) -> str:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            return ""
+
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if (
+            entry.name.isdigit()
+            and "train.py" in (cmd := cmdline(entry.name))
+            and str(dump) in cmd
+            and "torch.distributed.run" not in cmd
+        ):
+            try:
+                ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            except (OSError, IndexError):
+                continue
+            if "torch.distributed.run" in cmdline(ppid):
+                pids.append(int(entry.name))
+    return pids
 
 
 @pytest.fixture(scope="session")

@@ -15,17 +15,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_train
+from conftest import ROOT, TRAIN_ENV, read_metrics, run_train, train_command, worker_pids
 from dist_utils import run_ranks
 
 STEPS = 12
@@ -48,8 +46,7 @@ def _args(dump: Path, data: Path, *extra: str) -> list[str]:
 
 def _losses(dump: Path) -> dict[int, float]:
     """Step -> loss; a restarted run's records replace the killed run's."""
-    lines = (dump / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+    return {r["step"]: r["loss"] for r in read_metrics(dump)}
 
 
 def _model_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
@@ -72,22 +69,10 @@ def reference(tmp_path_factory, synthetic_dir) -> Path:
 
 
 def _launch(args: list[str], max_restarts: int = 0) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        f"--max_restarts={max_restarts}",
-        str(ROOT / "train.py"),
-        *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        cmd,
+        train_command(2, f"--max_restarts={max_restarts}") + args,
         cwd=ROOT,
-        env=env,
+        env=TRAIN_ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -149,11 +134,7 @@ def test_torchrun_restarts_a_killed_rank(tmp_path, synthetic_dir, reference):
         ),
         proc,
     )
-    workers = subprocess.run(
-        ["pgrep", "-f", f"train.py.*{tmp_path}"], capture_output=True, text=True
-    ).stdout.split()
-    workers = [int(pid) for pid in workers if int(pid) != proc.pid]
-    os.kill(max(workers), signal.SIGKILL)  # one rank dies, as on a node failure
+    os.kill(max(worker_pids(tmp_path)), signal.SIGKILL)  # one rank dies, as on a node failure
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     assert "torchrun restart 1" in out and "Resumed from" in out

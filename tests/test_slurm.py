@@ -15,7 +15,6 @@ About 2 minutes here.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import read_metrics, worker_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_DIR = ROOT / "slurm"
@@ -360,9 +360,8 @@ def _overrides(dump: Path, data: Path, steps: int, interval: int) -> list[str]:
 
 
 def _metric_steps(dump: Path) -> list[int]:
-    path = dump / "metrics.jsonl"
-    assert path.is_file(), f"no {path}"
-    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+    assert (dump / "metrics.jsonl").is_file(), f"no {dump / 'metrics.jsonl'}"
+    return [r["step"] for r in read_metrics(dump)]
 
 
 def _complete_steps(dump: Path) -> list[int]:
@@ -401,32 +400,6 @@ def test_sbatch_trains_then_resumes(
     assert _complete_steps(dump)[-1] == 6
 
 
-def _rank_pids(dump: Path) -> list[int]:
-    """The train.py workers of the run writing to `dump` (children of its torchrun agent)."""
-
-    def cmdline(pid: str) -> str:
-        try:
-            return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            return ""
-
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if (
-            entry.name.isdigit()
-            and "train.py" in (cmd := cmdline(entry.name))
-            and str(dump) in cmd
-            and "torch.distributed.run" not in cmd
-        ):
-            try:
-                ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
-            except (OSError, IndexError):
-                continue
-            if "torch.distributed.run" in cmdline(ppid):
-                pids.append(int(entry.name))
-    return pids
-
-
 def test_killed_ranks_are_restarted(
     slurm_cluster: SlurmCluster, synthetic_dir: Path, tmp_path: Path
 ) -> None:
@@ -441,7 +414,7 @@ def test_killed_ranks_are_restarted(
         assert slurm_cluster.state(job)["JobState"] in ("PENDING", "RUNNING"), log.read_text()
         time.sleep(0.2)
     saved = _complete_steps(dump)[-1]
-    killed = _rank_pids(dump)
+    killed = worker_pids(dump)
     assert len(killed) == 2, f"expected the job's 2 ranks, found {killed}"
     _stop(killed, signal.SIGKILL, 10)  # as a node failure would
 

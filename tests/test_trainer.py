@@ -12,11 +12,9 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from conftest import run_train
+from conftest import read_metrics, run_train
 from dist_utils import run_ranks
 
 SEQ, GLOBAL_BATCH, STEPS = 32, 4, 10
@@ -161,14 +159,10 @@ def test_diverging_run_stops_with_one_line(tmp_path, synthetic_dir):
     assert err.startswith("error: 2 consecutive steps with a non-finite loss or gradient norm")
     assert "\n" not in err
     # Only finite steps were checkpointed.
-    records = _read_metrics(tmp_path)
+    records = read_metrics(tmp_path)
     saved = sorted(int(p.name[5:]) for p in (tmp_path / "checkpoint").glob("step-*"))
     finite = {r["step"] for r in records}
     assert set(saved) <= finite
-
-
-def _read_metrics(folder):
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
@@ -188,7 +182,7 @@ def test_debug_recipe_trains_on_two_ranks(tmp_path, synthetic_dir):
         nproc=2,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    records = _read_metrics(tmp_path)
+    records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, *range(5, 41, 5)]
     assert records[-1]["loss"] < 0.8 * records[0]["loss"]
     for key in (

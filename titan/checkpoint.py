@@ -286,10 +286,7 @@ class Checkpointer:
         step, future = self._pending
         self._pending = None
         future.result()
-        if self.rank == 0:
-            step_dir = self.folder / f"step-{step}"
-            (step_dir / MARKER).write_text(json.dumps({"step": step, "kind": "full"}))
-            self._purge()
+        self._finish(step, "full")
         logger.info(f"Checkpoint step-{step} complete")
 
     def _purge(self) -> None:

@@ -67,7 +67,8 @@ class MetricsLogger:
     _steps: int = 0
     _data_s: float = 0.0
     _step_s_avg: float | None = None
-    history: list[dict] = field(default_factory=list, repr=False)
+    _first: dict | None = field(default=None, repr=False)  # first and last logged records,
+    _last: dict | None = field(default=None, repr=False)  # for the end-of-run summary
 
     def __post_init__(self) -> None:
         self.peak = peak_tflops(self.device)
@@ -126,7 +127,7 @@ class MetricsLogger:
             rec["mfu_causal"] = 100 * tps * self.flops_per_token_causal / 1e12 / self.peak
         rec.update(extra or {})
         self._t_last, self._tokens, self._steps, self._data_s = now, 0, 0, 0.0
-        self.history.append(rec)
+        self._first, self._last = self._first or rec, rec
         if not self.enabled:
             return rec
         mfu = f" mfu {rec['mfu']:.1f}%" if rec["mfu"] is not None else ""
@@ -145,11 +146,11 @@ class MetricsLogger:
 
     def summary(self, step: int, tokens_seen: int) -> None:
         """The end-of-run summary: steps, tokens, wall time, throughput, first/last loss."""
-        if not self.enabled or not self.history:
+        if not self.enabled or self._last is None:
             return
         wall = time.perf_counter() - self._t_start
         steps = step - self._start_step
-        first, last = self.history[0], self.history[-1]
+        first, last = self._first, self._last
         logger.info(
             f"Finished: {steps} steps in {_hms(wall)} (step {step}, {tokens_seen:,} tokens in "
             f"all), {last['tokens_per_s']:,.0f} tok/s/dev at the end, loss {first['loss']:.4f} "
