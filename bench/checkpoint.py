@@ -17,21 +17,11 @@ import torch
 import torch.distributed as dist
 from tabulate import tabulate
 
-from titan.checkpoint import Checkpointer, TrainState
 from titan.config import load_config
-from titan.distributed import ParallelDims, init_distributed
+from titan.distributed import init_distributed
 from titan.logging import init_logger
 from titan.models import llama
-from titan.optim import build_lr_scheduler, build_optimizer
-from titan.trainer import build_model
-
-
-class _NoData:
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+from titan.run import build_run
 
 
 def main() -> None:
@@ -73,35 +63,23 @@ def main() -> None:
                 "--checkpoint.keep_latest_k=1",
             ]
         )
-        dims = ParallelDims.from_config(cfg, world, device.type)
-        dims.build_mesh()
-        model, _ = build_model(cfg, dims, device)
-        optimizer = build_optimizer(model, cfg, device)
-        # One real step so the optimizer state exists and is saved.
-        model(torch.randint(0, 256, (1, 128), device=device)).float().mean().backward()
-        optimizer.step()
-        ckpt = Checkpointer(
-            cfg,
-            model,
-            optimizer,
-            build_lr_scheduler(optimizer, cfg),
-            _NoData(),
-            TrainState(dp_degree=dims.dp_degree, world_size=world),
-            dims.dp_rank(),
-        )
-        blocked, total = [], []
-        for step in range(1, opts.repeats + 1):
-            dist.barrier()
+        with build_run(cfg, train=False) as run:
+            model, ckpt = run.model, run.checkpointer
+            # One real step so the optimizer state exists and is saved.
+            model(torch.randint(0, 256, (1, 128), device=device)).float().mean().backward()
+            run.optimizer.step()
+            blocked, total = [], []
+            for step in range(1, opts.repeats + 1):
+                dist.barrier()
+                begin = time.perf_counter()
+                ckpt.maybe_save(step)
+                blocked.append(time.perf_counter() - begin)
+                ckpt.wait()
+                dist.barrier()
+                total.append(time.perf_counter() - begin)
             begin = time.perf_counter()
-            ckpt.maybe_save(step)
-            blocked.append(time.perf_counter() - begin)
-            ckpt.wait()
-            dist.barrier()
-            total.append(time.perf_counter() - begin)
-        begin = time.perf_counter()
-        ckpt.load()
-        load_s = time.perf_counter() - begin
-        ckpt.close()
+            ckpt.load()
+            load_s = time.perf_counter() - begin
         n = sum(p.numel() for p in model.parameters())
         rows.append(
             (

@@ -117,9 +117,6 @@ mkdir -p "$rank_logs"
 
 # Defaults that are safe on any site; the site file or the environment overrides them.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
-# A fresh store per torchrun restart: the shared rendezvous store keeps the previous
-# attempt's gloo/NCCL addresses, and restarted ranks connect to dead ports (pytorch#135712).
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -13,11 +12,7 @@ from typing import Any
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from titan.distributed import free_port
 
 
 def _worker(rank: int, world: int, port: int, out: str, fn: Callable, args: tuple) -> None:
@@ -42,7 +37,7 @@ def run_ranks(fn: Callable, world: int, *args: Any) -> list[Any]:
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(
             _worker,
-            args=(world, _free_port(), out, fn, args),
+            args=(world, free_port(), out, fn, args),
             nprocs=world,
             join=True,
             start_method="spawn",

@@ -141,6 +141,25 @@ def test_torchrun_restarts_a_killed_rank(tmp_path, synthetic_dir, reference):
     assert _losses(tmp_path) == _losses(reference)
 
 
+def test_failing_run_closes_with_an_async_save_in_flight(tmp_path, synthetic_dir):
+    """A run that diverges right after starting an async save still closes cleanly: the
+    save ends complete with its marker (or without one, never half-marked) and every
+    rank exits with the run's error instead of hanging."""
+    from titan.checkpoint import list_steps, verify
+
+    args = _args(tmp_path, synthetic_dir, "--checkpoint.async_mode=async")
+    args += ["--checkpoint.interval=1", "--optimizer.lr=1e12", "--training.warmup_steps=0",
+             "--training.max_norm=0", "--training.max_consecutive_bad_steps=1"]  # fmt: skip
+    result = run_train(args, nproc=2, timeout=300)
+    assert result.returncode != 0
+    assert "consecutive steps with a non-finite loss" in result.stderr
+    assert "Checkpoint step-1: save started" in result.stdout
+    steps = list_steps(tmp_path / "checkpoint")
+    assert steps
+    for s in steps:
+        assert not s.complete or verify(s.path) is None, s
+
+
 @pytest.mark.slow
 def test_incomplete_corrupt_retention_and_reshard(tmp_path, synthetic_dir, reference):
     ckpt = tmp_path / "checkpoint"
@@ -201,11 +220,8 @@ def _initial_load(source: str) -> tuple[str, dict[str, bool]]:
     """On each rank: build the debug model, load `source` through initial_load_path."""
     import logging
 
-    from titan.checkpoint import Checkpointer, TrainState
     from titan.config import load_config
-    from titan.distributed import ParallelDims, init_distributed
-    from titan.optim import build_lr_scheduler, build_optimizer
-    from titan.trainer import build_model
+    from titan.run import build_run
 
     cfg = load_config(
         [
@@ -216,26 +232,15 @@ def _initial_load(source: str) -> tuple[str, dict[str, bool]]:
             "--checkpoint.no_enable_checkpoint",
         ]
     )
-    device, _, world = init_distributed()
-    dims = ParallelDims.from_config(cfg, world, device.type)
-    dims.build_mesh()
-    model, _ = build_model(cfg, dims, device)
-    optimizer = build_optimizer(model, cfg, device)
-    ckpt = Checkpointer(
-        cfg,
-        model,
-        optimizer,
-        build_lr_scheduler(optimizer, cfg),
-        None,
-        TrainState(),
-        dims.dp_rank(),
-    )
+    run = build_run(cfg, train=False)
+    model = run.model
     records = []
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())
     logging.getLogger("titan").addHandler(handler)
     logging.getLogger("titan").setLevel(logging.INFO)
-    ckpt.load()
+    with run:
+        run.checkpointer.load()
     saved = torch.load(Path(source) / "reference.pt")
     same = {name: torch.equal(p.full_tensor(), saved[name]) for name, p in model.named_parameters()}
     return "\n".join(records), same
@@ -258,27 +263,11 @@ def test_initial_load_skips_mismatched_vocabulary(tmp_path):
     assert all(same.values()), [k for k, v in same.items() if not v]
 
 
-class _Position:
-    """A minimal stateful data position (the checkpointer only needs the protocol)."""
-
-    def __init__(self, rank: int) -> None:
-        self.state = {"rank": rank}
-
-    def state_dict(self) -> dict:
-        return self.state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state = state
-
-
 def _logits_through_checkpoint(folder: str, save: bool) -> torch.Tensor:
     """Build the debug model (seed differs between saver and loaders), save it or load
     the newest checkpoint, and return its logits on a fixed batch."""
-    from titan.checkpoint import Checkpointer, TrainState
     from titan.config import load_config
-    from titan.distributed import ParallelDims, init_distributed
-    from titan.optim import build_lr_scheduler, build_optimizer
-    from titan.trainer import build_model
+    from titan.run import build_run
 
     cfg = load_config(
         [
@@ -289,26 +278,12 @@ def _logits_through_checkpoint(folder: str, save: bool) -> torch.Tensor:
             "--checkpoint.enable_checkpoint",
         ]
     )
-    device, _, world = init_distributed()
-    dims = ParallelDims.from_config(cfg, world, device.type)
-    dims.build_mesh()
-    model, _ = build_model(cfg, dims, device)
-    optimizer = build_optimizer(model, cfg, device)
-    state = TrainState(dp_degree=dims.dp_degree, world_size=world)
-    ckpt = Checkpointer(
-        cfg,
-        model,
-        optimizer,
-        build_lr_scheduler(optimizer, cfg),
-        _Position(dims.dp_rank()),
-        state,
-        dims.dp_rank(),
-    )
-    if save:
-        ckpt.maybe_save(1, force=True)
-    else:
-        assert ckpt.load()
-    ckpt.close()
+    with build_run(cfg, train=False) as run:
+        if save:
+            run.checkpointer.maybe_save(1, force=True)
+        else:
+            assert run.checkpointer.load()
+    model = run.model
     tokens = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return model(tokens)

@@ -164,3 +164,21 @@ def test_gpt_neuro_recipe_dry_run(tmp_path):
     assert "131,072 tokens" in out
     assert "world 64 = 2 replicate x 32 shard (HSDP)" in out
     assert "nothing is trained" in out
+
+
+def test_no_recipe_prints_the_usage_and_exits_2():
+    result = run_train([], timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    usage, error = result.stderr.strip().splitlines()
+    assert usage.startswith("usage: train.py --job.config_file FILE")
+    assert error.startswith("error: no recipe: pass --job.config_file FILE")
+
+
+def test_allowed_values_are_declared_on_the_fields():
+    """Literal choices and range rules are checked wherever a value comes from."""
+    with pytest.raises(ConfigError, match=r"lr_scheduler.min_lr_ratio = 1.5: must be in \[0, 1\]"):
+        load_config(["--lr_scheduler.min_lr_ratio=1.5"])
+    with pytest.raises(ConfigError, match="checkpoint.exclude_from_loading = 'modle': must be one"):
+        load_config(["--checkpoint.exclude_from_loading=model,modle"])
+    with pytest.raises(ConfigError, match="'op' or a positive integer N"):
+        load_config(["--activation_checkpoint.selective_ac_option=0"])

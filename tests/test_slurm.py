@@ -28,6 +28,8 @@ from pathlib import Path
 import pytest
 from conftest import read_metrics, worker_pids
 
+from titan.distributed import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_DIR = ROOT / "slurm"
 # Every sbatch script and the recipe it trains (train_configs/<recipe>.toml).
@@ -93,12 +95,6 @@ def test_recipe_scripts_differ_only_in_header_and_recipe() -> None:
 
 
 # ----------------------------------------------------------------------------- the cluster
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pids_with_env(key: str, value: str) -> list[int]:
@@ -185,8 +181,8 @@ def _write_conf(root: Path, node: str) -> Path:
     conf.write_text(f"""\
 ClusterName=titantest
 SlurmctldHost={node}(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/none

@@ -25,9 +25,8 @@ def _losses(
 ) -> list[float]:
     """On every rank: 10 optimizer steps on two fixed global batches, alternating."""
     from titan.config import load_config
-    from titan.distributed import ParallelDims, init_distributed
-    from titan.optim import build_lr_scheduler, build_optimizer
-    from titan.trainer import build_model, train_step
+    from titan.run import build_run
+    from titan.trainer import train_step
 
     cfg = load_config(
         [
@@ -42,23 +41,22 @@ def _losses(
             f"--training.compile={compile}",
         ]
     )
-    device, _, _ = init_distributed()
-    dims = ParallelDims.from_config(cfg, world, device.type)
-    dims.build_mesh()
-    model, _ = build_model(cfg, dims, device)
-    optimizer = build_optimizer(model, cfg, device)
-    scheduler = build_lr_scheduler(optimizer, cfg)
     windows = torch.randint(
         0, 256, (2, GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1)
     )
-    per_rank = GLOBAL_BATCH // dims.dp_degree
     losses = []
-    for step in range(STEPS):
-        mine = windows[step % 2, dims.dp_rank() * per_rank : (dims.dp_rank() + 1) * per_rank]
-        micro = [(w[None, :-1], w[None, 1:]) for w in mine]  # (1, seq) each
-        loss, _ = train_step(model, optimizer, micro, GLOBAL_BATCH * SEQ, dims.dp_degree, 1.0)
-        scheduler.step()
-        losses.append(loss)
+    with build_run(cfg, train=False) as run:
+        dims = run.dims
+        assert dims.world_size == world
+        per_rank = GLOBAL_BATCH // dims.dp_degree
+        for step in range(STEPS):
+            mine = windows[step % 2, dims.dp_rank() * per_rank : (dims.dp_rank() + 1) * per_rank]
+            micro = [(w[None, :-1], w[None, 1:]) for w in mine]  # (1, seq) each
+            loss, _ = train_step(
+                run.model, run.optimizer, micro, GLOBAL_BATCH * SEQ, dims.dp_degree, 1.0
+            )
+            run.scheduler.step()
+            losses.append(loss)
     return losses
 
 
@@ -112,16 +110,12 @@ def test_compiled_blocks_take_the_same_steps():
 def _nonfinite_step() -> tuple[float, bool, int]:
     """A NaN weight makes the loss NaN: the step must leave weights and optimizer alone."""
     from titan.config import load_config
-    from titan.distributed import ParallelDims, init_distributed
-    from titan.optim import build_optimizer
-    from titan.trainer import build_model, train_step
+    from titan.run import build_run
+    from titan.trainer import train_step
 
     cfg = load_config(["--job.config_file=train_configs/debug_model.toml"])
-    device, _, world = init_distributed()
-    dims = ParallelDims.from_config(cfg, world, device.type)
-    dims.build_mesh()
-    model, _ = build_model(cfg, dims, device)
-    optimizer = build_optimizer(model, cfg, device)
+    with build_run(cfg, train=False) as run:
+        model, optimizer = run.model, run.optimizer
     with torch.no_grad():
         model.norm.weight.to_local()[0] = float("nan")
     before = [p.detach().full_tensor().clone() for p in model.parameters()]

@@ -127,7 +127,7 @@ def init_distributed(timeout_s: int = 1800) -> tuple[torch.device, int, int]:
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:  # a plain `python train.py`
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         dist.init_process_group(
             backend=backend,
             store=_attempt_store(world_size, timedelta(seconds=timeout_s)),
@@ -156,7 +156,8 @@ def _attempt_store(world_size: int, timeout: timedelta) -> dist.Store | None:
     return dist.PrefixStore(f"titan/attempt_{restart_count()}", store)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a single-process group or a test's store)."""
     import socket
 
     with socket.socket() as s:

@@ -1,7 +1,7 @@
 """Training metrics: the console line, `metrics.jsonl` (one JSON object per logged step)
 and TensorBoard scalars, all written by rank 0 only.
 
-FLOPs per token follow torchtitan (DESIGN §4): `6 * N_non_embedding + 12 * L * H * D * S`
+FLOPs per token follow torchtitan: `6 * N_non_embedding + 12 * L * H * D * S`
 counts the full attention square; `mfu_causal` uses 6 instead of 12 for attention, the
 work a causal kernel really does.
 """
@@ -18,7 +18,7 @@ import torch
 
 from titan.logging import logger
 
-# Dense bf16 peak TFLOP/s by device name substring (DESIGN §4); first match wins.
+# Dense bf16 peak TFLOP/s (datasheets) by device name substring; first match wins.
 PEAK_TFLOPS = [
     ("GH200", 989.0),
     ("H200", 989.0),

@@ -1,5 +1,5 @@
 """Apply activation checkpointing, torch.compile and FSDP2 to a model built on the meta
-device, then materialize and initialize it, in the fixed order of DESIGN §4: per block
+device, then materialize and initialize it, in a fixed order (docs/design.md §4): per block
 checkpointing, then compile, then `fully_shard`; then the root; then `to_empty` and init.
 
 None of these wrappers changes parameter names, so state-dict keys stay Meta's plain
@@ -89,7 +89,7 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, param_dtype: str, reduce_dt
 def init_weights(model: nn.Module, seed: int, device: torch.device) -> None:
     """Initialize every parameter as if the model were not sharded: each rank draws the
     full tensor from one seeded generator and keeps its own shard, so the model is the
-    same on 1 or N ranks (DTensor random ops would not give that on CPU, DESIGN §7)."""
+    same on 1 or N ranks (DTensor random ops on a CPU mesh draw the same numbers on every rank)."""
     model.init_rope(device)
     generator = torch.Generator(device=device).manual_seed(seed)
     for name, param in model.named_parameters():

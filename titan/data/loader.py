@@ -1,5 +1,5 @@
 """The training data loader: rows of a Neural Pile split, sharded over data-parallel ranks,
-tokenized (DESIGN §2), packed into `(inputs, labels)` batches by a background thread, and
+tokenized (docs/design.md §1), packed into `(inputs, labels)` batches by a background thread, and
 resumable from a small state in constant time.
 
     loader = build_dataloader(cfg, dp_rank, dp_world)
@@ -42,7 +42,6 @@ hangs. A rank that finds no usable row in a whole epoch raises `ConfigError`.
 from __future__ import annotations
 
 import copy
-import logging
 import queue
 import threading
 from dataclasses import replace
@@ -56,8 +55,7 @@ import torch
 from titan.config import ConfigError, JobConfig
 from titan.data import sources
 from titan.data.reader import MapUnits, Position, RowReader, StreamUnits
-
-logger = logging.getLogger("titan")
+from titan.logging import logger
 
 _END = "end"
 
@@ -152,8 +150,7 @@ class SpikeDataLoader:
         state through the end of `epochs` epochs; row ids are dataset row indices
         (map-style) or (shard, row in shard) (streaming). For tests and debugging: it reads
         and tokenizes those rows but does not move the loader (call it while not iterating)."""
-        s = self._consumed
-        start = Position(s["epoch"], s["unit"], s["row"], s["offset"], s["unit_state"])
+        start = Position.from_state(self._consumed)
         out = []
         for _, pos in self.reader.rows(start, []):
             if pos.epoch >= start.epoch + epochs:

@@ -7,7 +7,7 @@ makes no tensors.
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,17 +18,17 @@ import pyarrow as pa
 from titan.config import ConfigError
 from titan.data import sources
 from titan.data.tokenizer import arrow_row_matrix, tokenize_row
+from titan.logging import logger
 
-logger = logging.getLogger("titan")
-
-STATE_VERSION = 1
-"""Version of the loader state layout."""
+STATE_VERSION = 2
+"""Version of the loader state layout (1 stored the positions of layers as 5-item lists)."""
 _MAX_BAD_ROW_WARNINGS = 10
 
 
 @dataclass(frozen=True)
 class Position:
-    """Where the next token comes from."""
+    """Where the next token comes from. Its state dict (`to_state`) is the one shape a
+    position has in a loader state, in the layers of a resharded state and on disk."""
 
     epoch: int
     unit: int
@@ -43,6 +43,25 @@ class Position:
     @property
     def inside_unit(self) -> bool:
         return self.row > 0 or self.offset > 0 or self.unit_state is not None
+
+    def to_state(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Position:
+        """The position in a `to_state()` dict (or in a loader state, which contains one)."""
+        return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls)})
+
+
+def _upgraded(state: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 state (layer positions stored as 5-item lists) in the current layout."""
+    if state.get("version") != 1:
+        return state
+    layers = [
+        {"dp_world": la["dp_world"], "positions": [Position(*r).to_state() for r in la["ranks"]]}
+        for la in state["layers"]
+    ]
+    return {**state, "version": STATE_VERSION, "layers": layers}
 
 
 # ----------------------------------------------------------------------------- units
@@ -161,16 +180,17 @@ class RowReader:
             "fingerprint": self.fingerprint,
             "dp_rank": self.dp_rank,
             "dp_world": self.dp_world,
-            "epoch": pos.epoch,
-            "unit": pos.unit,
-            "row": pos.row,
-            "offset": pos.offset,
-            "unit_state": pos.unit_state,
-            "layers": [la for la in self.layers if max(r[0] for r in la["ranks"]) >= pos.epoch],
+            **pos.to_state(),
+            "layers": [
+                layer
+                for layer in self.layers
+                if max(p["epoch"] for p in layer["positions"]) >= pos.epoch
+            ],
         }
 
     def restore(self, state: dict[str, Any]) -> Position:
         """The position of one of this rank's own states (same data-parallel degree)."""
+        state = _upgraded(state)
         self.check_states([state])
         if (state["dp_world"], state["dp_rank"]) != (self.dp_world, self.dp_rank):
             raise ValueError(
@@ -179,23 +199,20 @@ class RowReader:
                 "{'resharded_from': [states of all old ranks]}"
             )
         self.layers = list(state["layers"])
-        return Position(
-            state["epoch"], state["unit"], state["row"], state["offset"], state["unit_state"]
-        )
+        return Position.from_state(state)
 
     def reshard(self, olds: list[dict[str, Any]]) -> Position:
         """The start position after the old ranks' states (another data-parallel degree)."""
+        olds = [_upgraded(s) for s in olds]
         self.check_states(olds)
         old_world = olds[0]["dp_world"]
         eff = min(old_world, self.units.num_units)  # the old ranks that had their own units
-        ranks = [
-            [s["epoch"], s["unit"], s["row"], s["offset"], s["unit_state"]] for s in olds[:eff]
-        ]
+        positions = [Position.from_state(s).to_state() for s in olds[:eff]]
         layers: list[dict] = []
         for s in sorted(olds, key=lambda s: -len(s["layers"])):
             layers += [layer for layer in s["layers"] if layer not in layers]
-        self.layers = layers + [{"dp_world": eff, "ranks": ranks}]
-        epoch = min(r[0] for r in ranks)
+        self.layers = layers + [{"dp_world": eff, "positions": positions}]
+        epoch = min(p["epoch"] for p in positions)
         owned = range(self.rank, self.units.num_units, self.world)
         looked = [self.lookup(epoch, g) for g in owned]
         done = sum(d for d, _ in looked)
@@ -235,11 +252,11 @@ class RowReader:
         inside it, (row, offset, unit_state) to continue from (the newest layer wins)."""
         partial = None
         for layer in self.layers:
-            e, unit, row, offset, unit_state = layer["ranks"][g % layer["dp_world"]]
-            if epoch < e or (epoch == e and g < unit):
+            p = Position.from_state(layer["positions"][g % layer["dp_world"]])
+            if epoch < p.epoch or (epoch == p.epoch and g < p.unit):
                 return True, None
-            if epoch == e and g == unit and (row or offset or unit_state is not None):
-                partial = (row, offset, unit_state)
+            if epoch == p.epoch and g == p.unit and p.inside_unit:
+                partial = (p.row, p.offset, p.unit_state)
         return False, partial
 
     # -------------------------------------------------------------- rows

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shutil
 import time
@@ -36,8 +35,6 @@ import numpy as np
 import pyarrow as pa
 
 from titan.data.sources import quiet_datasets
-
-logger = logging.getLogger("titan")
 
 PARAMS_FILE = "synthetic.json"
 """Generation parameters, written into the dataset folder."""

@@ -1,4 +1,4 @@
-"""Spike-count tokenizer of the published Neural Pile models (DESIGN §2), vectorized.
+"""Spike-count tokenizer of the published Neural Pile models, vectorized.
 
 A row's `spike_counts` matrix, shaped (n_neurons, n_time_bins), becomes, time bin by time
 bin, `[255, c_1(t), ..., c_n(t)]`: vocabulary 256, token 255 is the separator that opens

@@ -310,7 +310,7 @@ def num_params_from_args(args: ModelArgs, exclude_embedding: bool = False) -> in
 
 
 def flops_per_token(args: ModelArgs, seq_len: int, causal: bool = False) -> float:
-    """Training FLOPs per token, torchtitan's convention (DESIGN §4):
+    """Training FLOPs per token, torchtitan's convention:
     6 * N_non_embedding + 12 * layers * heads * head_dim * seq_len. With causal=True the
     attention term counts only the causal half (6 instead of 12)."""
     attention = (6 if causal else 12) * args.n_layers * args.n_heads * args.head_dim * seq_len

@@ -1,0 +1,71 @@
+"""The checkpoint storage layer on its own (no process group): step listing, completion
+markers, verification of a DCP directory, retention and the clean-up of cut-short saves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from titan.checkpoint import storage
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+
+def _save(folder: Path, step: int, kind: str | None = storage.FULL) -> Path:
+    """A real one-process DCP step directory; marked complete unless kind is None."""
+    path = storage.step_path(folder, step)
+    dcp.save({"model": {"w": torch.arange(1000.0)}}, checkpoint_id=str(path), no_dist=True)
+    if kind is not None:
+        storage.write_marker(path, {"step": step, "kind": kind})
+    return path
+
+
+def test_list_steps_markers_and_kinds(tmp_path):
+    _save(tmp_path, 10)
+    _save(tmp_path, 2)
+    _save(tmp_path, 30, kind=None)
+    _save(tmp_path, 40, kind=storage.MODEL_ONLY)
+    (tmp_path / "step-x").mkdir()  # not a step directory
+    (tmp_path / "step-50").write_text("a file, not a directory")
+    steps = storage.list_steps(tmp_path)
+    assert [(s.step, s.complete, s.kind) for s in steps] == [
+        (2, True, storage.FULL),
+        (10, True, storage.FULL),
+        (30, False, None),
+        (40, True, storage.MODEL_ONLY),
+    ]
+    assert storage.read_marker(steps[0].path) == {"step": 2, "kind": storage.FULL}
+    assert storage.read_marker(steps[2].path) == {}
+    assert not list(steps[0].path.glob("*.tmp"))  # the marker was renamed into place
+    assert storage.list_steps(tmp_path / "missing") == []
+
+
+def test_verify_names_missing_and_truncated_shards(tmp_path):
+    path = _save(tmp_path, 1)
+    assert storage.verify(path) is None
+    shard = next(path.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert "truncated" in storage.verify(path) and shard.name in storage.verify(path)
+    shard.unlink()
+    assert storage.verify(path) == f"shard {shard.name} is missing"
+    (path / ".metadata").write_bytes(b"garbage")
+    assert storage.verify(path).startswith("the .metadata file is unreadable")
+    (path / ".metadata").unlink()
+    assert storage.verify(path) == "the .metadata file is missing"
+
+
+def test_purge_keeps_the_newest_and_the_newest_full(tmp_path):
+    for step in (1, 2, 3):
+        _save(tmp_path, step)
+    _save(tmp_path, 4, kind=storage.MODEL_ONLY)
+    _save(tmp_path, 5, kind=None)  # incomplete: not counted, not removed
+    assert storage.purge(tmp_path, keep=0) == []
+    removed = storage.purge(tmp_path, keep=1)
+    # step-4 is the newest; step-3 stays as the newest full checkpoint (a resume needs one)
+    assert sorted(p.name for p in removed) == ["step-1", "step-2"]
+    assert [s.step for s in storage.list_steps(tmp_path)] == [3, 4, 5]
+    assert [p.name for p in storage.remove_incomplete(tmp_path)] == ["step-5"]
+    assert [s.step for s in storage.list_steps(tmp_path)] == [3, 4]

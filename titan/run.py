@@ -1,0 +1,261 @@
+"""One training run's objects, built in one order and closed in one place.
+
+    with build_run(cfg) as run:          # distributed -> mesh -> model -> optimizer ->
+        train(run)                       # schedule -> data -> checkpointer (-> resume)
+
+`Run.close()` runs however the block is left (success, exception, Ctrl-C): it finishes
+or gives up the checkpoint save in flight, releases the save group, stops the data
+loader's thread and closes the metrics files. Tests and benchmarks build the same object
+with `build_run(cfg, train=False)`: no data, no metrics, nothing written or resumed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tabulate import tabulate
+from torch.optim.lr_scheduler import LRScheduler
+
+from titan.checkpoint import Checkpointer, TrainState
+from titan.config import ConfigError, JobConfig
+from titan.data import SpikeDataLoader, build_dataloader, prepare_dataset
+from titan.distributed import ParallelDims, init_distributed, restart_count
+from titan.logging import init_logger, logger
+from titan.metrics import MetricsLogger
+from titan.models.attention import resolve_attn_impl
+from titan.models.llama import ModelArgs, Transformer, build_model_args, flops_per_token, num_params
+from titan.optim import build_lr_scheduler, build_optimizer
+from titan.parallelize import parallelize
+
+
+@dataclass
+class Run:
+    """Everything a training loop needs; fields are filled in build order."""
+
+    cfg: JobConfig
+    device: torch.device
+    rank: int
+    dims: ParallelDims
+    train_state: TrainState
+    model: nn.Module | None = None
+    model_args: ModelArgs | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: LRScheduler | None = None
+    dataloader: SpikeDataLoader | None = None
+    checkpointer: Checkpointer | None = None
+    metrics: MetricsLogger | None = None
+
+    def close(self, failed: bool = False) -> None:
+        """Release what the run holds; safe to call on a partly built run, and twice."""
+        try:
+            if self.checkpointer is not None:
+                self.checkpointer.close(failed=failed)
+        finally:
+            if self.dataloader is not None:  # its thread must stop before interpreter exit
+                self.dataloader.close()
+            if self.metrics is not None:
+                self.metrics.close()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close(failed=exc_type is not None)
+
+
+def build_run(cfg: JobConfig, *, train: bool = True) -> Run:
+    """Set up a run in the fixed order. With `train` (the trainer): prepare and load the
+    data, resume from the newest checkpoint (or `initial_load_path`), save the resolved
+    config and open the metrics; without (tests, benchmarks): model, optimizer, schedule
+    and checkpointer only. A failure part-way closes what was built."""
+    device, rank, world = init_distributed()
+    init_logger(rank)
+    dims = ParallelDims.from_config(cfg, world, device.type)
+    dims.build_mesh()
+    torch.manual_seed(cfg.training.seed)
+    if cfg.training.deterministic:
+        torch.use_deterministic_algorithms(True)
+    run = Run(cfg, device, rank, dims, TrainState(dp_degree=dims.dp_degree, world_size=world))
+    try:
+        if train:
+            _log_start(cfg)
+            run_on_rank0(prepare_dataset, cfg)
+        run.model, run.model_args = build_model(cfg, dims, device)
+        if train:
+            logger.info("\n" + plan_table(cfg, run.model_args, dims))
+        run.optimizer = build_optimizer(run.model, cfg, device)
+        run.scheduler = build_lr_scheduler(run.optimizer, cfg)
+        if train:
+            run.dataloader = build_dataloader(cfg, dims.dp_rank(), dims.dp_degree)
+        run.checkpointer = Checkpointer(
+            cfg,
+            model=run.model,
+            optimizer=run.optimizer,
+            lr_scheduler=run.scheduler,
+            train_state=run.train_state,
+            dataloader=run.dataloader,
+            dp_rank=dims.dp_rank(),
+        )
+        if train:
+            run.checkpointer.load()
+            if rank == 0:
+                save_config(cfg)
+            run.metrics = build_metrics(cfg, run.model_args, device, rank)
+    except BaseException:
+        run.close(failed=True)
+        raise
+    return run
+
+
+def _log_start(cfg: JobConfig) -> None:
+    logger.info(
+        f"Resolved config (saved to {Path(cfg.job.dump_folder) / 'config.toml'}):\n"
+        + format_config(cfg)
+    )
+    if restart_count():
+        logger.warning(f"torchrun restart {restart_count()}: resuming from the newest checkpoint")
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def resolve_attention(cfg: JobConfig, device: torch.device) -> str:
+    """The attention kernel `model.attn_impl` stands for on this device (logged)."""
+    try:
+        attn = resolve_attn_impl(cfg.model.attn_impl, device)
+    except ValueError as e:
+        raise ConfigError(f"model.attn_impl = {cfg.model.attn_impl!r}: {e}") from None
+    logger.info(f"Attention kernel: {attn} (model.attn_impl = {cfg.model.attn_impl})")
+    return attn
+
+
+def build_model(
+    cfg: JobConfig, dims: ParallelDims, device: torch.device
+) -> tuple[Transformer, ModelArgs]:
+    """Build on the meta device, wrap (AC, compile, FSDP2), then materialize and init."""
+    attn = resolve_attention(cfg, device)
+    args = build_model_args(cfg.model.flavor, cfg.training.vocab_size, cfg.training.seq_len, attn)
+    with torch.device("meta"):
+        model = Transformer(args)
+    parallelize(model, cfg, dims, device)
+    return model, args
+
+
+def build_metrics(
+    cfg: JobConfig, args: ModelArgs, device: torch.device, rank: int
+) -> MetricsLogger:
+    return MetricsLogger(
+        dump_folder=Path(cfg.job.dump_folder),
+        device=device,
+        flops_per_token=flops_per_token(args, cfg.training.seq_len, causal=False),
+        flops_per_token_causal=flops_per_token(args, cfg.training.seq_len, causal=True),
+        total_steps=cfg.training.steps,
+        enable_tensorboard=cfg.metrics.enable_tensorboard,
+        tb_folder=cfg.metrics.save_tb_folder,
+        enabled=rank == 0,
+    )
+
+
+def run_on_rank0(fn, *args) -> None:
+    """Run `fn` on rank 0 only; a ConfigError there stops every rank (no rank is left
+    waiting at a barrier for a rank that has failed)."""
+    error = [None]
+    if dist.get_rank() == 0:
+        try:
+            fn(*args)
+        except ConfigError as e:
+            error[0] = str(e)
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise ConfigError(error[0])
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def plan_table(cfg: JobConfig, args: ModelArgs, dims: ParallelDims) -> str:
+    """The start-up summary: model, mesh, batch arithmetic, kernels, data."""
+    t = cfg.training
+    with torch.device("meta"):
+        model = Transformer(args)
+    n_params, n_embed = num_params(model), model.tok_embeddings.weight.numel()
+    accum = dims.accumulation_steps(cfg)
+    global_seqs = t.batch_size * dims.dp_degree * accum
+    rows = [
+        (
+            "model",
+            f"{cfg.model.name} {cfg.model.flavor}: {n_params:,} parameters "
+            f"({n_params - n_embed:,} without embedding)",
+        ),
+        (
+            "shape",
+            f"{args.n_layers} layers, dim {args.dim}, {args.n_heads} heads / "
+            f"{args.n_kv_heads} kv heads, FFN {args.ffn_hidden_dim}, vocab {args.vocab_size}",
+        ),
+        (
+            "context",
+            f"{t.seq_len:,} tokens, RoPE theta {args.rope_theta:g}"
+            + (f", Llama-3.1 scaling x{args.rope_scale_factor:g}" if args.use_scaled_rope else ""),
+        ),
+        (
+            "mesh",
+            f"world {dims.world_size} = {dims.dp_replicate} replicate x {dims.dp_shard} shard "
+            f"({'HSDP' if dims.dp_replicate > 1 else 'FSDP2'}) on {dims.device_type}",
+        ),
+        (
+            "micro-batch",
+            f"{t.batch_size} x {t.seq_len:,} = {t.batch_size * t.seq_len:,} tokens per rank",
+        ),
+        (
+            "step",
+            f"{global_seqs} sequences = {global_seqs * t.seq_len:,} tokens "
+            f"({accum} accumulation step{'s' if accum > 1 else ''})",
+        ),
+        (
+            "training",
+            f"{t.steps:,} steps, lr {cfg.optimizer.lr:g}, warmup {t.warmup_steps}, "
+            f"{cfg.lr_scheduler.decay_type} decay to {cfg.lr_scheduler.min_lr_ratio:g}x",
+        ),
+        (
+            "kernels",
+            f"attention {args.attn_impl}, AC {cfg.activation_checkpoint.mode}, "
+            f"compile {t.compile}, params {t.mixed_precision_param}, "
+            f"reduce {t.mixed_precision_reduce}",
+        ),
+        (
+            "data",
+            f"{t.dataset}"
+            + (f" from {t.dataset_path}" if t.dataset_path else "")
+            + f", split {cfg.data.split}"
+            + (", streaming" if cfg.data.streaming else ""),
+        ),
+    ]
+    return tabulate(rows, tablefmt="simple_outline")
+
+
+def format_config(cfg: JobConfig) -> str:
+    """One line per section: `[training] batch_size=4 seq_len=512 ...`."""
+    return "\n".join(
+        f"[{section}] " + " ".join(f"{k}={v!r}" for k, v in values.items())
+        for section, values in cfg.to_dict().items()
+    )
+
+
+def save_config(cfg: JobConfig) -> None:
+    """Write the resolved config beside the outputs, as a TOML recipe that reloads as is."""
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if value is not None:
+                lines.append(f"{key} = {json.dumps(value)}")
+        lines.append("")
+    folder = Path(cfg.job.dump_folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.toml").write_text("\n".join(lines))
