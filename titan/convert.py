@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from titan.checkpoint import MARKER, read_marker
 from titan.models import keymap
-from titan.models.llama import FLAVORS, ModelArgs, build_model_args
+from titan.models.llama import FLAVORS, ModelArgs, build_model_args, param_shapes
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -77,29 +77,6 @@ def _print(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- shapes
-
-
-def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Our parameter name -> shape for `Transformer(args)`, in model order."""
-    d, hd, ffn, v = args.dim, args.head_dim, args.ffn_hidden_dim, args.vocab_size
-    layer = {
-        "attention.wq.weight": (args.n_heads * hd, d),
-        "attention.wk.weight": (args.n_kv_heads * hd, d),
-        "attention.wv.weight": (args.n_kv_heads * hd, d),
-        "attention.wo.weight": (d, args.n_heads * hd),
-        "feed_forward.w1.weight": (ffn, d),
-        "feed_forward.w2.weight": (d, ffn),
-        "feed_forward.w3.weight": (ffn, d),
-        "attention_norm.weight": (d,),
-        "ffn_norm.weight": (d,),
-    }
-    shapes = {}
-    for name in keymap.model_keys(args.n_layers):
-        if name.startswith("layers."):
-            shapes[name] = layer[name.split(".", 2)[2]]
-        else:
-            shapes[name] = {"tok_embeddings.weight": (v, d), "norm.weight": (d,)}.get(name, (v, d))
-    return shapes
 
 
 def _describe(args: ModelArgs) -> str:
@@ -201,7 +178,7 @@ class MetaSource:
             self.args = keymap.args_from_meta_params(params, vocab_size=vocab)
         except (KeyError, TypeError, ValueError) as e:
             raise ConvertError(f"{folder / 'params.json'}: {_first_line(e)}") from None
-        expected = expected_shapes(self.args)
+        expected = param_shapes(self.args)
         _check_names(keys, expected, folder)
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, torch.dtype] = {}
@@ -301,7 +278,7 @@ class HFSource:
             self._where["output.weight"] = self._where["tok_embeddings.weight"]
             self.shapes["output.weight"] = self.shapes["tok_embeddings.weight"]
             self.dtypes["output.weight"] = self.dtypes["tok_embeddings.weight"]
-        expected = expected_shapes(self.args)
+        expected = param_shapes(self.args)
         _check_names(list(self.shapes), expected, folder)
         for name, shape in self.shapes.items():
             if shape != expected[name]:
@@ -498,7 +475,7 @@ def llama_to_dcp(
         if any(getattr(args, f) != getattr(FLAVORS[flavor], f) for f in rope):
             log(f"  note: the source's RoPE settings differ from flavor {flavor}'s")
 
-    names = list(expected_shapes(args))
+    names = list(param_shapes(args))
     out_args = args
     if args.vocab_size != vocab_size and not keep_embeddings:
         names = [n for n in names if n not in ("tok_embeddings.weight", "output.weight")]
@@ -652,7 +629,7 @@ def _dcp_args(
             f"{folder}: cannot tell the model architecture (no params.json here and no "
             f"config.toml of the run above it); pass --flavor ({', '.join(FLAVORS)})"
         )
-    expected = expected_shapes(args)
+    expected = param_shapes(args)
     for name, (shape, _) in stored.items():
         if name not in expected:
             raise ConvertError(f"{folder}: unexpected model tensor {name} for {_describe(args)}")
@@ -927,7 +904,7 @@ def dcp_to_llama(
         raise ConvertError(f"{input_dir}: no model tensors (keys model.*) in this checkpoint")
     job = _find_job_config(input_dir)
     args, origin = _dcp_args(input_dir, stored, flavor, max_seq_len, job)
-    names = list(expected_shapes(args))
+    names = list(param_shapes(args))
     shapes = {n: stored[n][0] for n in names}
     out_dtype = None if dtype == "auto" else DTYPES[dtype]
     dtypes = {n: out_dtype or stored[n][1] for n in names}
