@@ -1,4 +1,4 @@
-"""Converter tests (issue 5): `llama_to_dcp.py` and `dcp_to_llama.py` / titan/convert.py.
+"""Converter tests (issue 5): `llama_to_dcp.py` and `dcp_to_llama.py` / titan/convert/.
 
 1. A tiny `transformers.LlamaForCausalLM` (GQA, Llama-3.1 RoPE scaling, sharded
    safetensors) -> DCP keeping the vocabulary -> our model's logits match within 1e-4
@@ -30,8 +30,10 @@ import torch.distributed.checkpoint as dcp
 from conftest import ROOT, run_train, tiny_hf_config
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
+from dcp_to_llama import main as dcp_to_llama_main
+from llama_to_dcp import main as llama_to_dcp_main
 from titan import convert
-from titan.convert import dcp_to_llama_main, llama_to_dcp_main
+from titan.convert import common
 from titan.models import keymap
 from titan.models.llama import ModelArgs, Transformer, build_model_args
 
@@ -166,9 +168,9 @@ def meta_dirs(tmp_path_factory) -> tuple[dict[str, torch.Tensor], dict[str, Path
 def test_meta_shards_merge_and_round_trip(meta_dirs, tmp_path, capsys, monkeypatch):
     sd, dirs = meta_dirs
     # Tiny budgets, so that row chunks, remapping and read groups are all exercised.
-    monkeypatch.setattr(convert, "CHUNK_BYTES", 4000)
-    monkeypatch.setattr(convert, "MAP_BYTES", 16000)
-    monkeypatch.setattr(convert, "GROUP_BYTES", 20000)
+    monkeypatch.setattr(common, "CHUNK_BYTES", 4000)
+    monkeypatch.setattr(common, "MAP_BYTES", 16000)
+    monkeypatch.setattr(common, "GROUP_BYTES", 20000)
     converted = {}
     for kind, folder in dirs.items():
         argv = ["--input_dir", str(folder), "--output_dir", str(tmp_path / kind),
