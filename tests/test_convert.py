@@ -432,12 +432,14 @@ def test_push_without_token_or_network(dcp_dir, tmp_path):
         env={**env, "HF_HOME": str(tmp_path / "hf_home")},
     )  # fmt: skip
     _one_line_error(no_token, "no Hugging Face token")
+    assert not (tmp_path / "a").exists()  # nothing is created before the token check
     offline = _cli(
         "dcp_to_llama.py", "--input_dir", str(dcp_dir), "--output_dir", str(tmp_path / "b"),
         "--hf_repo_name", "someone/x", "--push_to_hub",
         env={"HF_TOKEN": "hf_test_token", "HF_ENDPOINT": "http://127.0.0.1:9"},
     )  # fmt: skip
     _one_line_error(offline, "cannot create the Hub repo someone/x")
+    assert not (tmp_path / "b").exists()  # nor before the repo is created
 
 
 def test_cli_bad_input_exits_with_one_line(tmp_path):

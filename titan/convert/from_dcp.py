@@ -42,7 +42,7 @@ from titan.convert.common import (
     summary,
 )
 from titan.convert.hub import create_hub_repo, model_card, upload_to_hub
-from titan.convert.output import prepare_output
+from titan.convert.output import check_output, make_output
 from titan.convert.writers import MetaCheckpointWriter, SafetensorsShardWriter
 from titan.models import keymap
 from titan.models.llama import FLAVORS, ModelArgs, build_model_args, param_shapes
@@ -210,8 +210,10 @@ def dcp_to_llama(
         raise ConvertError(f"{input_dir}: stored dtypes {set(dtypes.values())}; pass --dtype")
     main_dtype = str(dtypes["layers.0.attention.wq.weight"]).removeprefix("torch.")
     log(f"dcp_to_llama: {input_dir}: {describe(args)} (from {origin}), {main_dtype}, {fmt}")
-    prepare_output(output_dir, overwrite, [input_dir])
+    check_output(output_dir, overwrite, [input_dir])
+    # Before anything is written: a failed token or repo check leaves no output folder.
     hub = create_hub_repo(hf_repo_name, private) if push and hf_repo_name else None
+    make_output(output_dir, overwrite)
 
     hf_writer = meta_writer = None
     if fmt in ("hf", "both"):

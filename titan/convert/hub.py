@@ -77,8 +77,9 @@ def model_card(
 
 
 def create_hub_repo(repo_name: str, private: bool) -> tuple[Any, str]:
-    """(HfApi, repo id) for `repo_name`, created if needed; checked before converting so
-    that a missing token or network fails fast. ConvertError on any failure."""
+    """(HfApi, repo id) for `repo_name`, created if needed; called before anything is
+    written, so that a missing token or network fails fast and leaves nothing behind.
+    ConvertError on any failure."""
     from huggingface_hub import HfApi, get_token
 
     token = get_token()
