@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         "--max_seq_len",
         type=int,
         default=None,
-        help="max_position_embeddings in config.json (default: the run's seq_len, else 131072)",
+        help="max_position_embeddings in config.json (default: the run's seq_len, else "
+        "131072; with scaled RoPE, raised above its original context as transformers wants)",
     )
     p.add_argument(
         "--max_shard_size",

@@ -12,7 +12,10 @@
 4. Export of a full training checkpoint requests only `model.*` items from the reader,
    and still works when the optimizer's files are deleted.
 5. The push path up to the upload call (create_repo/upload_folder stubbed), no token and
-   no network; every bad input gives a non-zero exit and one line, no traceback.
+   no network (neither leaves an output folder); every bad input gives a non-zero exit and
+   one line, no traceback.
+6. An export's max_position_embeddings is above scaled RoPE's original context, so that
+   transformers loads it without a warning.
 """
 
 from __future__ import annotations
@@ -567,3 +570,32 @@ def test_overwrite(dcp_dir, tmp_path, capsys):
         "consolidated.00.pth",
         "params.json",
     ]
+
+
+# ----------------------------------------------------------------------------- 6
+
+
+def test_export_context_is_above_rope_original_context(tmp_path, capfd):
+    """A run's seq_len (64 here, 256 for the debug recipe) below scaled RoPE's original
+    context (8192) does not become max_position_embeddings: transformers warns on every
+    load of such a config. A long-context run's seq_len stays."""
+    step_dir = tmp_path / "dump" / "checkpoint" / "step-7"
+    _training_checkpoint(step_dir, single_file=True)
+    result = _cli("dcp_to_llama.py", "--input_dir", str(step_dir), "--output_dir",
+                  str(tmp_path / "hf"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    original = config["rope_scaling"]["original_max_position_embeddings"]
+    assert original == 8192 and config["max_position_embeddings"] > original
+    assert (
+        "| context (max_position_embeddings) | 65536 |"
+        in (tmp_path / "hf" / "README.md").read_text()
+    )
+    capfd.readouterr()
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert "max_position_embeddings" not in capfd.readouterr().err
+
+    stored = convert.read_dcp_model_metadata(step_dir)
+    job = {"model": {"flavor": "debugmodel"}, "training": {"seq_len": 131072}}
+    args, _ = convert.dcp_model_args(step_dir, stored, None, None, job)
+    assert args.max_seq_len == 131072
