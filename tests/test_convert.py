@@ -15,7 +15,8 @@
    no network (neither leaves an output folder); every bad input gives a non-zero exit and
    one line, no traceback.
 6. An export's max_position_embeddings is above scaled RoPE's original context, so that
-   transformers loads it without a warning.
+   transformers loads it without a warning; the rerun after a conversion or export killed
+   mid-way says the output is partial, and --overwrite replaces it.
 """
 
 from __future__ import annotations
@@ -599,3 +600,47 @@ def test_export_context_is_above_rope_original_context(tmp_path, capfd):
     job = {"model": {"flavor": "debugmodel"}, "training": {"seq_len": 131072}}
     args, _ = convert.dcp_model_args(step_dir, stored, None, None, job)
     assert args.max_seq_len == 131072
+
+
+# As kill -9 during a conversion: the process dies at the n-th call of a method.
+_DIE_AT_CALL = """
+import importlib, os, sys
+module, cls, method, n, script = sys.argv[1:6]
+target = getattr(importlib.import_module(module), cls)
+original, calls = getattr(target, method), [0]
+def dying(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == int(n):
+        os._exit(137)
+    return original(*args, **kwargs)
+setattr(target, method, dying)
+sys.exit(importlib.import_module(script).main(sys.argv[6:]))
+"""
+
+
+def _killed_at(where: str, n: int, script: str, *argv: str) -> None:
+    module, cls, method = where.rsplit(".", 2)
+    cmd = [sys.executable, "-c", _DIE_AT_CALL, module, cls, method, str(n), script, *argv]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert result.returncode == 137, result.stderr
+
+
+def test_rerun_after_a_killed_conversion_names_the_partial_output(
+    hf_dir, dcp_dir, tmp_path, capsys
+):
+    argv = ["--input_dir", str(hf_dir), "--output_dir", str(tmp_path / "d")]
+    _killed_at("titan.convert.sources.HFSource.load", 6, "llama_to_dcp", *argv)
+    assert any((tmp_path / "d").glob("*.distcp")) and not (tmp_path / "d" / ".complete").exists()
+    rerun = _cli("llama_to_dcp.py", *argv)
+    _one_line_error(rerun, "holds a partial conversion (no .complete marker", "--overwrite")
+    _ok(llama_to_dcp_main([*argv, "--overwrite"]), capsys)
+    assert (tmp_path / "d" / ".complete").is_file()
+
+    argv = ["--input_dir", str(dcp_dir), "--output_dir", str(tmp_path / "x"), "--format", "both"]
+    _killed_at("titan.convert.writers.MetaCheckpointWriter.write", 6, "dcp_to_llama", *argv)
+    rerun = _cli("dcp_to_llama.py", *argv)
+    _one_line_error(rerun, "holds a partial export", "interrupted", "--overwrite")
+    _ok(dcp_to_llama_main([*argv, "--overwrite"]), capsys)
+    files = sorted(p.name for p in (tmp_path / "x").iterdir())
+    assert files == ["README.md", "config.json", "model.safetensors", "original"]  # no marker

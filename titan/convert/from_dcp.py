@@ -42,7 +42,7 @@ from titan.convert.common import (
     summary,
 )
 from titan.convert.hub import create_hub_repo, model_card, upload_to_hub
-from titan.convert.output import check_output, make_output
+from titan.convert.output import check_output, make_output, partial_until_done
 from titan.convert.writers import MetaCheckpointWriter, SafetensorsShardWriter
 from titan.models import keymap
 from titan.models.llama import FLAVORS, ModelArgs, build_model_args, param_shapes
@@ -226,45 +226,46 @@ def dcp_to_llama(
     hub = create_hub_repo(hf_repo_name, private) if push and hf_repo_name else None
     make_output(output_dir, overwrite)
 
-    hf_writer = meta_writer = None
-    if fmt in ("hf", "both"):
-        entries = [(keymap.to_hf_key(n), shapes[n], dtypes[n]) for n in names]
-        hf_writer = SafetensorsShardWriter(output_dir, entries, max_shard_size)
-    meta_dir = output_dir / "original" if fmt == "both" else output_dir
-    if fmt in ("meta", "both"):
-        meta_dir.mkdir(exist_ok=True)
-        entries = [(n, shapes[n], dtypes[n]) for n in names]
-        meta_writer = MetaCheckpointWriter(meta_dir / "consolidated.00.pth", entries)
+    with partial_until_done(output_dir):
+        hf_writer = meta_writer = None
+        if fmt in ("hf", "both"):
+            entries = [(keymap.to_hf_key(n), shapes[n], dtypes[n]) for n in names]
+            hf_writer = SafetensorsShardWriter(output_dir, entries, max_shard_size)
+        meta_dir = output_dir / "original" if fmt == "both" else output_dir
+        if fmt in ("meta", "both"):
+            meta_dir.mkdir(exist_ok=True)
+            entries = [(n, shapes[n], dtypes[n]) for n in names]
+            meta_writer = MetaCheckpointWriter(meta_dir / "consolidated.00.pth", entries)
 
-    progress = Progress(len(names), sum(nbytes(shapes[n], dtypes[n]) for n in names), log)
+        progress = Progress(len(names), sum(nbytes(shapes[n], dtypes[n]) for n in names), log)
 
-    def emit(name: str, tensor: torch.Tensor) -> None:
-        tensor = tensor.to(dtypes[name])
-        if hf_writer is not None:
-            hf_writer.write(*keymap.to_hf_tensor(name, tensor, args))
+        def emit(name: str, tensor: torch.Tensor) -> None:
+            tensor = tensor.to(dtypes[name])
+            if hf_writer is not None:
+                hf_writer.write(*keymap.to_hf_tensor(name, tensor, args))
+            if meta_writer is not None:
+                meta_writer.write(name, tensor)
+            progress.update(name, tensor.nbytes)
+
+        try:
+            for group in read_dcp_model_groups(input_dir, names, stored):
+                for name in list(group):
+                    emit(name, group.pop(name))  # popped: freed as soon as it is written
+        finally:
+            for writer in (hf_writer, meta_writer):
+                if writer is not None:
+                    writer.close()
+
         if meta_writer is not None:
-            meta_writer.write(name, tensor)
-        progress.update(name, tensor.nbytes)
-
-    try:
-        for group in read_dcp_model_groups(input_dir, names, stored):
-            for name in list(group):
-                emit(name, group.pop(name))  # popped: freed as soon as it is written
-    finally:
-        for writer in (hf_writer, meta_writer):
-            if writer is not None:
-                writer.close()
-
-    if meta_writer is not None:
-        params = keymap.meta_params_from_args(args)
-        (meta_dir / "params.json").write_text(json.dumps(params, indent=2) + "\n")
-    if hf_writer is not None:
-        hf_writer.write_index()
-        config = keymap.hf_config_from_args(args, main_dtype)
-        (output_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        title = hf_repo_name or output_dir.resolve().name
-        card = model_card(args, title, _dcp_step(input_dir), job, input_dir, main_dtype)
-        (output_dir / "README.md").write_text(card)
+            params = keymap.meta_params_from_args(args)
+            (meta_dir / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+        if hf_writer is not None:
+            hf_writer.write_index()
+            config = keymap.hf_config_from_args(args, main_dtype)
+            (output_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            title = hf_repo_name or output_dir.resolve().name
+            card = model_card(args, title, _dcp_step(input_dir), job, input_dir, main_dtype)
+            (output_dir / "README.md").write_text(card)
     result = summary("dcp_to_llama", names, shapes, dtypes, start, output_dir, log)
     if hub is not None:
         api, result["repo_id"] = hub
