@@ -40,31 +40,12 @@ def build_checkpoint(folder: Path, layers: int) -> tuple[int, int]:
 
     sys.path.insert(0, str(ROOT))
     from titan.models import keymap
-    from titan.models.llama import build_model_args
+    from titan.models.llama import build_model_args, param_shapes
 
     args = build_model_args("1B", vocab_size=128256, seq_len=131072)
     args = dataclasses.replace(args, n_layers=layers)
     gen = torch.Generator().manual_seed(0)
-    shapes = {
-        **{"tok_embeddings.weight": (args.vocab_size, args.dim)},
-        **{
-            f"layers.{i}.{k}": s
-            for i in range(layers)
-            for k, s in {
-                "attention.wq.weight": (args.dim, args.dim),
-                "attention.wk.weight": (args.n_kv_heads * args.head_dim, args.dim),
-                "attention.wv.weight": (args.n_kv_heads * args.head_dim, args.dim),
-                "attention.wo.weight": (args.dim, args.dim),
-                "feed_forward.w1.weight": (args.ffn_hidden_dim, args.dim),
-                "feed_forward.w2.weight": (args.dim, args.ffn_hidden_dim),
-                "feed_forward.w3.weight": (args.ffn_hidden_dim, args.dim),
-                "attention_norm.weight": (args.dim,),
-                "ffn_norm.weight": (args.dim,),
-            }.items()
-        },
-        "norm.weight": (args.dim,),
-        "output.weight": (args.vocab_size, args.dim),
-    }
+    shapes = param_shapes(args)
     sd = {}
     for name, shape in shapes.items():
         sd[name] = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)

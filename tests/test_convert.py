@@ -1,4 +1,4 @@
-"""Converter tests (issue 5): `llama_to_dcp.py` and `dcp_to_llama.py` / titan/convert.py.
+"""Converter tests (issue 5): `llama_to_dcp.py` and `dcp_to_llama.py` / titan/convert/.
 
 1. A tiny `transformers.LlamaForCausalLM` (GQA, Llama-3.1 RoPE scaling, sharded
    safetensors) -> DCP keeping the vocabulary -> our model's logits match within 1e-4
@@ -12,7 +12,11 @@
 4. Export of a full training checkpoint requests only `model.*` items from the reader,
    and still works when the optimizer's files are deleted.
 5. The push path up to the upload call (create_repo/upload_folder stubbed), no token and
-   no network; every bad input gives a non-zero exit and one line, no traceback.
+   no network (neither leaves an output folder); every bad input gives a non-zero exit and
+   one line, no traceback.
+6. An export's max_position_embeddings is above scaled RoPE's original context, so that
+   transformers loads it without a warning; the rerun after a conversion or export killed
+   mid-way says the output is partial, and --overwrite replaces it.
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ import torch.distributed.checkpoint as dcp
 from conftest import ROOT, run_train, tiny_hf_config
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
+from dcp_to_llama import main as dcp_to_llama_main
+from llama_to_dcp import main as llama_to_dcp_main
 from titan import convert
-from titan.convert import dcp_to_llama_main, llama_to_dcp_main
+from titan.convert import common
 from titan.models import keymap
 from titan.models.llama import ModelArgs, Transformer, build_model_args
 
@@ -166,9 +172,9 @@ def meta_dirs(tmp_path_factory) -> tuple[dict[str, torch.Tensor], dict[str, Path
 def test_meta_shards_merge_and_round_trip(meta_dirs, tmp_path, capsys, monkeypatch):
     sd, dirs = meta_dirs
     # Tiny budgets, so that row chunks, remapping and read groups are all exercised.
-    monkeypatch.setattr(convert, "CHUNK_BYTES", 4000)
-    monkeypatch.setattr(convert, "MAP_BYTES", 16000)
-    monkeypatch.setattr(convert, "GROUP_BYTES", 20000)
+    monkeypatch.setattr(common, "CHUNK_BYTES", 4000)
+    monkeypatch.setattr(common, "MAP_BYTES", 16000)
+    monkeypatch.setattr(common, "GROUP_BYTES", 20000)
     converted = {}
     for kind, folder in dirs.items():
         argv = ["--input_dir", str(folder), "--output_dir", str(tmp_path / kind),
@@ -430,12 +436,14 @@ def test_push_without_token_or_network(dcp_dir, tmp_path):
         env={**env, "HF_HOME": str(tmp_path / "hf_home")},
     )  # fmt: skip
     _one_line_error(no_token, "no Hugging Face token")
+    assert not (tmp_path / "a").exists()  # nothing is created before the token check
     offline = _cli(
         "dcp_to_llama.py", "--input_dir", str(dcp_dir), "--output_dir", str(tmp_path / "b"),
         "--hf_repo_name", "someone/x", "--push_to_hub",
         env={"HF_TOKEN": "hf_test_token", "HF_ENDPOINT": "http://127.0.0.1:9"},
     )  # fmt: skip
     _one_line_error(offline, "cannot create the Hub repo someone/x")
+    assert not (tmp_path / "b").exists()  # nor before the repo is created
 
 
 def test_cli_bad_input_exits_with_one_line(tmp_path):
@@ -563,3 +571,76 @@ def test_overwrite(dcp_dir, tmp_path, capsys):
         "consolidated.00.pth",
         "params.json",
     ]
+
+
+# ----------------------------------------------------------------------------- 6
+
+
+def test_export_context_is_above_rope_original_context(tmp_path, capfd):
+    """A run's seq_len (64 here, 256 for the debug recipe) below scaled RoPE's original
+    context (8192) does not become max_position_embeddings: transformers warns on every
+    load of such a config. A long-context run's seq_len stays."""
+    step_dir = tmp_path / "dump" / "checkpoint" / "step-7"
+    _training_checkpoint(step_dir, single_file=True)
+    result = _cli("dcp_to_llama.py", "--input_dir", str(step_dir), "--output_dir",
+                  str(tmp_path / "hf"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    original = config["rope_scaling"]["original_max_position_embeddings"]
+    assert original == 8192 and config["max_position_embeddings"] > original
+    assert (
+        "| context (max_position_embeddings) | 65536 |"
+        in (tmp_path / "hf" / "README.md").read_text()
+    )
+    capfd.readouterr()
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert "max_position_embeddings" not in capfd.readouterr().err
+
+    stored = convert.read_dcp_model_metadata(step_dir)
+    job = {"model": {"flavor": "debugmodel"}, "training": {"seq_len": 131072}}
+    args, _ = convert.dcp_model_args(step_dir, stored, None, None, job)
+    assert args.max_seq_len == 131072
+
+
+# As kill -9 during a conversion: the process dies at the n-th call of a method.
+_DIE_AT_CALL = """
+import importlib, os, sys
+module, cls, method, n, script = sys.argv[1:6]
+target = getattr(importlib.import_module(module), cls)
+original, calls = getattr(target, method), [0]
+def dying(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == int(n):
+        os._exit(137)
+    return original(*args, **kwargs)
+setattr(target, method, dying)
+sys.exit(importlib.import_module(script).main(sys.argv[6:]))
+"""
+
+
+def _killed_at(where: str, n: int, script: str, *argv: str) -> None:
+    module, cls, method = where.rsplit(".", 2)
+    cmd = [sys.executable, "-c", _DIE_AT_CALL, module, cls, method, str(n), script, *argv]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert result.returncode == 137, result.stderr
+
+
+def test_rerun_after_a_killed_conversion_names_the_partial_output(
+    hf_dir, dcp_dir, tmp_path, capsys
+):
+    argv = ["--input_dir", str(hf_dir), "--output_dir", str(tmp_path / "d")]
+    _killed_at("titan.convert.sources.HFSource.load", 6, "llama_to_dcp", *argv)
+    assert any((tmp_path / "d").glob("*.distcp")) and not (tmp_path / "d" / ".complete").exists()
+    rerun = _cli("llama_to_dcp.py", *argv)
+    _one_line_error(rerun, "holds a partial conversion (no .complete marker", "--overwrite")
+    _ok(llama_to_dcp_main([*argv, "--overwrite"]), capsys)
+    assert (tmp_path / "d" / ".complete").is_file()
+
+    argv = ["--input_dir", str(dcp_dir), "--output_dir", str(tmp_path / "x"), "--format", "both"]
+    _killed_at("titan.convert.writers.MetaCheckpointWriter.write", 6, "dcp_to_llama", *argv)
+    rerun = _cli("dcp_to_llama.py", *argv)
+    _one_line_error(rerun, "holds a partial export", "interrupted", "--overwrite")
+    _ok(dcp_to_llama_main([*argv, "--overwrite"]), capsys)
+    files = sorted(p.name for p in (tmp_path / "x").iterdir())
+    assert files == ["README.md", "config.json", "model.safetensors", "original"]  # no marker

@@ -21,6 +21,7 @@ from titan.models.llama import (
     flops_per_token,
     num_params,
     num_params_from_args,
+    param_shapes,
     rope_frequencies,
 )
 
@@ -95,7 +96,7 @@ def test_forward_shorter_sequence_uses_table_prefix():
 
 
 def test_key_map_round_trip_and_unknown_keys():
-    for name in keymap.model_keys(3):
+    for name in param_shapes(dataclasses.replace(TINY, n_layers=3)):
         assert keymap.from_hf_key(keymap.to_hf_key(name)) == name
     assert (
         keymap.to_hf_key("layers.2.feed_forward.w3.weight") == "model.layers.2.mlp.up_proj.weight"

@@ -41,14 +41,6 @@ _OUR_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
-def model_keys(n_layers: int) -> list[str]:
-    """Our state-dict keys in model order (embedding, blocks, norm, output)."""
-    keys = ["tok_embeddings.weight"]
-    for i in range(n_layers):
-        keys += [f"layers.{i}.{ours}" for ours, _ in _LAYER_KEYS]
-    return keys + ["norm.weight", "output.weight"]
-
-
 def to_hf_key(name: str) -> str:
     """Our (Meta) parameter name -> HF name; KeyError for a name with no counterpart."""
     if name in _TOP_TO_HF:

@@ -13,6 +13,7 @@ recomputes the (non-persistent) RoPE table.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -299,18 +300,30 @@ def num_params(model: nn.Module, exclude_embedding: bool = False) -> int:
     return total
 
 
+def param_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Our parameter name -> shape for Transformer(args), in model order (state-dict order)."""
+    # The kernel does not change any shape, and "auto" or an absent flash-attn would refuse.
+    return dict(_param_shapes(dataclasses.astuple(dataclasses.replace(args, attn_impl="sdpa"))))
+
+
+@functools.lru_cache(maxsize=16)
+def _param_shapes(fields: tuple) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    # Built on the meta device: shapes without memory, read from the model itself.
+    with torch.device("meta"):
+        model = Transformer(ModelArgs(*fields))
+    return tuple((name, tuple(t.shape)) for name, t in model.state_dict().items())
+
+
 def num_params_from_args(args: ModelArgs, exclude_embedding: bool = False) -> int:
-    """The parameter count `Transformer(args)` has, without building it."""
-    d, hd = args.dim, args.head_dim
-    attention = d * args.n_heads * hd * 2 + d * args.n_kv_heads * hd * 2
-    per_layer = attention + 3 * d * args.ffn_hidden_dim + 2 * d
-    embedding = args.vocab_size * d
-    total = args.n_layers * per_layer + d + args.vocab_size * d + embedding
-    return total - embedding if exclude_embedding else total
+    """The parameter count `Transformer(args)` has, without allocating it."""
+    shapes = param_shapes(args)
+    if exclude_embedding:
+        del shapes["tok_embeddings.weight"]
+    return sum(math.prod(shape) for shape in shapes.values())
 
 
 def flops_per_token(args: ModelArgs, seq_len: int, causal: bool = False) -> float:
-    """Training FLOPs per token, torchtitan's convention:
+    """Training FLOPs per token, torchtitan's convention (so MFU compares with its numbers):
     6 * N_non_embedding + 12 * layers * heads * head_dim * seq_len. With causal=True the
     attention term counts only the causal half (6 instead of 12)."""
     attention = (6 if causal else 12) * args.n_layers * args.n_heads * args.head_dim * seq_len

@@ -1,0 +1,71 @@
+"""What the two converter scripts (`llama_to_dcp.py`, `dcp_to_llama.py`) share: their
+common options, the size option, and running a conversion as a command whose every
+failure is one `error:` line and an exit status."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from titan.convert.common import DTYPES, ConvertError, first_line
+from titan.models.llama import FLAVORS
+
+
+def parser(
+    prog: str, description: str, *, input_help: str, flavor_help: str
+) -> argparse.ArgumentParser:
+    """An argument parser with the options both scripts have: --input_dir, --output_dir,
+    --dtype, --flavor and --overwrite."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--input_dir", required=True, help=input_help)
+    p.add_argument("--output_dir", required=True, help="folder to create")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default="auto",
+        help="dtype of the written tensors (default: as stored in --input_dir)",
+    )
+    p.add_argument("--flavor", choices=list(FLAVORS), default=None, help=flavor_help)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
+    return p
+
+
+def size(text: str) -> int:
+    """An argparse type: '5GB', '500MB', '1000000' -> bytes (decimal units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*", text.upper())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a size like 5GB, 500MB or 1000000")
+    unit = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}[m.group(2).removesuffix("B")]
+    return int(float(m.group(1)) * unit)
+
+
+def _release_freed_memory_promptly() -> None:
+    """Have glibc serve every allocation above 1 MB with its own mmap, so a freed tensor
+    goes back to the OS at once; its adaptive threshold would otherwise keep freed
+    tensors of up to 32 MB in the heap, and the peak would not be bounded by a group."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MB
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+def run(convert: Callable[..., Any], **kwargs: Any) -> int:
+    """Call `convert(**kwargs)`; return the exit status, after printing a failure as one
+    `error: ...` line on stderr (no traceback)."""
+    _release_freed_memory_promptly()
+    try:
+        convert(**kwargs)
+    except ConvertError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except OSError as e:  # disk full, permissions, ...
+        print(f"error: {first_line(e)}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr, flush=True)
+        return 130
+    return 0

@@ -1,0 +1,109 @@
+"""The output folder of a conversion: what may be replaced, how an interrupted run is
+recognized, and the markers that tell a finished output from a partial one.
+
+- A DCP directory written by `llama_to_dcp` counts only once it holds the `.complete`
+  marker, written last (as for training checkpoints): DCP files without it are a partial
+  conversion.
+- An export (Meta or Hugging Face layout) must stay loadable as it is and is uploaded as
+  it is, so it ends with no marker: `.partial` is written before anything else and removed
+  last, and a folder that still holds it is a partial export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from titan.checkpoint import MARKER
+from titan.convert.common import ConvertError, first_line, listing
+
+PARTIAL = ".partial"
+# Files these tools write (DCP's `.metadata.tmp` too, if it was cut short); --overwrite
+# removes only these.
+_OUTPUT_FILES = re.compile(
+    r"^(\.metadata|\.metadata\.tmp|\.complete|\.partial|.*\.distcp|params\.json|config\.json|"
+    r"README\.md|model.*\.safetensors|model\.safetensors\.index\.json|consolidated\.\d+\.pth)$"
+)
+
+
+def write_marker(folder: Path, info: dict[str, Any]) -> None:
+    """Mark a DCP conversion complete: the last file written into `folder`."""
+    (folder / MARKER).write_text(json.dumps(info))
+
+
+@contextlib.contextmanager
+def partial_until_done(folder: Path) -> Iterator[None]:
+    """`folder/.partial` exists while the body writes the export, and stays if it fails or
+    is interrupted, so that the next run can say what the folder holds."""
+    (folder / PARTIAL).write_text("")
+    yield
+    (folder / PARTIAL).unlink()
+
+
+def _partial(folder: Path) -> str | None:
+    """What an interrupted earlier run left in `folder`, in words; None if nothing."""
+    if (folder / PARTIAL).is_file():
+        return f"a partial export (its {PARTIAL} marker is left: an earlier run was interrupted)"
+    dcp_files = (folder / ".metadata").is_file() or any(folder.glob("*.distcp"))
+    if dcp_files and not (folder / MARKER).is_file():
+        return f"a partial conversion (no {MARKER} marker: an earlier run was interrupted)"
+    return None
+
+
+def check_output(folder: Path, overwrite: bool, inputs: list[Path]) -> None:
+    """Refuse (ConvertError) an output folder that is an input or inside one, that is not
+    a directory, or that is not empty, unless `overwrite`, which replaces only files these
+    tools write. Creates and removes nothing."""
+    resolved = folder.resolve()
+    for inp in inputs:
+        inp = inp.resolve()
+        if resolved == inp or resolved in inp.parents:
+            raise ConvertError(f"--output_dir {folder} would overwrite the input {inp}")
+    if folder.exists() and not folder.is_dir():
+        raise ConvertError(f"--output_dir {folder} exists and is not a directory")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    if not overwrite:
+        if partial := _partial(folder):
+            raise ConvertError(
+                f"--output_dir {folder} holds {partial}; pass --overwrite to replace it"
+            )
+        raise ConvertError(
+            f"--output_dir {folder} exists and is not empty; pass --overwrite to replace "
+            "its contents"
+        )
+    others = [
+        p.name
+        for p in folder.iterdir()
+        if not (p.is_file() and _OUTPUT_FILES.match(p.name)) and p.name != "original"
+    ]
+    if others:
+        raise ConvertError(
+            f"--output_dir {folder} holds files these tools did not write "
+            f"({listing(sorted(others))}); remove them or choose another directory"
+        )
+
+
+def make_output(folder: Path, overwrite: bool) -> None:
+    """Create `folder`; with `overwrite`, first remove what an earlier conversion wrote
+    there (after check_output, which refuses a folder holding anything else)."""
+    if overwrite and folder.is_dir():
+        for p in [*folder.iterdir(), *(folder / "original").glob("*")]:
+            if p.is_file() and _OUTPUT_FILES.match(p.name):
+                p.unlink()
+        with contextlib.suppress(OSError):  # only if empty
+            (folder / "original").rmdir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConvertError(f"--output_dir {folder}: {first_line(e)}") from None
+
+
+def prepare_output(folder: Path, overwrite: bool, inputs: list[Path]) -> None:
+    """check_output, then make_output."""
+    check_output(folder, overwrite, inputs)
+    make_output(folder, overwrite)
