@@ -12,11 +12,9 @@ recognized, and the markers that tell a finished output from a partial one.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from titan.checkpoint import MARKER
 from titan.convert.common import ConvertError, first_line, listing
@@ -28,11 +26,6 @@ _OUTPUT_FILES = re.compile(
     r"^(\.metadata|\.metadata\.tmp|\.complete|\.partial|.*\.distcp|params\.json|config\.json|"
     r"README\.md|model.*\.safetensors|model\.safetensors\.index\.json|consolidated\.\d+\.pth)$"
 )
-
-
-def write_marker(folder: Path, info: dict[str, Any]) -> None:
-    """Mark a DCP conversion complete: the last file written into `folder`."""
-    (folder / MARKER).write_text(json.dumps(info))
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
+from titan.checkpoint import storage
 from titan.convert.common import (
     DTYPES,
     ConvertError,
@@ -32,7 +33,7 @@ from titan.convert.common import (
     quiet_dcp,
     summary,
 )
-from titan.convert.output import prepare_output, write_marker
+from titan.convert.output import prepare_output
 from titan.convert.sources import HFSource, MetaSource, detect_layout
 from titan.models import keymap
 from titan.models.llama import FLAVORS, ModelArgs, param_shapes
@@ -133,5 +134,8 @@ def llama_to_dcp(
         source.close()
     params = keymap.meta_params_from_args(out_args) | {"max_seq_len": out_args.max_seq_len}
     (output_dir / "params.json").write_text(json.dumps(params, indent=2) + "\n")
-    write_marker(output_dir, {"kind": "converted", "source": str(folder), "layout": layout})
+    # the last file written: the directory counts as a conversion only from here on
+    storage.write_marker(
+        output_dir, {"kind": storage.CONVERTED, "source": str(folder), "layout": layout}
+    )
     return summary("llama_to_dcp", names, source.shapes, dtypes, start, output_dir, log)
