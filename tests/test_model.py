@@ -12,7 +12,6 @@ import torch
 from conftest import tiny_hf_config
 
 from titan.models import keymap
-from titan.models.attention import attention_fn, resolve_attn_impl
 from titan.models.llama import (
     FLAVORS,
     ModelArgs,
@@ -221,39 +220,3 @@ def test_param_and_flop_counts():
     non_emb = num_params_from_args(args, exclude_embedding=True)
     assert flops_per_token(args, 8192) == 6 * non_emb + 12 * attn
     assert flops_per_token(args, 8192, causal=True) == 6 * non_emb + 6 * attn
-
-
-def test_attention_resolution_on_cpu():
-    cpu = torch.device("cpu")
-    assert resolve_attn_impl("auto", cpu) == "sdpa"
-    assert resolve_attn_impl("sdpa", cpu) == "sdpa"
-    for impl in ("flash3", "flash2"):
-        with pytest.raises(ValueError):
-            resolve_attn_impl(impl, cpu)
-    with pytest.raises(ValueError, match="not one of"):
-        resolve_attn_impl("flex", cpu)
-    with pytest.raises(ValueError, match="resolve"):
-        attention_fn("auto")
-    q = torch.randn(2, 4, 8, 16)
-    k, v = torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16)
-    out = attention_fn("sdpa")(q, k, v)
-    ref = torch.nn.functional.scaled_dot_product_attention(
-        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True
-    )
-    assert torch.allclose(out, ref, atol=1e-6)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_flash_matches_sdpa_on_gpu():
-    impl = resolve_attn_impl("auto", torch.device("cuda"))
-    if impl == "sdpa":
-        pytest.skip("no FlashAttention installed")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(2, 8, 256, 64, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(2, 2, 256, 64, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn(2, 2, 256, 64, device="cuda", dtype=torch.bfloat16, generator=g)
-    out = attention_fn(impl)(q, k, v)
-    ref = attention_fn("sdpa")(q, k, v)
-    assert out.shape == ref.shape
-    assert (out.float() - ref.float()).abs().max() < 2e-2

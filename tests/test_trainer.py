@@ -3,6 +3,8 @@
 - FSDP2 on 1, 2 and 4 ranks (and HSDP) takes the same steps on the same global batch:
   1x4, 2x2 and 4x1 (ranks x micro-batches) give the same losses over 10 steps.
 - The same recipe and seed give identical losses run after run.
+- On 2 ranks, full, attn and auto (a mixed per-block plan) activation checkpointing take
+  the same steps as none (rtol 1e-6); compiled, too (opt-in compile test).
 - A step whose loss or gradient norm is not finite never reaches the optimizer; too many
   in a row stop the run with one line.
 - `train.py` under torchrun on 2 CPU ranks: the loss falls, metrics.jsonl and checkpoints
@@ -21,7 +23,11 @@ SEQ, GLOBAL_BATCH, STEPS = 32, 4, 10
 
 
 def _losses(
-    world: int, replicate: int = 1, activation_checkpoint: str = "none", compile: bool = False
+    world: int,
+    replicate: int = 1,
+    activation_checkpoint: str = "none",
+    compile: bool = False,
+    extra: tuple[str, ...] = (),
 ) -> list[float]:
     """On every rank: 10 optimizer steps on two fixed global batches, alternating."""
     from titan.config import load_config
@@ -39,6 +45,7 @@ def _losses(
             "--training.warmup_steps=2",
             f"--training.steps={STEPS}",
             f"--training.compile={compile}",
+            *extra,
         ]
     )
     windows = torch.randint(
@@ -70,8 +77,39 @@ def _variants(world: int) -> dict[str, list[float]]:
             "selective_ac": _losses(1, activation_checkpoint="selective"),
         }
     if world == 2:
-        return {"fsdp": _losses(2), "hsdp": _losses(2, replicate=2)}
+        return {
+            "fsdp": _losses(2),
+            "hsdp": _losses(2, replicate=2),
+            "full_ac": _losses(2, activation_checkpoint="full"),
+            "attn_ac": _losses(2, activation_checkpoint="selective", extra=ATTN),
+            "auto_ac": _losses(2, activation_checkpoint="auto", extra=_mixed_auto_plan(2)),
+        }
     return {"fsdp": _losses(world)}
+
+
+ATTN = ("--activation_checkpoint.selective_ac_option=attn",)
+
+
+def _mixed_auto_plan(world: int) -> tuple[str, ...]:
+    """A memory limit under which the auto plan gives the debug model's blocks different
+    policies (so the test runs attn, none and full blocks together)."""
+    from titan.config import load_config
+    from titan.distributed import ParallelDims
+    from titan.memory import GiB, plan_memory
+    from titan.models.llama import build_model_args
+
+    for mib in range(10, 200):
+        extra = (f"--activation_checkpoint.memory_limit_gib={mib / 1024:.6f}",)
+        cfg = load_config(
+            ["--job.config_file=train_configs/debug_model.toml", f"--training.seq_len={SEQ}",
+             "--training.batch_size=1", "--activation_checkpoint.mode=auto", *extra]
+        )  # fmt: skip
+        args = build_model_args("debugmodel", 256, SEQ)
+        dims = ParallelDims.from_config(cfg, world, "cpu")
+        plan = plan_memory(cfg, args, dims, int(mib / 1024 * GiB), torch.float32)
+        if plan.fits and len(set(plan.policies)) > 1:
+            return extra
+    raise AssertionError("no memory limit gives a mixed plan")
 
 
 def test_layouts_take_the_same_steps():
@@ -92,19 +130,26 @@ def test_layouts_take_the_same_steps():
         one["selective_ac"],
     ):
         torch.testing.assert_close(losses, reference, rtol=1e-5, atol=1e-6)
+    # Activation checkpointing policies on 2 ranks: the same steps as no checkpointing.
+    for name in ("full_ac", "attn_ac", "auto_ac"):
+        torch.testing.assert_close(two[0][name], two[0]["fsdp"], rtol=1e-6, atol=0)
 
 
-def _eager_and_compiled() -> tuple[list[float], list[float]]:
-    return _losses(1, activation_checkpoint="selective"), _losses(
-        1, activation_checkpoint="selective", compile=True
+def _eager_and_compiled() -> tuple[list[float], ...]:
+    return (
+        _losses(1, activation_checkpoint="selective"),
+        _losses(1, activation_checkpoint="selective", compile=True),
+        _losses(1, activation_checkpoint="selective", compile=True, extra=ATTN),
+        _losses(1, activation_checkpoint="auto", compile=True, extra=_mixed_auto_plan(1)),
     )
 
 
 @pytest.mark.compile
 def test_compiled_blocks_take_the_same_steps():
     """Opt-in (a cold compile costs ~30 s here): bash scripts/test.sh -m compile"""
-    eager, compiled = run_ranks(_eager_and_compiled, 1)[0]
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    eager, *compiled = run_ranks(_eager_and_compiled, 1)[0]
+    for losses in compiled:  # every-2nd-block, attn and auto policies, compiled
+        torch.testing.assert_close(losses, eager, rtol=1e-4, atol=1e-4)
 
 
 def _nonfinite_step() -> tuple[float, bool, int]:

@@ -108,6 +108,11 @@ def launched_world_size() -> int | None:
     return int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
 
 
+def local_world_size() -> int:
+    """Ranks on this node (LOCAL_WORLD_SIZE from torchrun; 1 without it)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
 def restart_count() -> int:
     """How many times torchrun has restarted this worker group (0 on the first attempt)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))

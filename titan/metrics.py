@@ -130,7 +130,11 @@ class MetricsLogger:
         self._first, self._last = self._first or rec, rec
         if not self.enabled:
             return rec
-        mfu = f" mfu {rec['mfu']:.1f}%" if rec["mfu"] is not None else ""
+        mfu = (
+            f" mfu {rec['mfu']:.1f}% (causal {rec['mfu_causal']:.1f}%)"
+            if rec["mfu"] is not None
+            else ""
+        )
         logger.info(
             f"step {step:>6} | loss {loss:.4f} | grad_norm {grad_norm:.3f} | lr {lr:.2e} | "
             f"{tps:,.0f} tok/s/dev | {rec['tflops']:.2f} TFLOP/s{mfu} | "

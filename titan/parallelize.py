@@ -22,20 +22,21 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from titan.config import JobConfig
 from titan.distributed import ParallelDims
 from titan.logging import logger
+from titan.models.attention import SDPA_OPS
 
-# Ops whose outputs selective ("op") checkpointing keeps: the matmuls and attention are
-# the expensive ones to recompute; norms, activations and RoPE are cheap.
-_SAVE_OPS = {
-    torch.ops.aten.mm.default,
-    torch.ops.aten._scaled_dot_product_efficient_attention.default,
-    torch.ops.aten._scaled_dot_product_flash_attention.default,
-    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-}
+# Outputs each selective policy keeps (the rest of the block is recomputed in the
+# backward): "attn" the attention kernel's (output, log-sum-exp and whatever else the
+# kernel returns for its backward); "op" also every matmul's. Norms, activations and RoPE
+# are cheap to recompute.
+_ATTENTION_OPS = {*SDPA_OPS, torch.ops.titan.flash_attention.default}
+SAVED_OPS = {"attn": _ATTENTION_OPS, "op": {torch.ops.aten.mm.default, *_ATTENTION_OPS}}
 
 
-def _op_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+def _keep(ops: set) -> Callable:
+    def policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+        return CheckpointPolicy.MUST_SAVE if op in ops else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return functools.partial(create_selective_checkpoint_contexts, policy)
 
 
 def _checkpointed(forward: Callable, context_fn: Callable | None) -> Callable:
@@ -47,21 +48,18 @@ def _checkpointed(forward: Callable, context_fn: Callable | None) -> Callable:
     return run
 
 
-def apply_ac(model: nn.Module, mode: str, selective_option: str) -> None:
-    """Activation checkpointing per transformer block: `full` recomputes every block,
-    `selective` with 'op' keeps matmul/attention outputs, with N recomputes every N-th block.
+def apply_ac(model: nn.Module, policies: list[str]) -> None:
+    """Activation checkpointing per transformer block, one policy each: "none", "full"
+    (recompute the whole block), "attn" or "op" (selective: keep those ops' outputs).
 
     The block's `forward` is replaced rather than the block wrapped, so parameter names
     stay plain and FSDP's hooks (on the module call) stay outside the recomputed region.
     """
-    if mode == "none":
-        return
-    policy = functools.partial(create_selective_checkpoint_contexts, _op_policy)
-    for i, block in enumerate(model.layers.values()):
-        if mode == "full" or (selective_option.isdigit() and i % int(selective_option) == 0):
+    for block, policy in zip(model.layers.values(), policies, strict=True):
+        if policy == "full":
             block.forward = _checkpointed(block.forward, None)
-        elif selective_option == "op":
-            block.forward = _checkpointed(block.forward, policy)
+        elif policy in SAVED_OPS:
+            block.forward = _checkpointed(block.forward, _keep(SAVED_OPS[policy]))
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -102,10 +100,16 @@ def init_weights(model: nn.Module, seed: int, device: torch.device) -> None:
             param.copy_(full)
 
 
-def parallelize(model: nn.Module, cfg: JobConfig, dims: ParallelDims, device: torch.device) -> None:
-    """Wrap a meta-device model for training and materialize it on `device`."""
-    ac = cfg.activation_checkpoint
-    apply_ac(model, ac.mode, ac.selective_ac_option)
+def parallelize(
+    model: nn.Module,
+    cfg: JobConfig,
+    dims: ParallelDims,
+    device: torch.device,
+    ac_policies: list[str],
+) -> None:
+    """Wrap a meta-device model for training (`ac_policies`: one per block) and
+    materialize it on `device`."""
+    apply_ac(model, ac_policies)
     if cfg.training.compile:
         apply_compile(model)
     param_dtype = cfg.training.mixed_precision_param
@@ -116,6 +120,7 @@ def parallelize(model: nn.Module, cfg: JobConfig, dims: ParallelDims, device: to
     model.to_empty(device=device)
     init_weights(model, cfg.training.seed, device)
     logger.info(
-        f"Applied activation checkpointing ({ac.mode}), compile={cfg.training.compile}, "
+        f"Applied activation checkpointing ({cfg.activation_checkpoint.mode}), "
+        f"compile={cfg.training.compile}, "
         f"FSDP2 (params {param_dtype}, reduce {cfg.training.mixed_precision_reduce})"
     )

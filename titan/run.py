@@ -11,6 +11,7 @@ with `build_run(cfg, train=False)`: no data, no metrics, nothing written or resu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +26,18 @@ from torch.optim.lr_scheduler import LRScheduler
 from titan.checkpoint import Checkpointer, TrainState
 from titan.config import ConfigError, JobConfig
 from titan.data import SpikeDataLoader, build_dataloader, prepare_dataset
-from titan.distributed import ParallelDims, init_distributed, restart_count
+from titan.distributed import ParallelDims, init_distributed, local_world_size, restart_count
+from titan.kernel_choice import AttnShape, KernelChoice, choose_attention
 from titan.logging import init_logger, logger
+from titan.memory import (
+    MemoryPlan,
+    activation_dtype,
+    device_capacity,
+    format_plan,
+    gib,
+    plan_memory,
+)
 from titan.metrics import MetricsLogger
-from titan.models.attention import resolve_attn_impl
 from titan.models.llama import ModelArgs, Transformer, build_model_args, flops_per_token, num_params
 from titan.optim import build_lr_scheduler, build_optimizer
 from titan.parallelize import parallelize
@@ -45,6 +54,8 @@ class Run:
     train_state: TrainState
     model: nn.Module | None = None
     model_args: ModelArgs | None = None
+    kernel: KernelChoice | None = None
+    memory: MemoryPlan | None = None
     optimizer: torch.optim.Optimizer | None = None
     scheduler: LRScheduler | None = None
     dataloader: SpikeDataLoader | None = None
@@ -75,7 +86,8 @@ def build_run(cfg: JobConfig, *, train: bool = True) -> Run:
     config and open the metrics; without (tests, benchmarks): model, optimizer, schedule
     and checkpointer only. A failure part-way closes what was built."""
     device, rank, world = init_distributed()
-    init_logger(rank)
+    if train:  # tests and benchmarks set up logging themselves
+        init_logger(rank)
     dims = ParallelDims.from_config(cfg, world, device.type)
     dims.build_mesh()
     torch.manual_seed(cfg.training.seed)
@@ -86,9 +98,9 @@ def build_run(cfg: JobConfig, *, train: bool = True) -> Run:
         if train:
             _log_start(cfg)
             run_on_rank0(prepare_dataset, cfg)
-        run.model, run.model_args = build_model(cfg, dims, device)
+        run.model, run.model_args, run.kernel, run.memory = build_model(cfg, dims, device)
         if train:
-            logger.info("\n" + plan_table(cfg, run.model_args, dims))
+            logger.info("\n" + plan_table(cfg, run.model_args, dims, run.kernel, run.memory))
         run.optimizer = build_optimizer(run.model, cfg, device)
         run.scheduler = build_lr_scheduler(run.optimizer, cfg)
         if train:
@@ -125,26 +137,52 @@ def _log_start(cfg: JobConfig) -> None:
 # ----------------------------------------------------------------------------- builders
 
 
-def resolve_attention(cfg: JobConfig, device: torch.device) -> str:
+def attention_shape(cfg: JobConfig, args: ModelArgs, device_type: str) -> AttnShape:
+    """One attention call of this run: the micro-batch, context, heads and compute dtype."""
+    t = cfg.training
+    dtype = activation_dtype(cfg, device_type)
+    return AttnShape(t.batch_size, t.seq_len, args.n_heads, args.n_kv_heads, args.head_dim, dtype)
+
+
+def resolve_attention(
+    cfg: JobConfig, args: ModelArgs, device: torch.device, measure_auto: bool = True
+) -> KernelChoice:
     """The attention kernel `model.attn_impl` stands for on this device (logged)."""
     try:
-        attn = resolve_attn_impl(cfg.model.attn_impl, device)
-    except ValueError as e:
+        shape = attention_shape(cfg, args, device.type)
+        choice = choose_attention(cfg.model.attn_impl, device, shape, measure_auto=measure_auto)
+    except (ValueError, RuntimeError) as e:
         raise ConfigError(f"model.attn_impl = {cfg.model.attn_impl!r}: {e}") from None
-    logger.info(f"Attention kernel: {attn} (model.attn_impl = {cfg.model.attn_impl})")
-    return attn
+    logger.info(f"Attention kernel: {choice.summary()}")
+    return choice
 
 
 def build_model(
     cfg: JobConfig, dims: ParallelDims, device: torch.device
-) -> tuple[Transformer, ModelArgs]:
-    """Build on the meta device, wrap (AC, compile, FSDP2), then materialize and init."""
-    attn = resolve_attention(cfg, device)
-    args = build_model_args(cfg.model.flavor, cfg.training.vocab_size, cfg.training.seq_len, attn)
+) -> tuple[Transformer, ModelArgs, KernelChoice, MemoryPlan]:
+    """Choose the attention kernel and the activation policy of each block, build on the
+    meta device, wrap (AC, compile, FSDP2), then materialize and initialize."""
+    t = cfg.training
+    args = build_model_args(cfg.model.flavor, t.vocab_size, t.seq_len)
+    kernel = resolve_attention(cfg, args, device)
+    args = dataclasses.replace(args, attn_impl=kernel.impl)
+    capacity = device_capacity(cfg, device, local_world_size())
+    memory = plan_memory(cfg, args, dims, capacity, activation_dtype(cfg, device.type))
+    label = torch.cuda.get_device_name(device) if device.type == "cuda" else "this CPU"
+    logger.info(format_plan(memory, label))
+    if not memory.fits:
+        message = (
+            f"training.seq_len = {t.seq_len} with batch_size {t.batch_size} needs about "
+            f"{gib(memory.total)} per rank but {label} has {gib(memory.usable)} usable; "
+            f"would fit with: {memory.advice}"
+        )
+        if cfg.activation_checkpoint.mode == "auto":
+            raise ConfigError(message)
+        logger.warning(message + " (training anyway: the estimate may be pessimistic)")
     with torch.device("meta"):
         model = Transformer(args)
-    parallelize(model, cfg, dims, device)
-    return model, args
+    parallelize(model, cfg, dims, device, memory.policies)
+    return model, args, kernel, memory
 
 
 def build_metrics(
@@ -179,7 +217,13 @@ def run_on_rank0(fn, *args) -> None:
 # ----------------------------------------------------------------------------- reporting
 
 
-def plan_table(cfg: JobConfig, args: ModelArgs, dims: ParallelDims) -> str:
+def plan_table(
+    cfg: JobConfig,
+    args: ModelArgs,
+    dims: ParallelDims,
+    kernel: KernelChoice,
+    memory: MemoryPlan | None,
+) -> str:
     """The start-up summary: model, mesh, batch arithmetic, kernels, data."""
     t = cfg.training
     with torch.device("meta"):
@@ -222,10 +266,12 @@ def plan_table(cfg: JobConfig, args: ModelArgs, dims: ParallelDims) -> str:
             f"{t.steps:,} steps, lr {cfg.optimizer.lr:g}, warmup {t.warmup_steps}, "
             f"{cfg.lr_scheduler.decay_type} decay to {cfg.lr_scheduler.min_lr_ratio:g}x",
         ),
+        ("attention", kernel.summary()),
         (
             "kernels",
-            f"attention {args.attn_impl}, AC {cfg.activation_checkpoint.mode}, "
-            f"compile {t.compile}, params {t.mixed_precision_param}, "
+            f"AC {cfg.activation_checkpoint.mode}"
+            + (f" ({memory.policy_summary()})" if memory is not None else "")
+            + f", compile {t.compile}, params {t.mixed_precision_param}, "
             f"reduce {t.mixed_precision_reduce}",
         ),
         (

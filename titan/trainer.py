@@ -11,6 +11,7 @@ ranks x micro-batches yields the gradient of one big batch (the tests check 1x4,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import sys
 import time
@@ -27,6 +28,15 @@ from titan.checkpoint import CheckpointError
 from titan.config import ConfigError, JobConfig, format_help, load_config
 from titan.distributed import ParallelDims, env_rank, launched_world_size
 from titan.logging import init_logger, logger
+from titan.memory import (
+    activation_dtype,
+    device_capacity,
+    format_plan,
+    gib,
+    gpu_capacity,
+    plan_memory,
+)
+from titan.metrics import peak_memory_gib
 from titan.models.llama import build_model_args, flops_per_token
 from titan.run import Run, build_run, plan_table, resolve_attention
 
@@ -112,6 +122,7 @@ def train(run: Run) -> None:
     accum = dims.accumulation_steps(cfg)
     global_tokens = t.batch_size * t.seq_len * accum * dims.dp_degree
     data, bad_in_a_row, skipped = iter(run.dataloader), 0, 0
+    first_step = state.step + 1
     metrics.record_start(state.step)
     with maybe_profile(cfg, run.rank) as profiler:
         while state.step < t.steps:
@@ -123,6 +134,8 @@ def train(run: Run) -> None:
             state.tokens_seen += global_tokens
             run.scheduler.step()
             metrics.record_step(global_tokens // dims.dp_degree, wait_s)
+            if state.step == first_step:
+                log_memory(run)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
                 logger.warning(
@@ -152,6 +165,16 @@ def train(run: Run) -> None:
     metrics.summary(state.step, state.tokens_seen)
 
 
+def log_memory(run: Run) -> None:
+    """The plan's estimate beside the measured peak, once the first step has run."""
+    measured = peak_memory_gib(run.device)
+    what = "peak allocated" if run.device.type == "cuda" else "peak RSS (with Python itself)"
+    logger.info(
+        f"Memory after the first step: {measured:.2f} GiB measured ({what}), "
+        f"{gib(run.memory.total)} planned ({run.memory.policy_summary()})"
+    )
+
+
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite steps; the message is one line."""
 
@@ -168,8 +191,9 @@ def setup_and_train(cfg: JobConfig) -> None:
 
 
 def dry_run(cfg: JobConfig) -> None:
-    """Resolve the plan (model on the meta device, mesh, batch) without a process group.
-    The world size comes from WORLD_SIZE, else from the recipe's explicit degrees."""
+    """Resolve the plan (model on the meta device, mesh, batch, attention kernel, memory
+    per GPU) without a process group. The world size comes from WORLD_SIZE, else from the
+    recipe's explicit degrees."""
     rank, t = env_rank()[0], cfg.training
     world = launched_world_size()
     if world is None:  # the recipe's explicit degrees, else a single process
@@ -178,13 +202,26 @@ def dry_run(cfg: JobConfig) -> None:
     init_logger(rank)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dims = ParallelDims.from_config(cfg, world, device.type)
-    attn = resolve_attention(cfg, device)
-    args = build_model_args(cfg.model.flavor, t.vocab_size, t.seq_len, attn)
+    args = build_model_args(cfg.model.flavor, t.vocab_size, t.seq_len)
+    kernel = resolve_attention(cfg, args, device, measure_auto=False)
+    args = dataclasses.replace(args, attn_impl=kernel.impl)
+    # Plans for the GPUs asked for, else for this machine's device.
+    targets = [(name, gpu_capacity(name), torch.bfloat16) for name in cfg.job.plan_for]
+    if not targets:
+        label = torch.cuda.get_device_name(device) if device.type == "cuda" else "this CPU"
+        targets = [(label, device_capacity(cfg, device, 1), activation_dtype(cfg, device.type))]
+    plans = [
+        format_plan(plan_memory(cfg, args, dims, capacity, dtype), f"{label}, world {world}")
+        for label, capacity, dtype in targets
+    ]
     logger.info(
         "dry run: the resolved plan and config follow; nothing is trained\n"
-        + plan_table(cfg, args, dims)
+        + plan_table(cfg, args, dims, kernel, None)
         + f"\nFLOPs per token: {flops_per_token(args, t.seq_len, causal=False):.4g} "
-        f"(causal-aware {flops_per_token(args, t.seq_len, causal=True):.4g})\n" + cfg.to_json()
+        f"(causal-aware {flops_per_token(args, t.seq_len, causal=True):.4g})\n"
+        + "\n".join(plans)
+        + "\n"
+        + cfg.to_json()
     )
 
 

@@ -30,8 +30,8 @@ PositiveFloat = Annotated[float, Rule(lambda v: v > 0, "positive")]
 Fraction = Annotated[float, Rule(lambda v: 0 <= v <= 1, "in [0, 1]")]
 Dtype = Literal["float32", "bfloat16"]
 
-AttnImpl = Literal["auto", "sdpa", "flash3", "flash2"]
-ACMode = Literal["none", "selective", "full"]
+AttnImpl = Literal["auto", "sdpa", "sdpa_cudnn", "sdpa_flash", "flash4", "flash3", "flash2"]
+ACMode = Literal["none", "selective", "full", "auto"]
 StateName = Literal["model", "optimizer", "lr_scheduler", "dataloader", "train_state"]
 
 
@@ -45,6 +45,8 @@ class Job:
     """Free text describing the run (logged and saved with the config)."""
     dry_run: bool = False
     """Resolve the config, model, mesh and batch plan, print them and exit without training."""
+    plan_for: list[str] = field(default_factory=list)
+    """GPUs the dry run prints a memory plan for, e.g. h100-80gb,gh200-96gb,h200-141gb."""
 
 
 @dataclass
@@ -76,7 +78,8 @@ class Model:
     norm_type: Literal["rmsnorm"] = "rmsnorm"
     """Normalization layer; only 'rmsnorm' (Llama's) is implemented."""
     attn_impl: AttnImpl = "auto"
-    """Attention kernel: auto (FA3 > flash-attn 2 > SDPA, as importable), sdpa, flash3, flash2."""
+    """Attention kernel: auto (the fastest measured on the GPU at start-up; SDPA on CPU), sdpa,
+    sdpa_cudnn, sdpa_flash, flash4, flash3 or flash2."""
 
 
 @dataclass
@@ -206,15 +209,20 @@ class Checkpoint:
 @dataclass
 class ActivationCheckpoint:
     mode: ACMode = "selective"
-    """Activation checkpointing: none, selective or full."""
+    """none, selective, full, or auto (per block, the fastest policy that fits the memory)."""
     selective_ac_option: Annotated[
         str,
         Rule(
-            lambda v: v == "op" or (v.isdigit() and int(v) > 0),
-            "'op' or a positive integer N (checkpoint every N-th block)",
+            lambda v: v in ("op", "attn") or (v.isdigit() and int(v) > 0),
+            "'attn', 'op' or a positive integer N (checkpoint every N-th block)",
         ),
     ] = "2"
-    """For selective: 'op' (save matmul outputs, recompute the rest) or N (every N-th block)."""
+    """For selective: 'attn' (keep attention outputs, recompute the rest), 'op' (keep matmul
+    and attention outputs) or N (recompute every N-th block)."""
+    memory_headroom: Fraction = 0.1
+    """Share of device memory the auto plan leaves free (CUDA context, NCCL, fragmentation)."""
+    memory_limit_gib: Annotated[float, Rule(lambda v: v >= 0, ">= 0")] = 0.0
+    """Plan for this much memory per rank instead of the device's (0 = the device's)."""
 
 
 @dataclass

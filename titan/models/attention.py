@@ -1,103 +1,266 @@
-"""Causal attention kernels behind one interface the model calls.
+"""Causal grouped-query attention kernels behind one interface the model calls.
 
 `attention_fn(impl)` returns `fn(q, k, v) -> out` with q (batch, n_heads, seq, head_dim),
-k and v (batch, n_kv_heads, seq, head_dim) and out (batch, n_heads, seq, head_dim):
+k and v (batch, n_kv_heads, seq, head_dim) and out (batch, n_heads, seq, head_dim). GQA
+is native everywhere: K/V heads are never repeated.
 
-- "sdpa": `torch.nn.functional.scaled_dot_product_attention` (always available, CPU too);
-- "flash3": FlashAttention-3 (`flash_attn_interface`, built from source on Hopper);
-- "flash2": FlashAttention-2 (`flash_attn`, `pip install flash-attn`).
+- "sdpa": `torch.nn.functional.scaled_dot_product_attention`, backend chosen by torch
+  (always available, CPU too); "sdpa_cudnn" / "sdpa_flash": SDPA restricted to its cuDNN
+  or FlashAttention-2 backend.
+- "flash4": FlashAttention-4 (`flash_attn.cute`, `pip install flash-attn-4`);
+  "flash3": FlashAttention-3 (`flash_attn_interface`, built from source on Hopper);
+  "flash2": FlashAttention-2 (`flash_attn` >= 2.7, `pip install flash-attn`).
 
-The FlashAttention modules are imported only when asked for, so CPU runs never touch
-them. `resolve_attn_impl("auto", device)` picks the best kernel available.
+The FlashAttention kernels run inside one torch custom op, `titan::flash_attention`
+(with `titan::flash_attention_backward`), whose outputs are the attention output and the
+softmax log-sum-exp. So `torch.compile` keeps a block in one graph (a custom op is opaque
+to it, and a Python call into the libraries would break the graph), and selective
+activation checkpointing can keep the op's outputs like any aten op's. The libraries are
+imported only when asked for, so CPU runs never touch them. Choosing among the kernels
+("auto") is `titan.kernel_choice`'s job.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-_MODULES = {"flash3": "flash_attn_interface", "flash2": "flash_attn"}
-_INSTALL = {
+IMPLS = ("sdpa", "sdpa_cudnn", "sdpa_flash", "flash4", "flash3", "flash2")
+"""Kernels a run can use (model.attn_impl also takes "auto")."""
+FLASH_MODULES = {
+    "flash4": "flash_attn.cute",
+    "flash3": "flash_attn_interface",
+    "flash2": "flash_attn",
+}
+INSTALL = {
+    "flash4": "pip install flash-attn-4 (or pip install -e '.[hopper]')",
     "flash3": "build FlashAttention-3 from source: git clone https://github.com/Dao-AILab/"
     "flash-attention && cd flash-attention/hopper && python setup.py install",
-    "flash2": "pip install flash-attn --no-build-isolation",
+    "flash2": "pip install 'flash-attn>=2.7' --no-build-isolation",
 }
-IMPLS = ("sdpa", "flash3", "flash2")
+_SDPA_BACKENDS = {
+    "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+    "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+}
+
+# The aten ops SDPA runs its kernels as; activation checkpointing policies keep their outputs.
+SDPA_OPS = (
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+)
+
+
+# ----------------------------------------------------------------------------- SDPA
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    # GQA without materializing repeated K/V heads.
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
-def _flash(module_name: str) -> AttentionFn:
-    flash_attn_func = importlib.import_module(module_name).flash_attn_func
-
+def _sdpa_restricted(backend: SDPBackend) -> AttentionFn:
     def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = flash_attn_func(
+        with sdpa_kernel([backend]):
+            return _sdpa(q, k, v)
+
+    return fn
+
+
+# ----------------------------------------------------------------------------- FlashAttention
+
+
+@dataclass(frozen=True)
+class FlashKernel:
+    """A FlashAttention library's forward and backward on (batch, seq, heads, head_dim):
+    forward(q, k, v, scale) -> (out, lse (batch, heads, seq) float32) and
+    backward(dout, q, k, v, out, lse, scale) -> (dq, dk, dv), causal."""
+
+    forward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+_KERNELS: dict[str, FlashKernel] = {}
+
+
+def register_flash_kernel(name: str, kernel: FlashKernel) -> None:
+    """Make `kernel` callable through the custom op as `name` (done on first use for the
+    libraries; tests register a plain-PyTorch kernel to exercise the op on CPU)."""
+    _KERNELS[name] = kernel
+
+
+def _flash4() -> FlashKernel:
+    m = importlib.import_module("flash_attn.cute.interface")
+
+    def forward(q, k, v, scale):
+        result = m._flash_attn_fwd(q, k, v, softmax_scale=scale, causal=True, return_lse=True)
+        return result[0], result[1]  # later versions also return two optional tensors
+
+    def backward(dout, q, k, v, out, lse, scale):
+        dq, dk, dv, *_ = m._flash_attn_bwd(
+            q, k, v, out, dout, lse, softmax_scale=scale, causal=True
+        )
+        return dq, dk, dv
+
+    return FlashKernel(forward, backward)
+
+
+def _flash3() -> FlashKernel:
+    m = importlib.import_module("flash_attn_interface")
+    params = inspect.signature(m._flash_attn_backward).parameters
+    causal = "is_causal" if "is_causal" in params else "causal"  # renamed between versions
+
+    def forward(q, k, v, scale):
+        result = m._flash_attn_forward(q, k, v, softmax_scale=scale, causal=True)
+        return result[0], result[1]
+
+    def backward(dout, q, k, v, out, lse, scale):
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        m._flash_attn_backward(
+            dout, q, k, v, out, lse, dq=dq, dk=dk, dv=dv, softmax_scale=scale, **{causal: True}
+        )
+        return dq, dk, dv
+
+    return FlashKernel(forward, backward)
+
+
+def _flash2() -> FlashKernel:
+    m = importlib.import_module("flash_attn.flash_attn_interface")
+    if not hasattr(torch.ops.flash_attn, "_flash_attn_forward"):
+        raise ImportError("flash-attn >= 2.7 is needed (its kernels as torch custom ops)")
+
+    def forward(q, k, v, scale):
+        out, lse, _, _ = m._flash_attn_forward(q, k, v, 0.0, scale, True, -1, -1, 0.0, None, False)
+        return out, lse
+
+    def backward(dout, q, k, v, out, lse, scale):
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        m._flash_attn_backward(
+            dout, q, k, v, out, lse, dq, dk, dv, 0.0, scale, True, -1, -1, 0.0, None, False, None
+        )
+        return dq, dk, dv
+
+    return FlashKernel(forward, backward)
+
+
+_LOADERS = {"flash4": _flash4, "flash3": _flash3, "flash2": _flash2}
+
+
+def load_flash_kernel(impl: str) -> None:
+    """Import a FlashAttention library and register its kernel (ImportError if absent)."""
+    if impl not in _KERNELS:
+        register_flash_kernel(impl, _LOADERS[impl]())  # ImportError: not installed
+
+
+@torch.library.custom_op("titan::flash_attention", mutates_args=())
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention on (batch, seq, heads, head_dim) -> (out, lse (batch, heads, seq)),
+    both contiguous (the fake below promises compile that layout)."""
+    out, lse = _KERNELS[impl].forward(q, k, v, scale)
+    return out.contiguous(), lse.contiguous()
+
+
+@flash_attention.register_fake
+def _(q, k, v, impl, scale):
+    b, s, h, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((b, h, s), dtype=torch.float32)
+
+
+@torch.library.custom_op("titan::flash_attention_backward", mutates_args=())
+def flash_attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    impl: str,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = _KERNELS[impl].backward(dout.contiguous(), q, k, v, out, lse, scale)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@flash_attention_backward.register_fake
+def _(dout, q, k, v, out, lse, impl, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, impl, scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.impl, ctx.scale = impl, scale
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = flash_attention_backward(dout, q, k, v, out, lse, ctx.impl, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+flash_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _flash(impl: str) -> AttentionFn:
+    def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out, _ = flash_attention(
             q.transpose(1, 2),  # (batch, seq, heads, head_dim)
             k.transpose(1, 2),  # (batch, seq, kv_heads, head_dim)
             v.transpose(1, 2),  # (batch, seq, kv_heads, head_dim)
-            causal=True,
+            impl,
+            q.shape[-1] ** -0.5,
         )
-        if isinstance(out, tuple):  # some FA3 builds also return the softmax LSE
-            out = out[0]
         return out.transpose(1, 2)  # (batch, heads, seq, head_dim)
 
     return fn
 
 
+# ----------------------------------------------------------------------------- choice
+
+
 def attention_fn(impl: str) -> AttentionFn:
-    """The causal GQA attention function for a resolved kernel name (see module docstring)."""
+    """The causal GQA attention function of a resolved kernel name (module docstring)."""
     if impl == "sdpa":
         return _sdpa
-    if impl in _MODULES:
-        _check_importable(impl)
-        return _flash(_MODULES[impl])
+    if impl in _SDPA_BACKENDS:
+        return _sdpa_restricted(_SDPA_BACKENDS[impl])
+    if impl in _LOADERS or impl in _KERNELS:
+        load_flash_kernel(impl)
+        return _flash(impl)
     raise ValueError(
         f"attention impl {impl!r} is not one of {', '.join(IMPLS)} "
-        "(resolve 'auto' with resolve_attn_impl first)"
+        "(resolve 'auto' with titan.kernel_choice first)"
     )
 
 
-def _importable(impl: str) -> bool:
-    try:
-        importlib.import_module(_MODULES[impl])
-    except ImportError:
-        return False
-    return True
+def unavailable_reason(impl: str, device: torch.device) -> str | None:
+    """Why `impl` cannot run on `device`, in a few words (None when it can)."""
+    if impl == "sdpa":
+        return None
+    if impl in _LOADERS:
+        try:
+            load_flash_kernel(impl)
+        except ImportError as e:
+            return f"cannot import {FLASH_MODULES[impl]!r} ({e}); install it: {INSTALL[impl]}"
+    if torch.device(device).type != "cuda":
+        return f"needs a CUDA device, not {torch.device(device).type}"
+    return None
 
 
-def _check_importable(impl: str) -> None:
-    if not _importable(impl):
-        raise ValueError(
-            f"attention impl {impl!r} needs the {_MODULES[impl]!r} module, which is not "
-            f"installed; {_INSTALL[impl]} (or use 'sdpa')"
-        )
-
-
-def resolve_attn_impl(requested: str, device: torch.device) -> str:
-    """'auto' -> 'flash3' if on CUDA and importable, else 'flash2' likewise, else 'sdpa'.
-    An explicit FlashAttention request raises ValueError if it cannot run here."""
-    device = torch.device(device)
-    if requested == "auto":
-        if device.type == "cuda":
-            for impl in ("flash3", "flash2"):
-                if _importable(impl):
-                    return impl
-        return "sdpa"
-    if requested == "sdpa":
-        return "sdpa"
-    if requested not in _MODULES:
-        raise ValueError(f"attention impl {requested!r} is not one of auto, {', '.join(IMPLS)}")
-    if device.type != "cuda":
-        raise ValueError(
-            f"attention impl {requested!r} needs a CUDA device, got {device}; use 'sdpa' or 'auto'"
-        )
-    _check_importable(requested)
-    return requested
+def check_available(impl: str, device: torch.device) -> None:
+    """ValueError (one line, with the fix) when an explicitly chosen kernel cannot run."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl {impl!r} is not one of auto, {', '.join(IMPLS)}")
+    reason = unavailable_reason(impl, device)
+    if reason is not None:
+        raise ValueError(f"{impl} {reason}; or use 'sdpa' / 'auto'")

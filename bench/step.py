@@ -1,0 +1,324 @@
+"""Speed benchmark: titan's training step against transformers' LlamaForCausalLM.
+
+    python bench/step.py --out bench/results/$(date +%F)-h200.md          # a GPU node
+    python bench/step.py --seqs 131072 --policies attn,full --compile on   # a subset
+    python bench/step.py --tiny                                            # CPU, seconds
+
+In one process, on one device: the bf16 matmul ceiling; every attention kernel that can
+run here, forward + backward at each sequence length (TFLOP/s counting the causal half);
+then whole optimizer steps of titan's own code (`build_run` + `train_step`, FSDP2 on a
+world of one, bf16 parameters, fp32 master weights and reduction, fused AdamW) for each
+activation policy and with/without `torch.compile`, against `transformers`'
+LlamaForCausalLM built with the same shapes (fp32 weights, bf16 autocast, fused AdamW,
+SDPA, gradient checkpointing on and off), eager and compiled. Models have Llama-3.1-8B's
+layer shapes with `--layers` layers (so one GPU holds them) and vocabulary 256. Each
+configuration reports tokens/s, TFLOP/s, MFU by torchtitan's formula and the causal one,
+peak memory and its ratio to the best transformers configuration at that length. Warm-up
+steps are excluded, the device is synchronized around each step, times are medians. A
+configuration that runs out of memory is reported as such. The results file (markdown)
+records the device, driver, torch, CUDA and cuDNN versions and the command; the table is
+printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from titan.config import load_config  # noqa: E402
+from titan.kernel_choice import CUDA_CANDIDATES, AttnShape, time_forward_backward  # noqa: E402
+from titan.metrics import peak_tflops  # noqa: E402
+from titan.models import keymap, llama  # noqa: E402
+from titan.models.attention import attention_fn, unavailable_reason  # noqa: E402
+from titan.run import build_run  # noqa: E402
+from titan.trainer import train_step  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    torch._dynamo.reset()
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def matmul_ceiling(device: torch.device, n: int, dtype: torch.dtype) -> float:
+    """TFLOP/s of an n x n x n matmul (median of 10 after warm-up)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for i in range(13):
+        _sync(device)
+        begin = time.perf_counter()
+        a @ b
+        _sync(device)
+        if i >= 3:
+            times.append(time.perf_counter() - begin)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def attention_rows(device, args, seqs, dtype) -> tuple[list[list], dict[int, str]]:
+    """Each kernel's forward + backward time at each length; also the fastest per length."""
+    candidates = CUDA_CANDIDATES if device.type == "cuda" else ("sdpa",)
+    rows, fastest = [], {}
+    for seq in seqs:
+        shape = AttnShape(1, seq, args.n_heads, args.n_kv_heads, args.head_dim, dtype)
+        flops = 3.5 * 2 * seq * seq * args.n_heads * args.head_dim  # fwd + bwd, causal half
+        best = None
+        for impl in candidates:
+            reason = unavailable_reason(impl, device)
+            if reason is not None:
+                rows.append([seq, impl, "-", "-", reason[:60]])
+                continue
+            try:
+                ms = time_forward_backward(attention_fn(impl), shape, device)
+            except Exception as e:  # noqa: BLE001 - reported in the table
+                rows.append([seq, impl, "-", "-", f"{type(e).__name__}: {str(e)[:50]}"])
+                continue
+            finally:
+                _free(device)
+            rows.append([seq, impl, f"{ms:.2f}", f"{flops / ms / 1e9:.3g}", ""])
+            if best is None or ms < best[1]:
+                best = (impl, ms)
+        fastest[seq] = best[0] if best else "sdpa"
+    return rows, fastest
+
+
+def _timed_steps(step, device: torch.device, warmup: int, steps: int) -> float:
+    """Median seconds of `step()` after `warmup` calls, synchronized around each."""
+    times = []
+    for i in range(warmup + steps):
+        _sync(device)
+        begin = time.perf_counter()
+        step()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - begin)
+    return statistics.median(times)
+
+
+def titan_step_time(opts, seq: int, policy: str, compiled: bool, attn: str) -> float:
+    """Seconds per optimizer step of titan's trainer code on one micro-batch."""
+    mode, option = (policy, "attn") if policy in ("none", "full", "auto") else ("selective", policy)
+    cfg = load_config(
+        [
+            "--model.flavor=bench",
+            f"--model.attn_impl={attn}",
+            f"--training.seq_len={seq}",
+            "--training.batch_size=1",
+            "--training.vocab_size=256",
+            f"--training.compile={compiled}",
+            f"--training.mixed_precision_param={opts.dtype}",
+            f"--activation_checkpoint.mode={mode}",
+            f"--activation_checkpoint.selective_ac_option={option}",
+        ]
+    )
+    with build_run(cfg, train=False) as run:
+        tokens = torch.randint(0, 256, (1, seq + 1), device=run.device)
+        batch = [(tokens[:, :-1], tokens[:, 1:])]
+        return _timed_steps(
+            lambda: train_step(run.model, run.optimizer, batch, seq, 1, 1.0),
+            run.device,
+            opts.warmup,
+            opts.steps,
+        )
+
+
+def transformers_step_time(opts, device, args, seq: int, checkpointing: bool, compiled: bool):
+    """Seconds per optimizer step of LlamaForCausalLM with the same shapes."""
+    import transformers
+
+    config = transformers.LlamaConfig(**keymap.hf_config_from_args(args))
+    config._attn_implementation = "sdpa"
+    model = transformers.LlamaForCausalLM(config).to(device)  # fp32 master weights
+    if checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    model.train()
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, foreach=not fused)
+    forward = torch.compile(model) if compiled else model
+    tokens = torch.randint(0, 256, (1, seq), device=device)
+    autocast = opts.dtype == "bfloat16"
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = forward(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return _timed_steps(step, device, opts.warmup, opts.steps)
+
+
+def _measure(fn, device: torch.device) -> tuple[float | None, float | None, str]:
+    """(seconds, peak GiB, note) of one configuration; out of memory is a note."""
+    _free(device)
+    try:
+        seconds = fn()
+        return seconds, _peak_gib(device), ""
+    except torch.OutOfMemoryError:
+        return None, None, "out of memory"
+    finally:
+        _free(device)
+
+
+def step_rows(opts, device, args, fastest) -> list[list]:
+    peak = peak_tflops(device)
+    rows = []
+    for seq in opts.seqs:
+        flops = llama.flops_per_token(args, seq), llama.flops_per_token(args, seq, causal=True)
+        results = []
+        for compiled in opts.compile_modes:
+            for checkpointing in (True, False):
+                s, mem, note = _measure(
+                    lambda c=checkpointing, m=compiled, n=seq: transformers_step_time(
+                        opts, device, args, n, c, m
+                    ),
+                    device,
+                )
+                name = "gradient ckpt" if checkpointing else "no ckpt"
+                results.append(("transformers", name, compiled, s, mem, note))
+        baseline = max((seq / r[3] for r in results if r[3]), default=None)
+        for compiled in opts.compile_modes:
+            for policy in opts.policies:
+                s, mem, note = _measure(
+                    lambda p=policy, m=compiled, n=seq: titan_step_time(opts, n, p, m, fastest[n]),
+                    device,
+                )
+                results.append(("titan", policy, compiled, s, mem, note))
+        for system, policy, compiled, s, mem, note in results:
+            if s is None:
+                rows.append([seq, system, policy, compiled, "-", "-", "-", "-", "-", "-", note])
+                continue
+            tps = seq / s
+            mfu = [f"{100 * tps * f / 1e12 / peak:.1f}" if peak else "-" for f in flops]
+            rows.append([
+                seq, system, policy, compiled, f"{tps:,.0f}", f"{tps * flops[0] / 1e12:.3g}",
+                *mfu, f"{mem:.1f}" if mem is not None else "-",
+                f"{tps / baseline:.2f}x" if baseline else "-", note,
+            ])  # fmt: skip
+    return rows
+
+
+def environment(device: torch.device) -> list[str]:
+    lines = [f"date: {datetime.datetime.now().isoformat(timespec='seconds')}"]
+    if device.type == "cuda":
+        lines.append(f"device: {torch.cuda.get_device_name(device)}")
+        try:
+            driver = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=30,
+            ).stdout.strip()  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired):
+            driver = "unknown"
+        lines.append(f"driver: {driver}")
+        lines.append(f"CUDA: {torch.version.cuda}, cuDNN: {torch.backends.cudnn.version()}")
+    else:
+        lines.append(f"device: CPU ({platform.processor() or platform.machine()}, "
+                     f"{os.cpu_count()} cores)")  # fmt: skip
+    lines.append(f"torch: {torch.__version__}, python: {platform.python_version()}")
+    lines.append("command: " + shlex.join([sys.executable, *sys.argv]))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true", help="CPU, debug shapes, seconds")
+    p.add_argument("--layers", type=int, default=4, help="8B-shaped layers (default 4)")
+    p.add_argument("--seqs", default="8192,32768,131072", help="sequence lengths")
+    p.add_argument("--policies", default="none,attn,full,auto", help="titan's AC policies")
+    p.add_argument("--compile", choices=["both", "on", "off"], default="both")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--out", type=Path, default=None, help="results file (markdown)")
+    opts = p.parse_args(argv)
+    opts.compile_modes = {"both": (False, True), "on": (True,), "off": (False,)}[opts.compile]
+    opts.policies = opts.policies.split(",")
+    if opts.tiny:
+        device, base, opts.dtype = torch.device("cpu"), "debugmodel", "float32"
+        opts.seqs, opts.layers, opts.warmup, opts.steps = [64, 128], 2, 1, 2
+        opts.compile_modes = (False,)
+        n = 256
+    else:
+        if not torch.cuda.is_available():
+            print("error: no CUDA device; use --tiny for the CPU smoke mode", file=sys.stderr)
+            return 2
+        device, base, opts.dtype = torch.device("cuda"), "8B", "bfloat16"
+        opts.seqs = [int(s) for s in opts.seqs.split(",")]
+        n = 8192
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    llama.FLAVORS["bench"] = dataclasses.replace(llama.FLAVORS[base], n_layers=opts.layers)
+    args = llama.build_model_args("bench", 256, max(opts.seqs))
+    dtype = getattr(torch, opts.dtype)
+    ceiling = matmul_ceiling(device, n, dtype)
+    attn_rows, fastest = attention_rows(device, args, opts.seqs, dtype)
+    rows = step_rows(opts, device, args, fastest)
+    report = [
+        "# titan step benchmark",
+        "",
+        *[f"- {line}" for line in environment(device)],
+        f"- model: {base} layer shapes x {opts.layers} layers, vocab 256, batch 1; "
+        f"{opts.warmup} warm-up + median of {opts.steps} steps",
+        f"- {opts.dtype} matmul {n}^3: {ceiling:.3g} TFLOP/s",
+        "",
+        "## Attention, forward + backward (TFLOP/s counting the causal half)",
+        "",
+        tabulate(attn_rows, ["seq", "kernel", "ms", "TFLOP/s", "note"], tablefmt="github"),
+        "",
+        "## Training step",
+        "",
+        tabulate(
+            rows,
+            [
+                "seq",
+                "system",
+                "AC",
+                "compile",
+                "tokens/s",
+                "TFLOP/s",
+                "MFU %",
+                "MFU causal %",
+                "peak GiB",
+                "vs best transformers",
+                "note",
+            ],
+            tablefmt="github",
+        ),  # fmt: skip
+        "",
+    ]
+    text = "\n".join(report)
+    if opts.out is not None:
+        opts.out.parent.mkdir(parents=True, exist_ok=True)
+        opts.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
