@@ -9,9 +9,15 @@ import json
 from conftest import read_metrics as read_records
 from conftest import run_train
 
-from titan.plot import main, read_metrics
+from titan.plot import build_figure, main, read_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _legends(train: dict, val: dict) -> list[list[str]]:
+    """The legend entries of each panel of the chart (loss, learning rate, tokens/s)."""
+    fig = build_figure(train, val, "run")
+    return [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes]
 
 
 def _one_error_line(capsys, *words: str) -> None:
@@ -50,6 +56,11 @@ def test_chart_of_a_real_run_with_validation(tmp_path, synthetic_dir, capsys):
     train, val, bad = read_metrics(tmp_path / "metrics.jsonl")
     assert sorted(train) == [1, 2, 4, 6, 8, 10, 12] and sorted(val) == [4, 8, 12]
     assert train[4]["loss"] == 9.5 and bad == 1
+    assert _legends(train, val) == [
+        ["training loss", "validation loss", "validation: a", "validation: b"],
+        ["learning rate"],
+        ["tokens/s per device"],
+    ]
     assert main([str(tmp_path)]) == 0
     assert "7 training and 3 validation records (skipped 1 unreadable lines)" in (
         capsys.readouterr().out
@@ -65,6 +76,11 @@ def test_chart_without_validation_and_bad_inputs(tmp_path, capsys):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "charts" / "run.png"
     out.parent.mkdir()
+    assert _legends(*read_metrics(run / "metrics.jsonl")[:2]) == [
+        ["training loss"],
+        ["learning rate"],
+        ["tokens/s per device"],
+    ]
     assert main([str(run), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == PNG and not (run / "metrics.png").exists()
     capsys.readouterr()

@@ -17,7 +17,14 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 class PlotError(Exception):
@@ -76,30 +83,35 @@ def _series(
 _SOURCE_COLORS = ["tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
 
 
-def plot_run(train: dict[int, dict], val: dict[int, dict], out: Path, title: str) -> None:
-    """Three panels sharing the step axis: losses, learning rate, tokens/s."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def build_figure(train: dict[int, dict], val: dict[int, dict], title: str) -> Figure:
+    """Three panels sharing the step axis: losses, learning rate, tokens/s; a series the
+    records do not have is not drawn."""
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
     fig, (ax_loss, ax_lr, ax_tps) = plt.subplots(
         3, 1, figsize=(10, 10), sharex=True, layout="constrained"
     )
-    ax_loss.plot(*_series(train, "loss"), color="tab:blue", label="training loss")
-    ax_loss.plot(*_series(val, "val_loss"), "o-", color="tab:red", label="validation loss")
+    curves = [
+        (ax_loss, _series(train, "loss"), "-", "tab:blue", "training loss"),
+        (ax_loss, _series(val, "val_loss"), "o-", "tab:red", "validation loss"),
+    ]
     sources = sorted({s for rec in val.values() for s in rec.get("val_loss_by_source") or {}})
     for i, source in enumerate(sources):
-        steps, losses = _series(val, "val_loss_by_source", source)
         color = _SOURCE_COLORS[i % len(_SOURCE_COLORS)]
-        ax_loss.plot(steps, losses, ".:", color=color, linewidth=1, label=f"validation: {source}")
+        points = _series(val, "val_loss_by_source", source)
+        curves.append((ax_loss, points, ".:", color, f"validation: {source}"))
+    curves += [
+        (ax_lr, _series(train, "lr"), "-", "tab:green", "learning rate"),
+        (ax_tps, _series(train, "tokens_per_s"), "-", "tab:purple", "tokens/s per device"),
+    ]
+    for ax, (steps, values), fmt, color, label in curves:
+        if steps:
+            ax.plot(steps, values, fmt, color=color, label=label)
     if ax_loss.lines:
         ax_loss.set_yscale("log")  # the first steps' loss would flatten the rest
         ax_loss.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # not 10^0
         ax_loss.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax_lr.plot(*_series(train, "lr"), color="tab:green", label="learning rate")
-    ax_tps.plot(*_series(train, "tokens_per_s"), color="tab:purple", label="tokens/s per device")
     panels = [
         (ax_loss, "loss", "cross-entropy (nats/token, log scale)"),
         (ax_lr, "learning rate", "learning rate"),
@@ -115,6 +127,13 @@ def plot_run(train: dict[int, dict], val: dict[int, dict], out: Path, title: str
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     ax_tps.set_xlabel("step")
     fig.suptitle(title)
+    return fig
+
+
+def save_png(fig: Figure, out: Path) -> None:
+    """Write the figure to a temporary name, then rename it: never a half-written PNG."""
+    import matplotlib.pyplot as plt
+
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         fig.savefig(tmp, format="png", dpi=100)
@@ -145,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(opts.out) if opts.out else folder / "metrics.png"
         if out.suffix != ".png":
             raise PlotError(f"--out {out}: must end in .png")
-        plot_run(train, val, out, _title(folder, train, val))
+        save_png(build_figure(train, val, _title(folder, train, val)), out)
     except PlotError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2 if isinstance(e, UsageError) else 1
