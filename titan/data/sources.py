@@ -182,9 +182,16 @@ def _check_columns(src: Source, split: str, ds: Any, source_datasets: list[str])
         )
 
 
-def open_split(src: Source, split: str, streaming: bool, source_datasets: list[str]) -> Any:
+def open_split(
+    src: Source,
+    split: str,
+    streaming: bool,
+    source_datasets: list[str],
+    extra_columns: tuple[str, ...] = (),
+) -> Any:
     """The checked split: a `datasets.Dataset` (map-style, and streamed local sources, which
-    the loader cuts into shards itself) or an `IterableDataset` (streamed Hub/files)."""
+    the loader cuts into shards itself) or an `IterableDataset` (streamed Hub/files); it keeps
+    `spike_counts`, `source_dataset` when filtering, and those `extra_columns` it has."""
     import datasets
 
     # offline, a Hub dataset can only come from the local cache: stream it like a local one
@@ -194,6 +201,7 @@ def open_split(src: Source, split: str, streaming: bool, source_datasets: list[s
     _check_columns(src, split, ds, source_datasets)
     cols = [COLUMN] + ([SOURCE_COLUMN] if source_datasets else [])
     if ds.features is not None:
+        cols += [c for c in extra_columns if c in ds.features and c not in cols]
         ds = ds.select_columns(cols)
     if stream and hasattr(ds, "reshard"):  # datasets >= 4
         ds = ds.reshard()  # one shard per parquet row group where possible: cheap resume

@@ -8,6 +8,9 @@ recomputes the (non-persistent) RoPE table.
 `state_dict()` keys are Meta's checkpoint names (`tok_embeddings.weight`,
 `layers.{i}.attention.wq.weight`, ...), so Meta checkpoints load as they are and
 `titan/models/keymap.py` maps them to and from Hugging Face's names.
+
+Generation passes a `KVCache` (preallocated keys and values per layer) and the position of
+the first token to `Transformer.forward`; without one, the forward is the training one.
 """
 
 from __future__ import annotations
@@ -156,12 +159,20 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.attn = attention_fn(args.attn_impl)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, self.n_heads, self.head_dim)  # (batch, seq, heads, head_dim)
         k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)  # (batch, seq, kv, head_dim)
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)  # (batch, seq, kv, head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if kv is not None:  # generation: this layer's KVCache entry
+            return self.wo(_cached_attention(q, k, v, kv, start_pos))
         out = self.attn(
             q.transpose(1, 2),  # (batch, heads, seq, head_dim)
             k.transpose(1, 2),  # (batch, kv_heads, seq, head_dim)
@@ -169,6 +180,34 @@ class Attention(nn.Module):
         )  # (batch, heads, seq, head_dim)
         out = out.transpose(1, 2).reshape(b, s, -1)  # (batch, seq, heads * head_dim)
         return self.wo(out)
+
+
+def _cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv: tuple[torch.Tensor, torch.Tensor],
+    start_pos: int,
+) -> torch.Tensor:
+    """Store k, v (batch, seq, kv_heads, head_dim) at positions start_pos.. of the cache
+    tensors `kv` and attend from q (batch, seq, heads, head_dim) to every cached position;
+    returns (batch, seq, heads * head_dim)."""
+    b, s, _, _ = q.shape
+    end = start_pos + s
+    k_cache, v_cache = kv  # (batch, kv_heads, max_len, head_dim) each
+    k_cache[:, :, start_pos:end] = k.transpose(1, 2)  # (batch, kv_heads, seq, head_dim)
+    v_cache[:, :, start_pos:end] = v.transpose(1, 2)  # (batch, kv_heads, seq, head_dim)
+    mask = None  # one new token sees every cached position
+    if s > 1:  # a chunk also sees itself causally: query i sees keys 0 .. start_pos + i
+        mask = torch.ones(s, end, dtype=torch.bool, device=q.device).tril(diagonal=start_pos)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),  # (batch, heads, seq, head_dim)
+        k_cache[:, :, :end],  # (batch, kv_heads, start_pos + seq, head_dim)
+        v_cache[:, :, :end],  # (batch, kv_heads, start_pos + seq, head_dim)
+        attn_mask=mask,
+        enable_gqa=True,
+    )  # (batch, heads, seq, head_dim)
+    return out.transpose(1, 2).reshape(b, s, -1)  # (batch, seq, heads * head_dim)
 
 
 class FeedForward(nn.Module):
@@ -195,9 +234,41 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope)
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, kv, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+class KVCache:
+    """Keys and values of every layer for autoregressive generation (gpt-fast style),
+    preallocated for `max_len` positions: `layers[i]` is layer i's (k, v), each
+    (batch, n_kv_heads, max_len, head_dim). `Transformer.forward(tokens, cache, start_pos)`
+    writes positions start_pos.. into it and attends over positions 0.. of it; without a
+    cache the forward is the training one."""
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        batch: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (batch, args.n_kv_heads, max_len, args.head_dim)
+        self.max_len = max_len
+        self.layers = [
+            (
+                torch.zeros(shape, device=device, dtype=dtype),
+                torch.zeros(shape, device=device, dtype=dtype),
+            )
+            for _ in range(args.n_layers)
+        ]
 
 
 # Wrapper modules (activation checkpointing, torch.compile, DDP) insert these name parts.
@@ -219,16 +290,23 @@ class Transformer(nn.Module):
         # Not saved in checkpoints: recomputed by init_rope (also after to_empty).
         self.register_buffer("rope_cache", rope_table(args), persistent=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0
+    ) -> torch.Tensor:
+        """Logits of `tokens` (batch, seq). With a `cache` (generation), the tokens are
+        positions start_pos.. of sequences whose earlier positions the cache holds."""
         seq = tokens.shape[1]
-        if seq > self.args.max_seq_len:
+        end = start_pos + seq
+        if end > self.args.max_seq_len:
             raise ValueError(
-                f"sequence of {seq} tokens exceeds max_seq_len = {self.args.max_seq_len}"
+                f"sequence of {end} tokens exceeds max_seq_len = {self.args.max_seq_len}"
             )
-        rope = self.rope_cache[:seq]  # (seq, head_dim // 2, 2)
+        if cache is not None and end > cache.max_len:
+            raise ValueError(f"sequence of {end} tokens exceeds the cache's {cache.max_len}")
+        rope = self.rope_cache[start_pos:end]  # (seq, head_dim // 2, 2)
         h = self.tok_embeddings(tokens)  # (batch, seq, dim)
-        for layer in self.layers.values():
-            h = layer(h, rope)
+        for i, layer in enumerate(self.layers.values()):
+            h = layer(h, rope) if cache is None else layer(h, rope, cache.layers[i], start_pos)
         return self.output(self.norm(h))  # (batch, seq, vocab)
 
     def init_rope(self, device: torch.device | str | None = None) -> None:

@@ -1,0 +1,257 @@
+"""Generation (`generate.py`, `titan/generate.py`) and the model's KV cache, on CPU with a
+randomly initialized debug model saved as a training step and exported to HF:
+
+- cached forwards (prefill, single tokens, chunks after a prefill) give the full
+  forward's logits, and cached greedy generation equals full recompute token for token;
+- separators open every time bin and are never drawn elsewhere (even when the model
+  prefers them); top_k = 1 and a tiny top_p are greedy; a seed repeats its sample and
+  another seed does not;
+- the .npz holds the row's prompt and real continuation, and each sample fed back through
+  the Neural Pile schema and `tokenize_row` gives the generated tokens;
+- the HF export and the DCP directory give the same logits;
+- every bad input is one `error:` line, and a failure leaves no output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from conftest import ROOT
+
+from titan.checkpoint.storage import write_marker
+from titan.convert import dcp_to_llama
+from titan.data.synthetic import generate as make_dataset
+from titan.data.tokenizer import SEPARATOR, arrow_row_matrix, tokenize_row
+from titan.generate import (
+    Sampling,
+    generate_tokens,
+    load_model,
+    main,
+    read_row,
+    sample_counts,
+    tokens_to_counts,
+)
+from titan.models.llama import KVCache, Transformer, build_model_args
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+TRAINED_SEQ_LEN = 64
+GREEDY = Sampling(temperature=0.0)
+PLAIN = Sampling(temperature=1.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Decoding one token at a time is fastest on one thread (by far on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """A tiny dataset, a full training checkpoint of a random debug model (with its run's
+    config.toml and an optimizer entry that must not be read) and its HF export."""
+    root = tmp_path_factory.mktemp("generate")
+    data = make_dataset(root / "data", rows=4, seed=0, test_rows=3, neurons=(5, 8), bins=(40, 60))
+    args = build_model_args("debugmodel", vocab_size=256, seq_len=TRAINED_SEQ_LEN)
+    model = Transformer(args)
+    model.init_weights(seed=3)
+    step = root / "run" / "checkpoint" / "step-3"
+    state = {"model": model.state_dict(), "optimizer": {"exp_avg": torch.zeros(3)}}
+    dcp.save(state, checkpoint_id=str(step), no_dist=True)
+    write_marker(step, {"step": 3, "kind": "full"})
+    (root / "run" / "config.toml").write_text(
+        f'[model]\nflavor = "debugmodel"\n[training]\nseq_len = {TRAINED_SEQ_LEN}\n'
+    )
+    dcp_to_llama(step, root / "hf", log=lambda _: None)
+    return {"data": data, "dcp": step, "hf": root / "hf", "root": root}
+
+
+@pytest.fixture(scope="module")
+def model(files) -> Transformer:
+    return load_model(files["dcp"], torch.device("cpu"), torch.float32, 512).model
+
+
+def _prompt(counts: np.ndarray) -> torch.Tensor:
+    """Tokens of whole time bins plus the separator opening the next one."""
+    return torch.from_numpy(np.concatenate([tokenize_row(counts), [SEPARATOR]]).astype(np.int64))
+
+
+def test_kv_cache_forward_equals_full_forward(model):
+    tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    cache = KVCache(model.args, batch=2, max_len=40)
+    with torch.no_grad():
+        full = model(tokens)
+        chunks = [(0, 17), (17, 18), (18, 19), (19, 40)]  # prefill, 2 tokens, a chunk
+        cached = torch.cat([model(tokens[:, a:b], cache, a) for a, b in chunks], dim=1)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+def test_cached_generation_equals_full_recompute(model, files):
+    counts = read_row(None, str(files["data"]), "test", 0).counts[:, :3]
+    n = counts.shape[0]
+    args = (model, _prompt(counts), n, 4, 2, GREEDY)
+    cached = generate_tokens(*args)
+    recomputed = generate_tokens(*args, use_cache=False)
+    assert cached.shape == (2, 7 * (n + 1))
+    assert torch.equal(cached, recomputed)
+
+
+def test_separators_every_bin_and_nowhere_else(model):
+    n, bins = 6, 5
+    tokens = generate_tokens(
+        model, _prompt(np.zeros((n, 0))), n, bins, 3, Sampling(2.0), torch.Generator()
+    )
+    is_sep = (tokens == SEPARATOR).numpy()
+    assert is_sep.shape == (3, bins * (n + 1))
+    assert (is_sep == (np.arange(bins * (n + 1)) % (n + 1) == 0)).all()
+    # Even when the separator (or a token above it) dominates, counts 0..254 are drawn.
+    logits = torch.zeros(64, 300)
+    logits[:, SEPARATOR] = logits[:, 280] = 1e4
+    for sampling in (GREEDY, Sampling(1.0), Sampling(1.0, top_k=5), Sampling(1.0, top_p=0.5)):
+        drawn = sample_counts(logits, sampling, torch.Generator().manual_seed(0))
+        assert drawn.max() < SEPARATOR, sampling
+
+
+def test_seeds_and_truncation(model):
+    n, bins = 5, 6
+    prompt = _prompt(np.zeros((n, 0)))
+
+    def sample(seed: int, sampling: Sampling = PLAIN) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return generate_tokens(model, prompt, n, bins, 2, sampling, generator)
+
+    assert torch.equal(sample(0), sample(0))
+    assert not torch.equal(sample(0), sample(1))
+    greedy = generate_tokens(model, prompt, n, bins, 2, GREEDY)
+    assert torch.equal(sample(0, Sampling(1.0, top_k=1)), greedy)
+    assert torch.equal(sample(1, Sampling(1.0, top_p=1e-6)), greedy)
+
+
+def test_npz_round_trips_to_the_neural_pile_schema(model, files, tmp_path, capsys):
+    out = tmp_path / "gen" / "row1.npz"
+    argv = ["--checkpoint", str(files["dcp"]), "--dataset_path", str(files["data"]),
+            "--row", "1", "--prompt_bins", "5", "--bins", "8", "--num_samples", "2",
+            "--seed", "7", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    log = capsys.readouterr().out
+    assert f"beyond the {TRAINED_SEQ_LEN}-token context the model was trained with" in log
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = np.load(out)
+    row = read_row(None, str(files["data"]), "test", 1)
+    n = row.counts.shape[0]
+    prompt, real = saved["spike_counts_prompt"], saved["spike_counts_real"]
+    generated = saved["spike_counts_generated"]
+    assert generated.shape == (2, n, 8) and generated.dtype == np.uint8
+    assert np.array_equal(prompt, row.counts[:, :5])
+    assert np.array_equal(real, row.counts[:, 5:13])
+    meta = json.loads(str(saved["metadata"]))
+    assert meta["row"] == 1 and meta["row_ids"] == row.ids and meta["seed"] == 7
+    assert meta["sampling"] == {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
+    # The same sampling here gives the tokens that the saved rows tokenize back to.
+    generator = torch.Generator().manual_seed(7)
+    tokens = generate_tokens(model, _prompt(prompt), n, 8, 2, Sampling(1.0), generator).numpy()
+    assert np.array_equal(tokens_to_counts(tokens[:, 5 * (n + 1) :], n), generated)
+    rows = [np.concatenate([prompt, g], axis=1) for g in generated]  # (neurons, 13) each
+    spikes = pa.array([r.tolist() for r in rows], pa.list_(pa.list_(pa.uint8())))
+    for i in range(2):
+        counts, why = arrow_row_matrix(spikes[i : i + 1])
+        assert why == "" and np.array_equal(tokenize_row(counts), tokens[i])
+
+
+def test_unconditional_from_the_hf_export(files, tmp_path, capsys):
+    out = tmp_path / "free.npz"
+    argv = ["--checkpoint", str(files["hf"]), "--neurons", "4", "--bins", "3", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    saved = np.load(out)
+    assert "spike_counts_real" not in saved.files
+    assert saved["spike_counts_prompt"].shape == (4, 0)
+    assert saved["spike_counts_generated"].shape == (1, 4, 3)
+    assert json.loads(str(saved["metadata"]))["row"] is None
+
+
+def test_hf_export_and_dcp_give_the_same_logits(files, model):
+    hf = load_model(files["hf"], torch.device("cpu"), torch.float32, 512).model
+    tokens = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens), model(tokens), atol=1e-5, rtol=1e-5)
+
+
+def _bad_inputs(files: dict[str, Path], root: Path) -> dict[str, tuple[list[str], str]]:
+    incomplete = root / "incomplete"
+    dcp.save({"model": {"x": torch.zeros(2)}}, checkpoint_id=str(incomplete), no_dist=True)
+    ckpt, data = ["--checkpoint", str(files["dcp"])], ["--dataset_path", str(files["data"])]
+    cases = {
+        "missing checkpoint": (["--checkpoint", str(root / "nope"), "--neurons", "4"], "nope"),
+        "checkpoint folder": (
+            ["--checkpoint", str(files["dcp"].parent), "--neurons", "4"],
+            "pass one, e.g.",
+        ),
+        "incomplete": (["--checkpoint", str(incomplete), "--neurons", "4"], "incomplete"),
+        "row out of range": ([*ckpt, *data, "--row", "3"], "--row 3: out of range"),
+        "no such split": ([*ckpt, *data, "--split", "validation"], "no split 'validation'"),
+        "no such dataset": ([*ckpt, "--dataset_path", str(root / "nodata")], "nodata"),
+        "prompt too long": ([*ckpt, *data, "--prompt_bins", "1000"], "--prompt_bins 1000"),
+        "neurons 0": ([*ckpt, "--neurons", "0"], "--neurons 0: must be > 0"),
+        "bins 0": ([*ckpt, *data, "--bins", "0"], "--bins 0: must be > 0"),
+        "samples 0": ([*ckpt, *data, "--num_samples", "0"], "--num_samples 0"),
+        "threads 0": ([*ckpt, *data, "--threads", "0"], "--threads 0"),
+        "top_p 0": ([*ckpt, *data, "--top_p", "0"], "--top_p 0.0: must be in (0, 1]"),
+        "top_p 1.5": ([*ckpt, *data, "--top_p", "1.5"], "--top_p 1.5"),
+        "temperature": ([*ckpt, *data, "--temperature", "-1"], "--temperature -1.0"),
+        "top_k": ([*ckpt, *data, "--top_k", "-2"], "--top_k -2"),
+        "both prompts": ([*ckpt, *data, "--neurons", "4"], "not both"),
+        "no prompt": (ckpt, "nothing to generate"),
+        "not an int": ([*ckpt, "--neurons", "four"], "invalid int value"),
+        "unknown option": ([*ckpt, "--neurons", "4", "--tokens", "9"], "unrecognized"),
+        "bad device": ([*ckpt, "--neurons", "4", "--device", "tpu"], "--device tpu"),
+    }
+    if not torch.cuda.is_available():
+        cases["no cuda"] = ([*ckpt, "--neurons", "4", "--device", "cuda"], "not available")
+    return cases
+
+
+def test_every_bad_input_is_one_line_and_writes_nothing(files, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out" / "x.npz"
+    for name, (argv, words) in _bad_inputs(files, tmp_path).items():
+        if "--out" not in argv:
+            argv = [*argv, "--out", str(out)]
+        assert main(argv) != 0, name
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (name, lines)
+        assert words in lines[0], (name, lines[0])
+    assert main(["--checkpoint", str(files["hf"]), "--neurons", "2", "--out", "x.txt"]) == 1
+    assert "must end in .npz" in capsys.readouterr().err
+
+    # A failure while writing (here: the plot) leaves neither file, nor temporary ones.
+    def failing_plot(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("titan.generate.plot", failing_plot)
+    argv = ["--checkpoint", str(files["hf"]), "--neurons", "2", "--bins", "1", "--out", str(out)]
+    assert main(argv) == 1
+    assert capsys.readouterr().err.strip().endswith("No space left on device")
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_command_line_error_has_no_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "generate.py"), "--checkpoint", str(tmp_path / "none"),
+         "--neurons", "4", "--out", str(tmp_path / "x.npz")],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"error: --checkpoint {tmp_path / 'none'}: "
+                                                  "no such directory"]  # fmt: skip
+    assert "Traceback" not in result.stdout + result.stderr

@@ -1,0 +1,96 @@
+"""The loss chart (`python -m titan.plot OUTPUT_DIR`): on the metrics.jsonl of a short debug
+training run plus hand-added validation records, a re-logged step (the later record wins)
+and a line cut short; without validation records; and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import read_metrics as read_records
+from conftest import run_train
+
+from titan.plot import build_figure, main, read_metrics
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _legends(train: dict, val: dict) -> list[list[str]]:
+    """The legend entries of each panel of the chart (loss, learning rate, tokens/s)."""
+    fig = build_figure(train, val, "run")
+    return [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes]
+
+
+def _one_error_line(capsys, *words: str) -> None:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_chart_of_a_real_run_with_validation(tmp_path, synthetic_dir, capsys):
+    result = run_train(
+        [
+            "--job.config_file=train_configs/debug_model.toml",
+            f"--job.dump_folder={tmp_path}",
+            f"--training.dataset_path={synthetic_dir}",
+            "--training.steps=12",
+            "--training.seq_len=64",
+            "--training.warmup_steps=4",
+            "--metrics.log_freq=2",
+            "--checkpoint.no_enable_checkpoint",
+        ]
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    logged = read_records(tmp_path)
+    assert [r["step"] for r in logged] == [1, *range(2, 13, 2)]
+    resumed = {**logged[2], "loss": 9.5}  # a resumed run logs step 4 again
+    vals = [
+        {"step": s, "val_loss": 6.0 - s / 4, "val_loss_by_source": {"a": 6.1 - s / 4, "b": 5.9}}
+        for s in (4, 8, 12)
+    ]
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        for rec in [vals[0], resumed, *vals[1:]]:
+            f.write(json.dumps(rec) + "\n")
+        f.write('{"step": 14, "lo')  # a line cut short by a crash
+
+    train, val, bad = read_metrics(tmp_path / "metrics.jsonl")
+    assert sorted(train) == [1, 2, 4, 6, 8, 10, 12] and sorted(val) == [4, 8, 12]
+    assert train[4]["loss"] == 9.5 and bad == 1
+    assert _legends(train, val) == [
+        ["training loss", "validation loss", "validation: a", "validation: b"],
+        ["learning rate"],
+        ["tokens/s per device"],
+    ]
+    assert main([str(tmp_path)]) == 0
+    assert "7 training and 3 validation records (skipped 1 unreadable lines)" in (
+        capsys.readouterr().out
+    )
+    assert (tmp_path / "metrics.png").read_bytes()[:8] == PNG
+    assert not list(tmp_path.glob(".*.tmp-*"))
+
+
+def test_chart_without_validation_and_bad_inputs(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"step": s, "loss": 5.0 / s, "lr": 1e-3, "tokens_per_s": 1000.0} for s in (1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "charts" / "run.png"
+    out.parent.mkdir()
+    assert _legends(*read_metrics(run / "metrics.jsonl")[:2]) == [
+        ["training loss"],
+        ["learning rate"],
+        ["tokens/s per device"],
+    ]
+    assert main([str(run), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == PNG and not (run / "metrics.png").exists()
+    capsys.readouterr()
+
+    assert main([str(run), "--out", str(tmp_path / "x.jpg")]) == 1
+    _one_error_line(capsys, "x.jpg: must end in .png")
+    assert main([str(tmp_path / "nope")]) == 1
+    _one_error_line(capsys, "metrics.jsonl: no such file")
+    (run / "metrics.jsonl").write_text("\n")
+    assert main([str(run)]) == 1
+    _one_error_line(capsys, "no training or validation records")
+    assert main([]) == 2
+    _one_error_line(capsys, "output_dir")

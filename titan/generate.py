@@ -1,0 +1,566 @@
+"""Sample spike trains from a trained model, token by token with a KV cache.
+
+    python generate.py --checkpoint outputs/debug_model/checkpoint/step-100 \
+        --dataset synthetic --row 0 --prompt_bins 20 --bins 100 --out samples/row0.npz
+    python generate.py --checkpoint exports/debug-hf --neurons 32 --bins 100 \
+        --num_samples 4 --out samples/free.npz
+
+Weights come from a DCP directory (a training step, full or model-only, or a
+`llama_to_dcp.py` output; only its `model.*` tensors are read) or from a Hugging Face
+export (`config.json` + safetensors, as `dcp_to_llama.py` writes it). Conditional
+generation continues the first `--prompt_bins` time bins of a dataset row and keeps the
+row's next `--bins` bins (as many as it has) for comparison; unconditional generation
+(`--neurons N`) starts from the separator alone. The separator 255 is forced at the start
+of every time bin (every n_neurons + 1 tokens) and never sampled anywhere else.
+
+The `.npz` holds uint8 counts, each a (neurons, time bins) matrix as in the Neural Pile:
+- `spike_counts_generated`: (num_samples, neurons, bins);
+- `spike_counts_prompt`: (neurons, prompt_bins), the prompt all samples share (0 bins
+  when unconditional);
+- `spike_counts_real`: (neurons, real bins <= bins), the row's real continuation
+  (conditional only);
+- `metadata`: a JSON string (checkpoint, dataset row ids, sampling settings, timing).
+Sample i as a Neural Pile row is `concatenate([prompt, generated[i]], axis=1)`. A PNG with
+the same name shows rasters (real vs generated, prompt marked) and per-neuron rates.
+Every bad input ends the command with one `error: ...` line and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from titan.checkpoint import MARKER
+from titan.config import ConfigError, JobConfig
+from titan.convert import (
+    DTYPES,
+    ConvertError,
+    HFSource,
+    dcp_model_args,
+    find_job_config,
+    read_dcp_model_groups,
+    read_dcp_model_metadata,
+)
+from titan.convert.common import first_line
+from titan.data import sources
+from titan.data.tokenizer import SEPARATOR, arrow_row_matrix, tokenize_row
+from titan.logging import init_logger, logger
+from titan.models.llama import FLAVORS, KVCache, ModelArgs, Transformer, param_shapes
+
+ID_COLUMNS = ("subject_id", "session_id", "segment_id", "source_dataset")
+"""String columns of a Neural Pile row, copied into the metadata."""
+
+
+class GenerateError(Exception):
+    """A bad input; the message is one line."""
+
+
+class UsageError(GenerateError):
+    """A malformed command line (exit status 2, as argparse's)."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How each count is drawn from the model's distribution over counts 0..254."""
+
+    temperature: float = 1.0
+    """Softmax temperature; 0 = greedy (the most likely count)."""
+    top_k: int = 0
+    """Keep only the k most likely counts (0 = all)."""
+    top_p: float = 1.0
+    """Keep the smallest set of most likely counts whose probability reaches top_p."""
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for generation and what is known about it."""
+
+    model: Transformer
+    origin: str
+    """Where the weights and the architecture came from (for the log and the metadata)."""
+    trained_seq_len: int | None
+    """Context length the model was trained with, when the run's config says."""
+
+
+def load_model(
+    path: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_len: int,
+    flavor: str | None = None,
+) -> LoadedModel:
+    """The model of a DCP directory or a Hugging Face export folder, on `device` in
+    `dtype`, with a RoPE table of `max_len` positions (`flavor`: a DCP directory's
+    architecture, when neither its params.json nor its run's config.toml says)."""
+    if not path.is_dir():
+        raise GenerateError(f"--checkpoint {path}: no such directory")
+    if (path / ".metadata").is_file():
+        args, groups, origin, trained = _dcp_weights(path, flavor)
+    elif (path / "config.json").is_file():
+        source = HFSource(path)
+        args, origin, trained = source.args, f"{path} (Hugging Face export)", None
+        groups = ({name: source.load(name)} for name in param_shapes(args))
+    else:
+        steps = sorted((p for p in path.glob("step-*") if p.is_dir()), key=_step_number)
+        hint = f"; it holds step directories: pass one, e.g. {steps[-1]}" if steps else ""
+        raise GenerateError(
+            f"--checkpoint {path}: neither a DCP directory (.metadata) nor a Hugging Face "
+            f"export (config.json){hint}"
+        )
+    if args.vocab_size < SEPARATOR + 1:
+        raise GenerateError(
+            f"{path}: vocabulary of {args.vocab_size} tokens; spike-count models have 256"
+        )
+    args = dataclasses.replace(args, max_seq_len=max_len, attn_impl="sdpa")
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to(dtype).to_empty(device=device)
+    model.init_rope(device)  # float32, whatever the parameters' dtype
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for group in groups:
+            for name, tensor in group.items():
+                params[name].copy_(tensor)
+    return LoadedModel(model.eval(), origin, trained)
+
+
+def _step_number(path: Path) -> int:
+    number = path.name.removeprefix("step-")
+    return int(number) if number.isdigit() else -1
+
+
+def _dcp_weights(
+    path: Path, flavor: str | None
+) -> tuple[ModelArgs, Iterable[dict[str, torch.Tensor]], str, int | None]:
+    """(architecture, groups of model tensors read lazily, origin, trained seq_len)."""
+    if not (path / MARKER).is_file():
+        raise GenerateError(
+            f"{path}: incomplete checkpoint (no {MARKER} marker: its save did not finish); "
+            "use another step"
+        )
+    stored = read_dcp_model_metadata(path)
+    if not stored:
+        raise GenerateError(f"{path}: no model tensors (keys model.*) in this checkpoint")
+    job = find_job_config(path)
+    args, origin = dcp_model_args(path, stored, flavor, None, job)
+    trained = None
+    if not (path / "params.json").is_file():  # a training step: its run's config is its own
+        trained = (job or {}).get("training", {}).get("seq_len")
+    groups = read_dcp_model_groups(path, list(param_shapes(args)), stored)
+    return args, groups, f"{path} (DCP; architecture from {origin})", trained
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class Row:
+    """One dataset row to prompt with."""
+
+    counts: np.ndarray
+    """(n_neurons, n_time_bins) uint8."""
+    ids: dict[str, str]
+    """The row's string columns (subject_id, session_id, ...)."""
+    label: str
+    """The dataset, as messages name it."""
+
+
+def read_row(dataset: str | None, dataset_path: str | None, split: str, row: int) -> Row:
+    """Row `row` of a split of a named dataset or a dataset path (as training reads them)."""
+    cfg = JobConfig()
+    cfg.training.dataset = dataset or "dataset_path"
+    cfg.training.dataset_path = dataset_path
+    src = sources.resolve_source(cfg)
+    ds = sources.open_split(src, split, False, [], extra_columns=ID_COLUMNS)
+    if not 0 <= row < len(ds):
+        raise GenerateError(
+            f"--row {row}: out of range; the {split} split of {src.label} has {len(ds)} rows"
+        )
+    table = ds.with_format("arrow")[row]  # a 1-row pyarrow Table
+    cell = pa.concat_arrays(table.column(sources.COLUMN).chunks)
+    counts, why = arrow_row_matrix(cell)
+    if counts is None:
+        raise GenerateError(f"row {row} of the {split} split of {src.label}: {why}")
+    ids = {c: str(table.column(c)[0].as_py()) for c in ID_COLUMNS if c in table.column_names}
+    return Row(np.ascontiguousarray(counts, dtype=np.uint8), ids, src.label)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sample_counts(
+    logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None
+) -> torch.Tensor:
+    """The next count token (batch,) in 0..254 from logits (batch, vocab): the separator
+    (and any token above it) is never drawn."""
+    logits = logits[:, :SEPARATOR].float()  # (batch, 255): counts only
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / sampling.temperature
+    if 0 < sampling.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]  # (batch, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1:
+        ordered, order = logits.sort(dim=-1, descending=True)  # (batch, 255) each
+        probs = ordered.softmax(dim=-1)
+        # drop a count once the more likely ones already reach top_p (the first always stays)
+        ordered = ordered.masked_fill(probs.cumsum(dim=-1) - probs >= sampling.top_p, -torch.inf)
+        logits = torch.empty_like(logits).scatter_(-1, order, ordered)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (batch,)
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model: Transformer,
+    prompt: torch.Tensor,
+    n_neurons: int,
+    n_bins: int,
+    num_samples: int,
+    sampling: Sampling,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Tokens (num_samples, prompt_bins * (n_neurons + 1) + n_bins * (n_neurons + 1)): the
+    prompt, then `n_bins` sampled time bins. `prompt` (1-D) is whole time bins followed by
+    the separator that opens the first generated bin. Without `use_cache`, every step
+    recomputes the whole sequence (the reference the cached path is tested against)."""
+    period = n_neurons + 1
+    start = prompt.numel()
+    assert start % period == 1, "the prompt must be whole time bins plus one separator"
+    total = start - 1 + n_bins * period
+    device = model.tok_embeddings.weight.device
+    tokens = torch.empty(num_samples, total, dtype=torch.long, device=device)
+    tokens[:, :start] = prompt.to(device)
+    cache = None
+    if use_cache:
+        cache = KVCache(model.args, num_samples, total, device, model.tok_embeddings.weight.dtype)
+    logits = model(tokens[:, :start], cache)[:, -1]  # (samples, vocab)
+    for pos in range(start, total):
+        if pos % period == 0:
+            tokens[:, pos] = SEPARATOR  # every time bin opens with the separator
+        else:
+            tokens[:, pos] = sample_counts(logits, sampling, generator)
+        if pos + 1 < total:
+            if use_cache:
+                logits = model(tokens[:, pos : pos + 1], cache, pos)[:, -1]
+            else:
+                logits = model(tokens[:, : pos + 1])[:, -1]
+    return tokens
+
+
+def tokens_to_counts(tokens: np.ndarray, n_neurons: int) -> np.ndarray:
+    """Whole time bins of tokens (samples, bins * (n_neurons + 1)) -> counts
+    (samples, n_neurons, bins) uint8; the inverse of `tokenize_row` per sample."""
+    samples = tokens.shape[0]
+    bins = tokens.reshape(samples, -1, n_neurons + 1)  # (samples, bins, 1 + neurons)
+    assert (bins[:, :, 0] == SEPARATOR).all() and (bins[:, :, 1:] < SEPARATOR).all()
+    return bins[:, :, 1:].transpose(0, 2, 1).astype(np.uint8)  # (samples, neurons, bins)
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def save(
+    out: Path,
+    prompt: np.ndarray,
+    generated: np.ndarray,
+    real: np.ndarray | None,
+    metadata: dict[str, Any],
+) -> Path:
+    """Write `out` (.npz) and the PNG beside it, each to a temporary name first, so that a
+    failure leaves neither; returns the PNG's path."""
+    png = out.with_suffix(".png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_npz = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp_png = png.with_name(f".{png.name}.tmp-{os.getpid()}")
+    arrays = {"spike_counts_prompt": prompt, "spike_counts_generated": generated}
+    if real is not None:
+        arrays["spike_counts_real"] = real
+    try:
+        with open(tmp_npz, "wb") as f:
+            np.savez_compressed(f, **arrays, metadata=np.array(json.dumps(metadata)))
+        plot(tmp_png, prompt, generated, real, _title(metadata))
+        os.replace(tmp_npz, out)
+        os.replace(tmp_png, png)
+    finally:
+        tmp_npz.unlink(missing_ok=True)
+        tmp_png.unlink(missing_ok=True)
+    return png
+
+
+def _title(meta: dict[str, Any]) -> str:
+    if meta.get("row") is None:
+        what = f"unconditional, {meta['n_neurons']} neurons"
+    else:
+        ids = ", ".join(meta["row_ids"].get(c, "") for c in ("session_id", "segment_id"))
+        what = f"{meta['dataset']} [{meta['split']}] row {meta['row']} ({ids.strip(', ')})"
+    s = meta["sampling"]
+    how = f"temperature {s['temperature']}, top_k {s['top_k']}, top_p {s['top_p']}"
+    return f"{meta['checkpoint']}: {what}\n{how}, seed {meta['seed']}"
+
+
+def plot(
+    path: Path, prompt: np.ndarray, generated: np.ndarray, real: np.ndarray | None, title: str
+) -> None:
+    """Rasters (neurons x time bins; real continuation and the first sample, the prompt
+    before a dashed line) and per-neuron mean rates, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_samples, n_neurons, n_bins = generated.shape
+    p = prompt.shape[1]
+    rasters = []
+    if real is not None:
+        rasters.append((f"real: prompt + next {real.shape[1]} bins of the row", real))
+    label = "generated" if n_samples == 1 else f"generated, sample 1 of {n_samples}"
+    label += ": prompt + " if p else ": "
+    rasters.append((f"{label}{n_bins} sampled bins", generated[0]))
+    shown = np.concatenate([prompt.ravel()] + [r.ravel() for _, r in rasters])
+    vmax = max(1, int(np.percentile(shown, 99.5)))
+    fig, axes = plt.subplots(
+        len(rasters) + 1, 1, figsize=(12, 2.2 + 2.6 * (len(rasters) + 1)), layout="constrained"
+    )
+    for ax, (name, counts) in zip(axes, rasters, strict=False):
+        matrix = np.concatenate([prompt, counts], axis=1)  # (neurons, prompt + bins)
+        image = ax.imshow(
+            matrix, aspect="auto", interpolation="nearest", cmap="Greys", vmin=0, vmax=vmax,
+            extent=(-0.5, matrix.shape[1] - 0.5, n_neurons - 0.5, -0.5),
+        )  # fmt: skip
+        ax.set_xlim(-0.5, p + n_bins - 0.5)
+        if p:
+            ax.axvline(p - 0.5, color="tab:red", linestyle="--", label="end of prompt")
+            ax.legend(loc="upper right", framealpha=0.9)
+        ax.set(title=name, xlabel="time bin", ylabel="neuron")
+    fig.colorbar(
+        image, ax=list(axes[: len(rasters)]), label="spikes per bin",
+        extend="max" if shown.max() > vmax else "neither",
+    )  # fmt: skip
+    ax = axes[-1]
+    neurons = np.arange(n_neurons)
+    if p:
+        ax.plot(neurons, prompt.mean(axis=1), ":", color="gray", label=f"prompt ({p} bins)")
+    if real is not None and real.shape[1]:
+        real_label = f"real continuation ({real.shape[1]} bins)"
+        ax.plot(neurons, real.mean(axis=1), "o-", color="black", label=real_label)
+    gen_label = f"generated ({n_samples} x {n_bins} bins)"
+    ax.plot(neurons, generated.mean(axis=(0, 2)), "s-", color="tab:orange", label=gen_label)
+    ax.set(title="per-neuron mean rate", xlabel="neuron", ylabel="mean spikes per bin")
+    ax.set_xlim(-0.5, n_neurons - 0.5)
+    ax.set_ylim(bottom=0)
+    ax.legend(loc="upper right", framealpha=0.9)
+    fig.suptitle(title)
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- command
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="generate.py",
+        description="Sample spike trains from a trained model (KV-cache decoding); writes "
+        "an .npz of uint8 counts and a PNG beside it.",
+    )
+    p.add_argument("--checkpoint", required=True, help="DCP step directory or HF export folder")
+    p.add_argument("--out", required=True, help="output FILE.npz (FILE.png is written beside)")
+    g = p.add_argument_group("prompt: a dataset row (conditional) or --neurons (unconditional)")
+    g.add_argument("--dataset", default=None, help="primate, rodent or synthetic")
+    g.add_argument("--dataset_path", default=None, help="local dataset or Hub id to read instead")
+    g.add_argument("--split", default="test", help="split to read the row from (default test)")
+    g.add_argument("--row", type=int, default=0, help="row index in the split (default 0)")
+    g.add_argument(
+        "--prompt_bins", type=int, default=20, help="time bins of the row given as the prompt"
+    )
+    g.add_argument("--neurons", type=int, default=None, help="unconditional: number of neurons")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--bins", type=int, default=100, help="time bins to generate (default 100)")
+    s.add_argument("--num_samples", type=int, default=1, help="samples generated together")
+    s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1)")
+    s.add_argument("--top_k", type=int, default=0, help="keep the k likeliest counts (0 = all)")
+    s.add_argument("--top_p", type=float, default=1.0, help="nucleus mass in (0, 1] (default 1)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the sampler (default 0)")
+    r = p.add_argument_group("model and runtime")
+    r.add_argument(
+        "--flavor",
+        choices=list(FLAVORS),
+        default=None,
+        help="architecture of a DCP directory, if neither its params.json nor its run's "
+        "config.toml says",
+    )
+    r.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if any)")
+    r.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (default 1: decoding one token at a time gains little from more, "
+        "and loses much on a busy machine)",
+    )
+    r.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default=None,
+        help="compute dtype (default float32 on CPU, bfloat16 on CUDA)",
+    )
+    return p
+
+
+def _check(opts: argparse.Namespace) -> None:
+    """Refuse impossible options before reading anything."""
+    conditional = opts.dataset is not None or opts.dataset_path is not None
+    if conditional and opts.neurons is not None:
+        raise GenerateError("give a dataset row (--dataset/--dataset_path) or --neurons, not both")
+    if not conditional and opts.neurons is None:
+        raise GenerateError(
+            "nothing to generate from: give a dataset row (--dataset or --dataset_path, with "
+            "--split and --row) or --neurons N for unconditional generation"
+        )
+    rules = [
+        (opts.neurons is None or opts.neurons > 0, f"--neurons {opts.neurons}: must be > 0"),
+        (opts.bins > 0, f"--bins {opts.bins}: must be > 0"),
+        (opts.num_samples > 0, f"--num_samples {opts.num_samples}: must be > 0"),
+        (opts.threads > 0, f"--threads {opts.threads}: must be > 0"),
+        (opts.prompt_bins >= 0, f"--prompt_bins {opts.prompt_bins}: must be >= 0"),
+        (opts.temperature >= 0, f"--temperature {opts.temperature}: must be >= 0 (0 = greedy)"),
+        (opts.top_k >= 0, f"--top_k {opts.top_k}: must be >= 0 (0 = all counts)"),
+        (0 < opts.top_p <= 1, f"--top_p {opts.top_p}: must be in (0, 1]"),
+        (Path(opts.out).suffix == ".npz", f"--out {opts.out}: must end in .npz"),
+        (Path(opts.checkpoint).exists(), f"--checkpoint {opts.checkpoint}: no such directory"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise GenerateError(message)
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise GenerateError(f"--device {name}: not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GenerateError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise GenerateError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def generate(opts: argparse.Namespace) -> dict[str, Any]:
+    """Everything the command does; returns the metadata written into the .npz."""
+    _check(opts)
+    device = _device(opts.device)
+    dtype = DTYPES[opts.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    if device.type == "cpu":
+        torch.set_num_threads(opts.threads)
+    row = None
+    if opts.neurons is None:
+        row = read_row(opts.dataset, opts.dataset_path, opts.split, opts.row)
+        n_neurons, have = row.counts.shape
+        if opts.prompt_bins > have:
+            raise GenerateError(
+                f"--prompt_bins {opts.prompt_bins}: row {opts.row} has only {have} time bins"
+            )
+        prompt = row.counts[:, : opts.prompt_bins]  # (neurons, prompt_bins)
+        real = row.counts[:, opts.prompt_bins : opts.prompt_bins + opts.bins]  # (neurons, <=bins)
+    else:
+        n_neurons = opts.neurons
+        prompt = np.zeros((n_neurons, 0), dtype=np.uint8)  # (neurons, 0)
+        real = None
+    period = n_neurons + 1
+    total = (prompt.shape[1] + opts.bins) * period
+    loaded = load_model(Path(opts.checkpoint), device, dtype, total, opts.flavor)
+    logger.info(f"Model: {loaded.origin}, {device}, {str(dtype).removeprefix('torch.')}")
+    if loaded.trained_seq_len is not None and total > loaded.trained_seq_len:
+        logger.warning(
+            f"Generating {total} tokens ({prompt.shape[1]} + {opts.bins} bins x {period}), "
+            f"beyond the {loaded.trained_seq_len}-token context the model was trained with"
+        )
+
+    sampling = Sampling(opts.temperature, opts.top_k, opts.top_p)
+    prompt_tokens = np.concatenate([tokenize_row(prompt), [SEPARATOR]])
+    generator = torch.Generator(device=device).manual_seed(opts.seed)
+    start = time.perf_counter()
+    tokens = generate_tokens(
+        loaded.model,
+        torch.from_numpy(prompt_tokens.astype(np.int64)),
+        n_neurons,
+        opts.bins,
+        opts.num_samples,
+        sampling,
+        generator,
+    )
+    seconds = time.perf_counter() - start
+    new_tokens = opts.num_samples * (total - prompt_tokens.size + 1)
+    logger.info(
+        f"Generated {opts.num_samples} x {opts.bins} bins of {n_neurons} neurons in "
+        f"{seconds:.2f} s ({new_tokens / seconds:.0f} tokens/s)"
+    )
+    generated = tokens_to_counts(tokens[:, prompt.shape[1] * period :].cpu().numpy(), n_neurons)
+    metadata = {
+        "checkpoint": str(opts.checkpoint),
+        "model": loaded.origin,
+        "trained_seq_len": loaded.trained_seq_len,
+        "dataset": None if row is None else row.label,
+        "split": None if row is None else opts.split,
+        "row": None if row is None else opts.row,
+        "row_ids": {} if row is None else row.ids,
+        "n_neurons": n_neurons,
+        "prompt_bins": prompt.shape[1],
+        "bins": opts.bins,
+        "real_bins": None if real is None else real.shape[1],
+        "num_samples": opts.num_samples,
+        "sampling": dataclasses.asdict(sampling),
+        "seed": opts.seed,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "seconds": round(seconds, 3),
+        "layout": "counts are uint8 (neurons, time bins) matrices; generated has a leading "
+        "sample axis; sample i as a row = concatenate([prompt, generated[i]], axis=1)",
+    }
+    png = save(Path(opts.out), prompt, generated, real, metadata)
+    logger.info(f"Wrote {opts.out} and {png}")
+    return metadata
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (every failure is one `error:` line)."""
+    init_logger(0)
+    threads = torch.get_num_threads()
+    try:
+        generate(build_parser().parse_args(argv))
+    except (GenerateError, ConfigError, ConvertError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2 if isinstance(e, UsageError) else 1
+    except OSError as e:  # unreadable files, full disk, permissions
+        print(f"error: {first_line(e)}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        torch.set_num_threads(threads)  # --threads is for this command, not its caller
+    return 0

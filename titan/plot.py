@@ -1,0 +1,185 @@
+"""A chart of a run: loss and validation loss, learning rate and tokens/s against the step,
+read from the run's `metrics.jsonl`.
+
+    python -m titan.plot outputs/debug_model [--out FILE.png]   (default OUTPUT_DIR/metrics.png)
+
+Training records have `step`, `loss`, `lr`, `tokens_per_s`, ...; validation records are
+separate lines with `step` and `val_loss` (and maybe `val_loss_by_source`, a dict) but no
+`loss`. A resumed run may log a step twice: the later record wins. Series a run does not
+have (no validation) are left out. A missing or empty metrics file is one `error:` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+class PlotError(Exception):
+    """A bad input; the message is one line."""
+
+
+class UsageError(PlotError):
+    """A malformed command line (exit status 2, as argparse's)."""
+
+
+def read_metrics(path: Path) -> tuple[dict[int, dict], dict[int, dict], int]:
+    """(training records by step, validation records by step, unreadable lines) of a
+    metrics.jsonl; a later record of a step replaces an earlier one of the same kind."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise PlotError(f"{path}: no such file (is this a run's output folder?)") from None
+    train: dict[int, dict] = {}
+    val: dict[int, dict] = {}
+    bad = 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # e.g. a last line cut short by a crash
+            bad += 1
+            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+            bad += 1
+            continue
+        if "loss" in rec:
+            train[rec["step"]] = rec
+        if "val_loss" in rec:
+            val[rec["step"]] = rec
+    if not train and not val:
+        raise PlotError(f"{path}: no training or validation records (the run logged nothing yet)")
+    return train, val, bad
+
+
+def _series(
+    records: dict[int, dict], key: str, source: str | None = None
+) -> tuple[list[int], list[float]]:
+    """(steps, values) of `key` (of `key[source]` for a dict such as val_loss_by_source),
+    in step order, where it is a finite number."""
+    steps, values = [], []
+    for step, rec in sorted(records.items()):
+        value = rec.get(key) if source is None else (rec.get(key) or {}).get(source)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            steps.append(step)
+            values.append(float(value))
+    return steps, values
+
+
+# Per-source validation curves: colors other than the training (blue) and validation (red) ones.
+_SOURCE_COLORS = ["tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
+
+
+def build_figure(train: dict[int, dict], val: dict[int, dict], title: str) -> Figure:
+    """Three panels sharing the step axis: losses, learning rate, tokens/s; a series the
+    records do not have is not drawn."""
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, (ax_loss, ax_lr, ax_tps) = plt.subplots(
+        3, 1, figsize=(10, 10), sharex=True, layout="constrained"
+    )
+    curves = [
+        (ax_loss, _series(train, "loss"), "-", "tab:blue", "training loss"),
+        (ax_loss, _series(val, "val_loss"), "o-", "tab:red", "validation loss"),
+    ]
+    sources = sorted({s for rec in val.values() for s in rec.get("val_loss_by_source") or {}})
+    for i, source in enumerate(sources):
+        color = _SOURCE_COLORS[i % len(_SOURCE_COLORS)]
+        points = _series(val, "val_loss_by_source", source)
+        curves.append((ax_loss, points, ".:", color, f"validation: {source}"))
+    curves += [
+        (ax_lr, _series(train, "lr"), "-", "tab:green", "learning rate"),
+        (ax_tps, _series(train, "tokens_per_s"), "-", "tab:purple", "tokens/s per device"),
+    ]
+    for ax, (steps, values), fmt, color, label in curves:
+        if steps:
+            ax.plot(steps, values, fmt, color=color, label=label)
+    if ax_loss.lines:
+        ax_loss.set_yscale("log")  # the first steps' loss would flatten the rest
+        ax_loss.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # not 10^0
+        ax_loss.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    panels = [
+        (ax_loss, "loss", "cross-entropy (nats/token, log scale)"),
+        (ax_lr, "learning rate", "learning rate"),
+        (ax_tps, "throughput", "tokens/s per device"),
+    ]
+    for ax, name, ylabel in panels:
+        ax.set(title=name, ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(loc="best")
+        else:
+            ax.text(0.5, 0.5, "not in this run", ha="center", va="center", transform=ax.transAxes)
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    ax_tps.set_xlabel("step")
+    fig.suptitle(title)
+    return fig
+
+
+def save_png(fig: Figure, out: Path) -> None:
+    """Write the figure to a temporary name, then rename it: never a half-written PNG."""
+    import matplotlib.pyplot as plt
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see --help)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (a failure is one `error:` line)."""
+    p = _Parser(
+        prog="python -m titan.plot",
+        description="Draw a run's loss, validation loss, learning rate and tokens/s "
+        "against the step into a PNG.",
+    )
+    p.add_argument("output_dir", help="the run's output folder (holding metrics.jsonl)")
+    p.add_argument("--out", default=None, help="PNG to write (default OUTPUT_DIR/metrics.png)")
+    try:
+        opts = p.parse_args(argv)
+        folder = Path(opts.output_dir)
+        train, val, bad = read_metrics(folder / "metrics.jsonl")
+        out = Path(opts.out) if opts.out else folder / "metrics.png"
+        if out.suffix != ".png":
+            raise PlotError(f"--out {out}: must end in .png")
+        save_png(build_figure(train, val, _title(folder, train, val)), out)
+    except PlotError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2 if isinstance(e, UsageError) else 1
+    except OSError as e:  # unreadable file, missing output folder, full disk
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return 1
+    skipped = f" (skipped {bad} unreadable lines)" if bad else ""
+    print(f"wrote {out}: {len(train)} training and {len(val)} validation records{skipped}")
+    return 0
+
+
+def _title(folder: Path, train: dict[int, Any], val: dict[int, Any]) -> str:
+    last = max([*train, *val])
+    return f"{folder.resolve().name}: up to step {last}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
