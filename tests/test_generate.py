@@ -31,16 +31,9 @@ from titan.checkpoint.storage import write_marker
 from titan.convert import dcp_to_llama
 from titan.data.synthetic import generate as make_dataset
 from titan.data.tokenizer import SEPARATOR, arrow_row_matrix, tokenize_row
-from titan.generate import (
-    Sampling,
-    generate_tokens,
-    load_model,
-    main,
-    read_row,
-    sample_counts,
-    tokens_to_counts,
-)
+from titan.generate import load_model, main, read_row
 from titan.models.llama import KVCache, Transformer, build_model_args
+from titan.sampling import Sampling, generate_tokens, sample_counts, tokens_to_counts
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 TRAINED_SEQ_LEN = 64
@@ -238,7 +231,7 @@ def test_every_bad_input_is_one_line_and_writes_nothing(files, tmp_path, capsys,
     def failing_plot(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("titan.generate.plot", failing_plot)
+    monkeypatch.setattr("titan.generate.plot_samples", failing_plot)
     argv = ["--checkpoint", str(files["hf"]), "--neurons", "2", "--bins", "1", "--out", str(out)]
     assert main(argv) == 1
     assert capsys.readouterr().err.strip().endswith("No space left on device")

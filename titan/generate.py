@@ -57,7 +57,9 @@ from titan.convert.common import first_line
 from titan.data import sources
 from titan.data.tokenizer import SEPARATOR, arrow_row_matrix, tokenize_row
 from titan.logging import init_logger, logger
-from titan.models.llama import FLAVORS, KVCache, ModelArgs, Transformer, param_shapes
+from titan.models.llama import FLAVORS, ModelArgs, Transformer, param_shapes
+from titan.plot import plot_samples, samples_title
+from titan.sampling import Sampling, generate_tokens, tokens_to_counts
 
 ID_COLUMNS = ("subject_id", "session_id", "segment_id", "source_dataset")
 """String columns of a Neural Pile row, copied into the metadata."""
@@ -69,18 +71,6 @@ class GenerateError(Exception):
 
 class UsageError(GenerateError):
     """A malformed command line (exit status 2, as argparse's)."""
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How each count is drawn from the model's distribution over counts 0..254."""
-
-    temperature: float = 1.0
-    """Softmax temperature; 0 = greedy (the most likely count)."""
-    top_k: int = 0
-    """Keep only the k most likely counts (0 = all)."""
-    top_p: float = 1.0
-    """Keep the smallest set of most likely counts whose probability reaches top_p."""
 
 
 # ----------------------------------------------------------------------------- weights
@@ -200,79 +190,6 @@ def read_row(dataset: str | None, dataset_path: str | None, split: str, row: int
     return Row(np.ascontiguousarray(counts, dtype=np.uint8), ids, src.label)
 
 
-# ----------------------------------------------------------------------------- sampling
-
-
-def sample_counts(
-    logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None
-) -> torch.Tensor:
-    """The next count token (batch,) in 0..254 from logits (batch, vocab): the separator
-    (and any token above it) is never drawn."""
-    logits = logits[:, :SEPARATOR].float()  # (batch, 255): counts only
-    if sampling.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / sampling.temperature
-    if 0 < sampling.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]  # (batch, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p < 1:
-        ordered, order = logits.sort(dim=-1, descending=True)  # (batch, 255) each
-        probs = ordered.softmax(dim=-1)
-        # drop a count once the more likely ones already reach top_p (the first always stays)
-        ordered = ordered.masked_fill(probs.cumsum(dim=-1) - probs >= sampling.top_p, -torch.inf)
-        logits = torch.empty_like(logits).scatter_(-1, order, ordered)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (batch,)
-
-
-@torch.inference_mode()
-def generate_tokens(
-    model: Transformer,
-    prompt: torch.Tensor,
-    n_neurons: int,
-    n_bins: int,
-    num_samples: int,
-    sampling: Sampling,
-    generator: torch.Generator | None = None,
-    use_cache: bool = True,
-) -> torch.Tensor:
-    """Tokens (num_samples, prompt_bins * (n_neurons + 1) + n_bins * (n_neurons + 1)): the
-    prompt, then `n_bins` sampled time bins. `prompt` (1-D) is whole time bins followed by
-    the separator that opens the first generated bin. Without `use_cache`, every step
-    recomputes the whole sequence (the reference the cached path is tested against)."""
-    period = n_neurons + 1
-    start = prompt.numel()
-    assert start % period == 1, "the prompt must be whole time bins plus one separator"
-    total = start - 1 + n_bins * period
-    device = model.tok_embeddings.weight.device
-    tokens = torch.empty(num_samples, total, dtype=torch.long, device=device)
-    tokens[:, :start] = prompt.to(device)
-    cache = None
-    if use_cache:
-        cache = KVCache(model.args, num_samples, total, device, model.tok_embeddings.weight.dtype)
-    logits = model(tokens[:, :start], cache)[:, -1]  # (samples, vocab)
-    for pos in range(start, total):
-        if pos % period == 0:
-            tokens[:, pos] = SEPARATOR  # every time bin opens with the separator
-        else:
-            tokens[:, pos] = sample_counts(logits, sampling, generator)
-        if pos + 1 < total:
-            if use_cache:
-                logits = model(tokens[:, pos : pos + 1], cache, pos)[:, -1]
-            else:
-                logits = model(tokens[:, : pos + 1])[:, -1]
-    return tokens
-
-
-def tokens_to_counts(tokens: np.ndarray, n_neurons: int) -> np.ndarray:
-    """Whole time bins of tokens (samples, bins * (n_neurons + 1)) -> counts
-    (samples, n_neurons, bins) uint8; the inverse of `tokenize_row` per sample."""
-    samples = tokens.shape[0]
-    bins = tokens.reshape(samples, -1, n_neurons + 1)  # (samples, bins, 1 + neurons)
-    assert (bins[:, :, 0] == SEPARATOR).all() and (bins[:, :, 1:] < SEPARATOR).all()
-    return bins[:, :, 1:].transpose(0, 2, 1).astype(np.uint8)  # (samples, neurons, bins)
-
-
 # ----------------------------------------------------------------------------- output
 
 
@@ -295,80 +212,13 @@ def save(
     try:
         with open(tmp_npz, "wb") as f:
             np.savez_compressed(f, **arrays, metadata=np.array(json.dumps(metadata)))
-        plot(tmp_png, prompt, generated, real, _title(metadata))
+        plot_samples(tmp_png, prompt, generated, real, samples_title(metadata))
         os.replace(tmp_npz, out)
         os.replace(tmp_png, png)
     finally:
         tmp_npz.unlink(missing_ok=True)
         tmp_png.unlink(missing_ok=True)
     return png
-
-
-def _title(meta: dict[str, Any]) -> str:
-    if meta.get("row") is None:
-        what = f"unconditional, {meta['n_neurons']} neurons"
-    else:
-        ids = ", ".join(meta["row_ids"].get(c, "") for c in ("session_id", "segment_id"))
-        what = f"{meta['dataset']} [{meta['split']}] row {meta['row']} ({ids.strip(', ')})"
-    s = meta["sampling"]
-    how = f"temperature {s['temperature']}, top_k {s['top_k']}, top_p {s['top_p']}"
-    return f"{meta['checkpoint']}: {what}\n{how}, seed {meta['seed']}"
-
-
-def plot(
-    path: Path, prompt: np.ndarray, generated: np.ndarray, real: np.ndarray | None, title: str
-) -> None:
-    """Rasters (neurons x time bins; real continuation and the first sample, the prompt
-    before a dashed line) and per-neuron mean rates, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n_samples, n_neurons, n_bins = generated.shape
-    p = prompt.shape[1]
-    rasters = []
-    if real is not None:
-        rasters.append((f"real: prompt + next {real.shape[1]} bins of the row", real))
-    label = "generated" if n_samples == 1 else f"generated, sample 1 of {n_samples}"
-    label += ": prompt + " if p else ": "
-    rasters.append((f"{label}{n_bins} sampled bins", generated[0]))
-    shown = np.concatenate([prompt.ravel()] + [r.ravel() for _, r in rasters])
-    vmax = max(1, int(np.percentile(shown, 99.5)))
-    fig, axes = plt.subplots(
-        len(rasters) + 1, 1, figsize=(12, 2.2 + 2.6 * (len(rasters) + 1)), layout="constrained"
-    )
-    for ax, (name, counts) in zip(axes, rasters, strict=False):
-        matrix = np.concatenate([prompt, counts], axis=1)  # (neurons, prompt + bins)
-        image = ax.imshow(
-            matrix, aspect="auto", interpolation="nearest", cmap="Greys", vmin=0, vmax=vmax,
-            extent=(-0.5, matrix.shape[1] - 0.5, n_neurons - 0.5, -0.5),
-        )  # fmt: skip
-        ax.set_xlim(-0.5, p + n_bins - 0.5)
-        if p:
-            ax.axvline(p - 0.5, color="tab:red", linestyle="--", label="end of prompt")
-            ax.legend(loc="upper right", framealpha=0.9)
-        ax.set(title=name, xlabel="time bin", ylabel="neuron")
-    fig.colorbar(
-        image, ax=list(axes[: len(rasters)]), label="spikes per bin",
-        extend="max" if shown.max() > vmax else "neither",
-    )  # fmt: skip
-    ax = axes[-1]
-    neurons = np.arange(n_neurons)
-    if p:
-        ax.plot(neurons, prompt.mean(axis=1), ":", color="gray", label=f"prompt ({p} bins)")
-    if real is not None and real.shape[1]:
-        real_label = f"real continuation ({real.shape[1]} bins)"
-        ax.plot(neurons, real.mean(axis=1), "o-", color="black", label=real_label)
-    gen_label = f"generated ({n_samples} x {n_bins} bins)"
-    ax.plot(neurons, generated.mean(axis=(0, 2)), "s-", color="tab:orange", label=gen_label)
-    ax.set(title="per-neuron mean rate", xlabel="neuron", ylabel="mean spikes per bin")
-    ax.set_xlim(-0.5, n_neurons - 0.5)
-    ax.set_ylim(bottom=0)
-    ax.legend(loc="upper right", framealpha=0.9)
-    fig.suptitle(title)
-    fig.savefig(path, format="png", dpi=100)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- command

@@ -1,5 +1,6 @@
-"""A chart of a run: loss and validation loss, learning rate and tokens/s against the step,
-read from the run's `metrics.jsonl`.
+"""Figures: the chart of a run (loss and validation loss, learning rate and tokens/s against
+the step, read from the run's `metrics.jsonl`) and the rasters of generated spike trains
+(`plot_samples`, used by generate.py).
 
     python -m titan.plot outputs/debug_model [--out FILE.png]   (default OUTPUT_DIR/metrics.png)
 
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only, no display
 
@@ -146,6 +148,70 @@ def save_png(fig: Figure, out: Path) -> None:
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{message} (see --help)")
+
+
+def samples_title(meta: dict[str, Any]) -> str:
+    if meta.get("row") is None:
+        what = f"unconditional, {meta['n_neurons']} neurons"
+    else:
+        ids = ", ".join(meta["row_ids"].get(c, "") for c in ("session_id", "segment_id"))
+        what = f"{meta['dataset']} [{meta['split']}] row {meta['row']} ({ids.strip(', ')})"
+    s = meta["sampling"]
+    how = f"temperature {s['temperature']}, top_k {s['top_k']}, top_p {s['top_p']}"
+    return f"{meta['checkpoint']}: {what}\n{how}, seed {meta['seed']}"
+
+
+def plot_samples(
+    path: Path, prompt: np.ndarray, generated: np.ndarray, real: np.ndarray | None, title: str
+) -> None:
+    """Rasters (neurons x time bins; real continuation and the first sample, the prompt
+    before a dashed line) and per-neuron mean rates, as a PNG."""
+    import matplotlib.pyplot as plt
+
+    n_samples, n_neurons, n_bins = generated.shape
+    p = prompt.shape[1]
+    rasters = []
+    if real is not None:
+        rasters.append((f"real: prompt + next {real.shape[1]} bins of the row", real))
+    label = "generated" if n_samples == 1 else f"generated, sample 1 of {n_samples}"
+    label += ": prompt + " if p else ": "
+    rasters.append((f"{label}{n_bins} sampled bins", generated[0]))
+    shown = np.concatenate([prompt.ravel()] + [r.ravel() for _, r in rasters])
+    vmax = max(1, int(np.percentile(shown, 99.5)))
+    fig, axes = plt.subplots(
+        len(rasters) + 1, 1, figsize=(12, 2.2 + 2.6 * (len(rasters) + 1)), layout="constrained"
+    )
+    for ax, (name, counts) in zip(axes, rasters, strict=False):
+        matrix = np.concatenate([prompt, counts], axis=1)  # (neurons, prompt + bins)
+        image = ax.imshow(
+            matrix, aspect="auto", interpolation="nearest", cmap="Greys", vmin=0, vmax=vmax,
+            extent=(-0.5, matrix.shape[1] - 0.5, n_neurons - 0.5, -0.5),
+        )  # fmt: skip
+        ax.set_xlim(-0.5, p + n_bins - 0.5)
+        if p:
+            ax.axvline(p - 0.5, color="tab:red", linestyle="--", label="end of prompt")
+            ax.legend(loc="upper right", framealpha=0.9)
+        ax.set(title=name, xlabel="time bin", ylabel="neuron")
+    fig.colorbar(
+        image, ax=list(axes[: len(rasters)]), label="spikes per bin",
+        extend="max" if shown.max() > vmax else "neither",
+    )  # fmt: skip
+    ax = axes[-1]
+    neurons = np.arange(n_neurons)
+    if p:
+        ax.plot(neurons, prompt.mean(axis=1), ":", color="gray", label=f"prompt ({p} bins)")
+    if real is not None and real.shape[1]:
+        real_label = f"real continuation ({real.shape[1]} bins)"
+        ax.plot(neurons, real.mean(axis=1), "o-", color="black", label=real_label)
+    gen_label = f"generated ({n_samples} x {n_bins} bins)"
+    ax.plot(neurons, generated.mean(axis=(0, 2)), "s-", color="tab:orange", label=gen_label)
+    ax.set(title="per-neuron mean rate", xlabel="neuron", ylabel="mean spikes per bin")
+    ax.set_xlim(-0.5, n_neurons - 0.5)
+    ax.set_ylim(bottom=0)
+    ax.legend(loc="upper right", framealpha=0.9)
+    fig.suptitle(title)
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

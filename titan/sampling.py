@@ -1,0 +1,98 @@
+"""Autoregressive sampling of spike-count tokens with a KV cache.
+
+Every time bin opens with the separator 255, which is forced (every n_neurons + 1 tokens)
+and never sampled anywhere else: counts are drawn from the model's distribution over
+0..254 only, with temperature, top-k and top-p.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from titan.data.tokenizer import SEPARATOR
+from titan.models.llama import KVCache, Transformer
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How each count is drawn from the model's distribution over counts 0..254."""
+
+    temperature: float = 1.0
+    """Softmax temperature; 0 = greedy (the most likely count)."""
+    top_k: int = 0
+    """Keep only the k most likely counts (0 = all)."""
+    top_p: float = 1.0
+    """Keep the smallest set of most likely counts whose probability reaches top_p."""
+
+
+def sample_counts(
+    logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None
+) -> torch.Tensor:
+    """The next count token (batch,) in 0..254 from logits (batch, vocab): the separator
+    (and any token above it) is never drawn."""
+    logits = logits[:, :SEPARATOR].float()  # (batch, 255): counts only
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / sampling.temperature
+    if 0 < sampling.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]  # (batch, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1:
+        ordered, order = logits.sort(dim=-1, descending=True)  # (batch, 255) each
+        probs = ordered.softmax(dim=-1)
+        # drop a count once the more likely ones already reach top_p (the first always stays)
+        ordered = ordered.masked_fill(probs.cumsum(dim=-1) - probs >= sampling.top_p, -torch.inf)
+        logits = torch.empty_like(logits).scatter_(-1, order, ordered)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (batch,)
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model: Transformer,
+    prompt: torch.Tensor,
+    n_neurons: int,
+    n_bins: int,
+    num_samples: int,
+    sampling: Sampling,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Tokens (num_samples, prompt_bins * (n_neurons + 1) + n_bins * (n_neurons + 1)): the
+    prompt, then `n_bins` sampled time bins. `prompt` (1-D) is whole time bins followed by
+    the separator that opens the first generated bin. Without `use_cache`, every step
+    recomputes the whole sequence (the reference the cached path is tested against)."""
+    period = n_neurons + 1
+    start = prompt.numel()
+    assert start % period == 1, "the prompt must be whole time bins plus one separator"
+    total = start - 1 + n_bins * period
+    device = model.tok_embeddings.weight.device
+    tokens = torch.empty(num_samples, total, dtype=torch.long, device=device)
+    tokens[:, :start] = prompt.to(device)
+    cache = None
+    if use_cache:
+        cache = KVCache(model.args, num_samples, total, device, model.tok_embeddings.weight.dtype)
+    logits = model(tokens[:, :start], cache)[:, -1]  # (samples, vocab)
+    for pos in range(start, total):
+        if pos % period == 0:
+            tokens[:, pos] = SEPARATOR  # every time bin opens with the separator
+        else:
+            tokens[:, pos] = sample_counts(logits, sampling, generator)
+        if pos + 1 < total:
+            if use_cache:
+                logits = model(tokens[:, pos : pos + 1], cache, pos)[:, -1]
+            else:
+                logits = model(tokens[:, : pos + 1])[:, -1]
+    return tokens
+
+
+def tokens_to_counts(tokens: np.ndarray, n_neurons: int) -> np.ndarray:
+    """Whole time bins of tokens (samples, bins * (n_neurons + 1)) -> counts
+    (samples, n_neurons, bins) uint8; the inverse of `tokenize_row` per sample."""
+    samples = tokens.shape[0]
+    bins = tokens.reshape(samples, -1, n_neurons + 1)  # (samples, bins, 1 + neurons)
+    assert (bins[:, :, 0] == SEPARATOR).all() and (bins[:, :, 1:] < SEPARATOR).all()
+    return bins[:, :, 1:].transpose(0, 2, 1).astype(np.uint8)  # (samples, neurons, bins)
