@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,39 @@ def read_metrics(dump: Path) -> list[dict]:
         for line in (dump / "metrics.jsonl").read_text().splitlines()
         if line.strip()
     ]
+
+
+def train_losses(dump: Path) -> dict[int, float]:
+    """Step -> training loss; a restarted run's records replace the killed run's."""
+    return {r["step"]: r["loss"] for r in read_metrics(dump) if "loss" in r}
+
+
+def logged_step(dump: Path) -> int:
+    """The newest step with a training record (0 before the first)."""
+    path = dump / "metrics.jsonl"
+    return max(train_losses(dump), default=0) if path.exists() and path.stat().st_size else 0
+
+
+def launch_train(args: list[str], nproc: int = 2, max_restarts: int = 0) -> subprocess.Popen:
+    """Start train.py under torchrun in its own session (so os.killpg reaches every rank)."""
+    return subprocess.Popen(
+        train_command(nproc, f"--max_restarts={max_restarts}") + args,
+        cwd=ROOT,
+        env=TRAIN_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Poll `condition()` until it holds; fail if the run ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"run ended early:\n{proc.stdout.read()[-3000:]}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 def worker_pids(dump: Path) -> list[int]:

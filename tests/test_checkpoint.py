@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TRAIN_ENV, read_metrics, run_train, train_command, worker_pids
+from conftest import launch_train, logged_step, run_train, train_losses, wait_for, worker_pids
 from dist_utils import run_ranks
 
 STEPS = 12
@@ -42,11 +40,6 @@ def _args(dump: Path, data: Path, *extra: str) -> list[str]:
         "--checkpoint.keep_latest_k=0",
         *extra,
     ]
-
-
-def _losses(dump: Path) -> dict[int, float]:
-    """Step -> loss; a restarted run's records replace the killed run's."""
-    return {r["step"]: r["loss"] for r in read_metrics(dump)}
 
 
 def _model_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
@@ -68,31 +61,6 @@ def reference(tmp_path_factory, synthetic_dir) -> Path:
     return dump
 
 
-def _launch(args: list[str], max_restarts: int = 0) -> subprocess.Popen:
-    return subprocess.Popen(
-        train_command(2, f"--max_restarts={max_restarts}") + args,
-        cwd=ROOT,
-        env=TRAIN_ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def _wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, f"run ended early:\n{proc.stdout.read()[-3000:]}"
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
-def _logged_step(dump: Path) -> int:
-    path = dump / "metrics.jsonl"
-    return max(_losses(dump), default=0) if path.exists() and path.stat().st_size else 0
-
-
 def _saving(dump: Path) -> bool:
     """A step directory exists but is not complete yet: a save is being written."""
     folder = dump / "checkpoint"
@@ -105,18 +73,18 @@ def _saving(dump: Path) -> bool:
 def test_kill9_anywhere_then_restart_is_bit_identical(tmp_path, synthetic_dir, reference):
     args = _args(tmp_path, synthetic_dir, "--checkpoint.async_mode=async")
     kill_when = [
-        lambda: _logged_step(tmp_path) >= 6,  # mid-run, between saves
-        lambda: _saving(tmp_path) or _logged_step(tmp_path) >= 9,
+        lambda: logged_step(tmp_path) >= 6,  # mid-run, between saves
+        lambda: _saving(tmp_path) or logged_step(tmp_path) >= 9,
     ]  # during a save
     for condition in kill_when:
-        proc = _launch(args)
-        _wait_for(condition, proc)
+        proc = launch_train(args)
+        wait_for(condition, proc)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     result = run_train(args, nproc=2)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Resumed from" in result.stdout
-    assert _losses(tmp_path) == _losses(reference)  # exact float equality, every step
+    assert train_losses(tmp_path) == train_losses(reference)  # exact float equality, every step
     ours = _model_tensors(tmp_path / "checkpoint" / f"step-{STEPS}")
     theirs = _model_tensors(reference / "checkpoint" / f"step-{STEPS}")
     assert ours.keys() == theirs.keys()
@@ -126,11 +94,11 @@ def test_kill9_anywhere_then_restart_is_bit_identical(tmp_path, synthetic_dir, r
 
 @pytest.mark.slow
 def test_torchrun_restarts_a_killed_rank(tmp_path, synthetic_dir, reference):
-    proc = _launch(_args(tmp_path, synthetic_dir), max_restarts=1)
-    _wait_for(
+    proc = launch_train(_args(tmp_path, synthetic_dir), max_restarts=1)
+    wait_for(
         lambda: (
             (tmp_path / "checkpoint" / "step-4" / ".complete").exists()
-            and _logged_step(tmp_path) >= 6
+            and logged_step(tmp_path) >= 6
         ),
         proc,
     )
@@ -138,7 +106,7 @@ def test_torchrun_restarts_a_killed_rank(tmp_path, synthetic_dir, reference):
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     assert "torchrun restart 1" in out and "Resumed from" in out
-    assert _losses(tmp_path) == _losses(reference)
+    assert train_losses(tmp_path) == train_losses(reference)
 
 
 def test_failing_run_closes_with_an_async_save_in_flight(tmp_path, synthetic_dir):
@@ -193,14 +161,14 @@ def test_incomplete_corrupt_retention_and_reshard(tmp_path, synthetic_dir, refer
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resumed from" in result.stdout and "step-4" in result.stdout
-    assert _losses(tmp_path) == _losses(reference)
+    assert train_losses(tmp_path) == train_losses(reference)
     assert sorted(p.name for p in ckpt.iterdir()) == ["step-12", "step-8"]  # keep_latest_k=2
 
     # One rank resumes what two ranks saved: model, optimizer and data are resharded.
     result = run_train(_args(tmp_path, synthetic_dir, "--training.steps=14"), nproc=1)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "World size changed (2 -> 1)" in result.stdout and "data resharded" in result.stdout
-    assert max(_losses(tmp_path)) == 14
+    assert max(train_losses(tmp_path)) == 14
 
     # exclude_from_loading: the data position starts afresh, the rest is restored.
     result = run_train(

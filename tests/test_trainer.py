@@ -193,7 +193,7 @@ def test_diverging_run_stops_with_one_line(tmp_path, synthetic_dir):
             "--checkpoint.interval=1",
         ]
     )
-    assert result.returncode == 2, result.stdout[-2000:]
+    assert result.returncode == 3, result.stdout[-2000:]  # EXIT_DIVERGED
     err = result.stderr.strip()
     assert err.startswith("error: 2 consecutive steps with a non-finite loss or gradient norm")
     assert "\n" not in err

@@ -8,6 +8,8 @@ mesh; it is passed explicitly to whatever needs it.
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -16,6 +18,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from titan.config import ConfigError, JobConfig
+
+_PARENT = os.getppid()  # the launching process (torchrun's agent), as this process started
 
 
 @dataclass
@@ -122,6 +126,7 @@ def init_distributed(timeout_s: int = 1800) -> tuple[torch.device, int, int]:
     """Pick the device (CUDA + NCCL when available, else CPU + gloo) and join the process
     group; works without torchrun as a world of one. Returns (device, rank, world_size)."""
     rank, local_rank, world_size = env_rank()
+    exit_with_agent()
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -142,6 +147,20 @@ def init_distributed(timeout_s: int = 1800) -> tuple[torch.device, int, int]:
             device_id=device if backend == "nccl" else None,
         )
     return device, rank, world_size
+
+
+def exit_with_agent() -> None:
+    """Under torchrun, die with the agent. torchrun starts each worker in a session of its
+    own, so killing the agent (kill -9, an OOM kill) would leave its workers training on
+    unsupervised, still writing checkpoints. Linux's parent-death signal ends them with it."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != _PARENT:  # the agent died before the call above
+        os._exit(1)
 
 
 def _attempt_store(world_size: int, timeout: timedelta) -> dist.Store | None:

@@ -148,6 +148,37 @@ class MetricsLogger:
                     self._tb.add_scalar(key, value, step)
         return rec
 
+    def log_validation(self, step: int, result: dict, seconds: float) -> dict:
+        """Write a validation record (`val_*` keys) and leave its `seconds` out of the
+        training throughput of the current interval."""
+        self._t_last += seconds
+        rec = {
+            "step": step,
+            "val_loss": result["loss"],
+            "val_bits_per_token": result["bits_per_token"],
+            "val_loss_counts": result["loss_counts"],
+            "val_tokens": result["tokens"],
+            "val_loss_by_source": {k: v["loss"] for k, v in result["by_source"].items()},
+            "val_seconds": seconds,
+            "time": time.time(),
+        }
+        if not self.enabled:
+            return rec
+        sources = ", ".join(f"{k} {v:.4f}" for k, v in rec["val_loss_by_source"].items())
+        logger.info(
+            f"validation at step {step} | val_loss {rec['val_loss']:.4f} | "
+            f"{rec['val_bits_per_token']:.3f} bits/token | spike counts only "
+            f"{rec['val_loss_counts']:.4f} | {rec['val_tokens']:,} labels in {seconds:.1f}s | "
+            f"by source: {sources}"
+        )
+        self._jsonl.write(json.dumps(rec) + "\n")
+        if self._tb is not None:
+            for key in ("val_loss", "val_bits_per_token", "val_loss_counts"):
+                self._tb.add_scalar(key, rec[key], step)
+            for name, value in rec["val_loss_by_source"].items():
+                self._tb.add_scalar(f"val_loss_by_source/{name}", value, step)
+        return rec
+
     def summary(self, step: int, tokens_seen: int) -> None:
         """The end-of-run summary: steps, tokens, wall time, throughput, first/last loss."""
         if not self.enabled or self._last is None:

@@ -26,6 +26,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from titan.checkpoint import Checkpointer, TrainState
 from titan.config import ConfigError, JobConfig
 from titan.data import SpikeDataLoader, build_dataloader, prepare_dataset
+from titan.data.held_out import HeldOut
 from titan.distributed import ParallelDims, init_distributed, local_world_size, restart_count
 from titan.kernel_choice import AttnShape, KernelChoice, choose_attention
 from titan.logging import init_logger, logger
@@ -61,6 +62,8 @@ class Run:
     dataloader: SpikeDataLoader | None = None
     checkpointer: Checkpointer | None = None
     metrics: MetricsLogger | None = None
+    held_out: HeldOut | None = None
+    """The validation split's windows (when validation is on)."""
 
     def close(self, failed: bool = False) -> None:
         """Release what the run holds; safe to call on a partly built run, and twice."""
@@ -105,6 +108,8 @@ def build_run(cfg: JobConfig, *, train: bool = True) -> Run:
         run.scheduler = build_lr_scheduler(run.optimizer, cfg)
         if train:
             run.dataloader = build_dataloader(cfg, dims.dp_rank(), dims.dp_degree)
+            if cfg.validation.enable:
+                run.held_out = HeldOut.open(cfg, cfg.validation.split)
         run.checkpointer = Checkpointer(
             cfg,
             model=run.model,

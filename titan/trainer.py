@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,9 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from titan.checkpoint import CheckpointError
-from titan.config import ConfigError, JobConfig, format_help, load_config
+from titan.cli import TrainingDiverged, run_command
+from titan.config import JobConfig
 from titan.distributed import ParallelDims, env_rank, launched_world_size
+from titan.evaluate import evaluate
 from titan.logging import init_logger, logger
 from titan.memory import (
     activation_dtype,
@@ -159,10 +159,22 @@ def train(run: Run) -> None:
                     {"skipped_steps": skipped},
                 )
             run.checkpointer.maybe_save(state.step)
+            if cfg.validation.enable and state.step % cfg.validation.freq == 0:
+                validate(run)
             if profiler is not None:
                 profiler.step()
     run.checkpointer.wait()
     metrics.summary(state.step, state.tokens_seen)
+
+
+def validate(run: Run) -> None:
+    """Held-out loss on every rank (the same windows each time; the training data's
+    position and the RNG are untouched), logged as a validation record."""
+    v, begin = run.cfg.validation, time.perf_counter()
+    batch = run.cfg.training.batch_size
+    n_windows = run.held_out.windows_for(v.steps, v.max_tokens, run.dims.dp_degree, batch)
+    result = evaluate(run.model, run.held_out, run.dims, batch, n_windows)
+    run.metrics.log_validation(run.train_state.step, result, time.perf_counter() - begin)
 
 
 def log_memory(run: Run) -> None:
@@ -173,10 +185,6 @@ def log_memory(run: Run) -> None:
         f"Memory after the first step: {measured:.2f} GiB measured ({what}), "
         f"{gib(run.memory.total)} planned ({run.memory.policy_summary()})"
     )
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite steps; the message is one line."""
 
 
 def setup_and_train(cfg: JobConfig) -> None:
@@ -225,30 +233,13 @@ def dry_run(cfg: JobConfig) -> None:
     )
 
 
-USAGE = "usage: train.py --job.config_file FILE [--section.key=VALUE ...]"
+def _train_or_plan(cfg: JobConfig) -> None:
+    if cfg.job.dry_run:
+        dry_run(cfg)
+    else:
+        setup_and_train(cfg)
 
 
 def main(argv: list[str]) -> int:
-    if "--help" in argv or "-h" in argv:
-        print(format_help())
-        return 0
-    try:
-        cfg = load_config(argv)
-        if cfg.job.config_file is None:  # never start a long run on defaults alone
-            print(USAGE, file=sys.stderr)
-            raise ConfigError(
-                "no recipe: pass --job.config_file FILE (e.g. train_configs/debug_model.toml); "
-                "--help lists every key"
-            )
-        if cfg.job.dry_run:
-            dry_run(cfg)
-            return 0
-        setup_and_train(cfg)
-    except (ConfigError, CheckpointError, TrainingDiverged) as e:
-        if env_rank()[0] == 0:  # every rank hits the same error; say it once
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    """`train.py`: train (or with --job.dry_run, plan) the run a recipe describes."""
+    return run_command("train.py", argv, _train_or_plan)

@@ -282,6 +282,47 @@ class Checkpointer:
             + (f"; not loaded: {', '.join(sorted(exclude))}" if exclude else "")
         )
 
+    def newest_weights(self) -> Path:
+        """The step directory evaluation reads by default: `load_step`, else the newest
+        complete step with model weights (a full save or a model-only export)."""
+        steps = [s for s in storage.list_steps(self.folder) if s.complete]
+        if self.cfg.load_step >= 0:
+            steps = [s for s in steps if s.step == self.cfg.load_step]
+            if not steps:
+                raise ConfigError(
+                    f"checkpoint.load_step = {self.cfg.load_step}: no complete checkpoint of "
+                    f"that step in {self.folder}"
+                )
+        steps = [s for s in steps if s.kind in (storage.FULL, storage.MODEL_ONLY)]
+        if not steps:
+            raise ConfigError(
+                f"no complete checkpoint in {self.folder}; train first, or name one with "
+                "--eval.checkpoint PATH"
+            )
+        return steps[-1].path
+
+    def load_weights(self, path: Path) -> None:
+        """Every model weight from a DCP directory (a training step, a model-only export or
+        a conversion), and nothing else: the optimizer's state is never read."""
+        if not (path / ".metadata").is_file():
+            raise ConfigError(f"{path}: not a DCP checkpoint directory (no .metadata)")
+        problem = storage.verify(path)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {path} is corrupted: {problem}")
+        saved = storage.checkpoint_keys(path)
+        weights = get_model_state_dict(self.model)
+        for name, tensor in weights.items():
+            meta = saved.get(f"model.{name}")
+            if meta is None or tuple(getattr(meta, "size", ())) != tuple(tensor.shape):
+                found = "absent" if meta is None else f"shape {tuple(meta.size)}"
+                raise CheckpointError(
+                    f"{path}: model.{name} is {found}, but this model needs "
+                    f"{tuple(tensor.shape)}; check model.flavor and training.vocab_size"
+                )
+        dcp.load({"model": weights}, checkpoint_id=str(path))
+        set_model_state_dict(self.model, weights)
+        logger.info(f"Loaded the model weights of {path}")
+
     def _load_initial(self, path: Path) -> None:
         """Model weights only: every tensor whose name and shape match; the rest keep
         their fresh initialization (e.g. embedding/output when the vocabulary differs)."""

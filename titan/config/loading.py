@@ -269,6 +269,11 @@ def check_combinations(cfg: JobConfig) -> None:
         value = getattr(getattr(cfg, section), key)
         if value != supported:
             raise ConfigError(f"{dotted} = {json.dumps(value)}: {fix}")
+    if cfg.validation.enable and cfg.validation.split == cfg.data.split:
+        raise ConfigError(
+            f"validation.split = {cfg.validation.split!r} is the split training reads "
+            "(data.split); validate on the other one"
+        )
     if cfg.profiling.enable_profiling and cfg.profiling.profile_freq > cfg.training.steps:
         raise ConfigError(
             f"profiling.profile_freq = {cfg.profiling.profile_freq} exceeds training.steps = "

@@ -225,6 +225,40 @@ class ActivationCheckpoint:
     """Plan for this much memory per rank instead of the device's (0 = the device's)."""
 
 
+EvalAmount = Annotated[int, Rule(lambda v: v == -1 or v > 0, "-1 (no limit) or a positive integer")]
+
+
+@dataclass
+class Validation:
+    enable: bool = False
+    """Evaluate on held-out data during training (all ranks, every `freq` steps)."""
+    freq: PositiveInt = 500
+    """Validate every this many steps."""
+    steps: EvalAmount = 10
+    """Batches per rank each validation reads (-1: the whole split)."""
+    max_tokens: EvalAmount = -1
+    """Label tokens each validation reads over all ranks (-1: no limit beyond steps)."""
+    split: Literal["train", "test"] = "test"
+    """Held-out split to validate on (must differ from data.split)."""
+
+
+@dataclass
+class Eval:
+    checkpoint: str | None = None
+    """DCP step or model-only export to evaluate (default: the run's newest complete step,
+    or checkpoint.load_step)."""
+    split: Literal["train", "test"] = "test"
+    """Split to evaluate on."""
+    steps: EvalAmount = -1
+    """Batches per rank (-1: the whole split once)."""
+    max_tokens: EvalAmount = -1
+    """Label tokens over all ranks (-1: no limit)."""
+    batch_size: EvalAmount = -1
+    """Windows per batch on each rank (-1: training.batch_size)."""
+    output: str | None = None
+    """Results JSON (default: beside the checkpoint, <step directory>.eval-<split>.json)."""
+
+
 @dataclass
 class Float8:
     enable_float8_linear: bool = False
@@ -244,6 +278,8 @@ class JobConfig:
     experimental: Experimental = field(default_factory=Experimental)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    validation: Validation = field(default_factory=Validation)
+    eval: Eval = field(default_factory=Eval)
     float8: Float8 = field(default_factory=Float8)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

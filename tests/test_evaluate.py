@@ -1,0 +1,201 @@
+"""Evaluation (`evaluate.py`) and validation during training.
+
+- A checkpoint evaluated on 1 and on 2 ranks gives the same numbers (fp32, 1e-6); they
+  equal a hand computation of the cross-entropy over the test split's windows with the
+  same weights in a plain model; per-source numbers add up (token-weighted) to the total;
+  the checkpoint directory is byte-identical afterwards.
+- A run with validation every 5 steps, killed with kill -9 and resumed, takes the same
+  training steps as an uninterrupted one, and logs val_loss.
+- Bad inputs: no checkpoint yet, another model's checkpoint, validating on the training
+  split: one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import (
+    ROOT,
+    TRAIN_ENV,
+    launch_train,
+    logged_step,
+    read_metrics,
+    run_train,
+    train_command,
+    train_losses,
+    wait_for,
+)
+
+SEQ = 64
+
+
+def _args(dump: Path, data: Path, *extra: str) -> list[str]:
+    return [
+        "--job.config_file=train_configs/debug_model.toml",
+        f"--job.dump_folder={dump}",
+        f"--training.dataset_path={data}",
+        f"--training.seq_len={SEQ}",
+        "--training.batch_size=2",
+        "--metrics.log_freq=1",
+        *extra,
+    ]
+
+
+def _evaluate(args: list[str], nproc: int) -> dict:
+    import subprocess
+
+    command = train_command(nproc)
+    command[-1] = str(ROOT / "evaluate.py")  # the same launch, the other script
+    result = subprocess.run(
+        command + args,
+        cwd=ROOT,
+        env=TRAIN_ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return {"rc": result.returncode, "out": result.stdout, "err": result.stderr}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synthetic_dir) -> Path:
+    dump = tmp_path_factory.mktemp("trained")
+    result = run_train(_args(dump, synthetic_dir, "--training.steps=6"), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dump
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _by_hand(step_dir: Path, data: Path) -> dict:
+    """The test split's loss computed here: rows in order, tokenized, one stream, windows
+    of SEQ + 1 tokens overlapping by one, a plain (unsharded) model with the weights."""
+    import datasets
+    import torch.distributed.checkpoint as dcp
+
+    from titan.data.tokenizer import SEPARATOR, tokenize_row
+    from titan.models.llama import Transformer, build_model_args
+
+    split = datasets.load_from_disk(str(data))["test"]
+    tokens, sources = [], []
+    for row in split:
+        t = tokenize_row(row["spike_counts"])
+        tokens.append(torch.from_numpy(t.astype("int64")))
+        sources += [row["source_dataset"]] * len(t)
+    stream = torch.cat(tokens)
+    model = Transformer(build_model_args("debugmodel", 256, SEQ))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    dcp.load({"model": state}, checkpoint_id=str(step_dir), no_dist=True)
+    model.load_state_dict(state)
+    model.init_rope()
+    losses = torch.zeros(len(stream), dtype=torch.float64)  # the loss of predicting token i
+    with torch.no_grad():
+        for start in range(0, len(stream) - 1, SEQ):
+            window = stream[start : start + SEQ + 1]
+            logits = model(window[None, :-1])[0]
+            ce = F.cross_entropy(logits, window[1:], reduction="none")
+            losses[start + 1 : start + len(window)] = ce.double()
+    labels = stream[1:]
+    per_token = losses[1:]
+    counts = labels != SEPARATOR
+    by_source: dict[str, list[float]] = {}
+    for loss, source in zip(per_token.tolist(), sources[1:], strict=True):
+        by_source.setdefault(source, []).append(loss)
+    return {
+        "loss": per_token.mean().item(),
+        "tokens": len(labels),
+        "loss_counts": per_token[counts].mean().item(),
+        "by_source": {k: sum(v) / len(v) for k, v in by_source.items()},
+    }
+
+
+def test_evaluation_on_one_and_two_ranks_matches_a_hand_computation(trained, synthetic_dir):
+    step_dir = trained / "checkpoint" / "step-6"
+    before = _digest(step_dir)
+    results = {}
+    for nproc in (1, 2):
+        out = trained / f"eval-{nproc}.json"
+        run = _evaluate(_args(trained, synthetic_dir, f"--eval.output={out}"), nproc)
+        assert run["rc"] == 0, run["err"][-3000:]
+        results[nproc] = json.loads(out.read_text())
+        assert "spike counts only" in run["out"] and "bits/token" in run["out"]
+    one, two = results[1], results[2]
+    assert one["checkpoint"] == str(step_dir) and one["tokens"] == two["tokens"]
+    for key in ("loss", "loss_counts", "bits_per_token"):
+        assert math.isclose(one[key], two[key], rel_tol=1e-6), key
+    hand = _by_hand(step_dir, synthetic_dir)
+    assert one["tokens"] == hand["tokens"]
+    assert math.isclose(one["loss"], hand["loss"], rel_tol=1e-5)
+    assert math.isclose(one["loss_counts"], hand["loss_counts"], rel_tol=1e-5)
+    assert math.isclose(one["bits_per_token"], one["loss"] / math.log(2), rel_tol=1e-12)
+    assert one["by_source"].keys() == hand["by_source"].keys()
+    for name, r in one["by_source"].items():
+        assert math.isclose(r["loss"], hand["by_source"][name], rel_tol=1e-5), name
+    weighted = sum(r["loss"] * r["tokens"] for r in one["by_source"].values())
+    assert math.isclose(weighted / one["tokens"], one["loss"], rel_tol=1e-9)
+    assert sum(r["tokens"] for r in one["by_source"].values()) == one["tokens"]
+    assert _digest(step_dir) == before  # nothing in the checkpoint changed
+
+    # The default output lies beside the step directory, not in it.
+    run = _evaluate(_args(trained, synthetic_dir, "--eval.max_tokens=200"), 1)
+    assert run["rc"] == 0, run["err"][-2000:]
+    beside = json.loads((trained / "checkpoint" / "step-6.eval-test.json").read_text())
+    assert beside["windows"] == 4 and beside["tokens"] == 4 * SEQ
+    assert _digest(step_dir) == before
+
+
+def test_evaluation_bad_inputs(trained, synthetic_dir, tmp_path):
+    run = _evaluate(_args(tmp_path, synthetic_dir), 1)
+    assert run["rc"] == 2 and run["err"].count("\n") == 1, run["err"]
+    assert "no complete checkpoint in" in run["err"] and "--eval.checkpoint" in run["err"]
+    step_dir = trained / "checkpoint" / "step-6"
+    wrong = _args(tmp_path, synthetic_dir, f"--eval.checkpoint={step_dir}", "--model.flavor=1B")
+    run = _evaluate(wrong, 1)
+    assert run["rc"] == 2 and run["err"].count("\n") == 1, run["err"]
+    assert "check model.flavor" in run["err"]
+    result = run_train(_args(tmp_path, synthetic_dir, "--validation.enable",
+                             "--validation.split=train"), timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    assert "validation.split = 'train' is the split training reads" in result.stderr
+
+
+@pytest.mark.slow
+def test_validation_survives_kill9_and_resume(tmp_path, synthetic_dir):
+    args = [
+        "--training.steps=40",
+        "--checkpoint.interval=8",
+        "--checkpoint.keep_latest_k=0",
+        "--validation.enable",
+        "--validation.freq=5",
+        "--validation.steps=2",
+    ]
+    reference = tmp_path / "reference"
+    result = run_train(_args(reference, synthetic_dir, *args), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = tmp_path / "resumed"
+    proc = launch_train(_args(resumed, synthetic_dir, *args))
+    wait_for(lambda: logged_step(resumed) >= 12, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    result = run_train(_args(resumed, synthetic_dir, *args), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resumed from" in result.stdout and "validation at step 40" in result.stdout
+    assert train_losses(resumed) == train_losses(reference)
+    val = {r["step"]: r["val_loss"] for r in read_metrics(reference) if "val_loss" in r}
+    assert sorted(val) == list(range(5, 41, 5)) and all(math.isfinite(v) for v in val.values())
+    val_resumed = {r["step"]: r["val_loss"] for r in read_metrics(resumed) if "val_loss" in r}
+    assert val_resumed == val  # the same held-out windows, the same weights
