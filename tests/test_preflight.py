@@ -282,6 +282,7 @@ def test_initial_load_allow_names_settings_and_tensors(sources):
         plan_initial_load(theta, DEBUG, default)
     plan = plan_initial_load(theta, DEBUG, [*default, "rope_theta"])
     assert len(plan.load) == 39 and not plan.fresh and not plan.ignored
+    assert plan.settings == ["rope_theta = 10000.0 (this model: 500000.0)"]  # logged
     # Patterns: the two extra layers of a deeper source may be left out.
     plan = plan_initial_load(str(sources / "six"), DEBUG, ["layers.[45].*"])
     assert len(plan.ignored) == 18 and len(plan.load) == 39

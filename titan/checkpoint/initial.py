@@ -18,6 +18,7 @@ line naming the tensors or settings and `checkpoint.initial_load_allow`.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import math
@@ -66,6 +67,8 @@ class InitialLoad:
     """'name (why)' of model tensors that keep their fresh initialization (allowed)."""
     ignored: list[str]
     """'name (why)' of source tensors the model has no place for (allowed)."""
+    settings: list[str] = dataclasses.field(default_factory=list)
+    """'name = source value (this model: value)' of settings that differ (allowed)."""
 
 
 def _error(value: str, what: str) -> ConfigError:
@@ -156,14 +159,15 @@ def source_args(value: str, path: Path) -> tuple[ModelArgs | None, str]:
     return None, ""
 
 
-def _differing_settings(source: ModelArgs, args: ModelArgs) -> list[str]:
-    names = [n for n in SETTINGS if not (n in _SCALING and not source.use_scaled_rope)]
-    names = [n for n in names if not (n in _SCALING and not args.use_scaled_rope)]
-    return [
-        n
+def _differing_settings(source: ModelArgs, args: ModelArgs) -> dict[str, str]:
+    """Setting name -> 'name = source value (this model: value)' where they differ."""
+    scaled = source.use_scaled_rope and args.use_scaled_rope
+    names = [n for n in SETTINGS if scaled or n not in _SCALING]
+    return {
+        n: f"{n} = {getattr(source, n)!r} (this model: {getattr(args, n)!r})"
         for n in names
-        if not math.isclose(float(getattr(source, n)), float(getattr(args, n)), rel_tol=1e-9)
-    ]
+        if not math.isclose(getattr(source, n), getattr(args, n))
+    }
 
 
 def _outline(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
@@ -190,17 +194,14 @@ def plan_initial_load(value: str, args: ModelArgs, allow: list[str]) -> InitialL
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in allow)
 
     source, origin = source_args(value, path)
-    if source is not None:
-        differ = [n for n in _differing_settings(source, args) if not allowed(n)]
-        if differ:
-            what = ", ".join(
-                f"{n} = {getattr(source, n)!r} (this model: {getattr(args, n)!r})" for n in differ
-            )
-            raise _error(
-                value,
-                f"{origin} has {what}; start from a checkpoint with this model's settings, or "
-                f"add {', '.join(differ)} to {ALLOW_KEY}",
-            )
+    settings = _differing_settings(source, args) if source is not None else {}
+    refused = [n for n in settings if not allowed(n)]
+    if refused:
+        raise _error(
+            value,
+            f"{origin} has {', '.join(settings[n] for n in refused)}; start from a checkpoint "
+            f"with this model's settings, or add {', '.join(refused)} to {ALLOW_KEY}",
+        )
     stored = {
         key.removeprefix("model."): tuple(meta.size)
         for key, meta in storage.checkpoint_keys(path).items()
@@ -231,25 +232,26 @@ def plan_initial_load(value: str, args: ModelArgs, allow: list[str]) -> InitialL
             f"may differ in {ALLOW_KEY} (patterns such as 'layers.5.*')",
         )
     if not load:
-        raise _error(value, f"no model tensor matches this model (everything is in {ALLOW_KEY})")
-    return InitialLoad(load, fresh, ignored)
+        raise _error(value, "not one of its tensors fits this model: is it the checkpoint meant?")
+    return InitialLoad(load, fresh, ignored, list(settings.values()))
 
 
 def load_initial(model: nn.Module, value: str, allow: list[str]) -> None:
     """Load the model tensors `plan_initial_load` allows into `model` (a Transformer, FSDP-
     wrapped or not), on every rank; the rest keep their initialization."""
     plan = plan_initial_load(value, model.args, allow)
-    path = Path(value)
     ours = get_model_state_dict(model)
     request = {name: ours[name] for name in plan.load}
     dcp.load({"model": request}, checkpoint_id=value)
     set_model_state_dict(model, request, options=StateDictOptions(strict=False))
-    message = f"Initialized {len(plan.load)} of {len(ours)} model tensors from {path}"
-    if not (plan.fresh or plan.ignored):
+    message = f"Initialized {len(plan.load)} of {len(ours)} model tensors from {value}"
+    if not (plan.fresh or plan.ignored or plan.settings):
         logger.info(message)
     elif not dist.is_initialized() or dist.get_rank() == 0:  # one warning, not one per rank
         if plan.fresh:
             message += f"; kept fresh initialization for {len(plan.fresh)}: {', '.join(plan.fresh)}"
         if plan.ignored:
             message += f"; ignored {len(plan.ignored)} source tensors: {_listing(plan.ignored)}"
+        if plan.settings:
+            message += f"; settings differ: {', '.join(plan.settings)}"
         logger.warning(f"{message} (allowed by {ALLOW_KEY})")
