@@ -268,6 +268,7 @@ def test_prepare_generates_synthetic_once(tmp_path, monkeypatch, caplog):
 
 def test_prepare_is_atomic(tmp_path, monkeypatch):
     cfg = cfg_for(str(tmp_path / "syn"), dataset="synthetic")
+    cfg.data.generate_synthetic = True  # a dataset path is generated into only when asked
     real_save = DatasetDict.save_to_disk
 
     def crash(self, path, **kw):

@@ -42,6 +42,7 @@ from titan.metrics import MetricsLogger
 from titan.models.llama import ModelArgs, Transformer, build_model_args, flops_per_token, num_params
 from titan.optim import build_lr_scheduler, build_optimizer
 from titan.parallelize import parallelize
+from titan.preflight import check_run
 
 
 @dataclass
@@ -100,6 +101,7 @@ def build_run(cfg: JobConfig, *, train: bool = True) -> Run:
     try:
         if train:
             _log_start(cfg)
+            run_on_rank0(check_run, cfg)  # inputs, folders, disk space: before heavy work
             run_on_rank0(prepare_dataset, cfg)
         run.model, run.model_args, run.kernel, run.memory = build_model(cfg, dims, device)
         if train:

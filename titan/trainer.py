@@ -38,6 +38,7 @@ from titan.memory import (
 )
 from titan.metrics import peak_memory_gib
 from titan.models.llama import build_model_args, flops_per_token
+from titan.preflight import check_dry_run
 from titan.run import Run, build_run, plan_table, resolve_attention
 
 # ----------------------------------------------------------------------------- step
@@ -200,14 +201,15 @@ def setup_and_train(cfg: JobConfig) -> None:
 
 def dry_run(cfg: JobConfig) -> None:
     """Resolve the plan (model on the meta device, mesh, batch, attention kernel, memory
-    per GPU) without a process group. The world size comes from WORLD_SIZE, else from the
-    recipe's explicit degrees."""
+    per GPU) without a process group, after the checks of a real start that write nothing.
+    The world size comes from WORLD_SIZE, else from the recipe's explicit degrees."""
     rank, t = env_rank()[0], cfg.training
     world = launched_world_size()
     if world is None:  # the recipe's explicit degrees, else a single process
         explicit = t.data_parallel_shard_degree > 0
         world = t.data_parallel_replicate_degree * t.data_parallel_shard_degree if explicit else 1
     init_logger(rank)
+    check_dry_run(cfg)  # what a real start would refuse (writes nothing)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dims = ParallelDims.from_config(cfg, world, device.type)
     args = build_model_args(cfg.model.flavor, t.vocab_size, t.seq_len)

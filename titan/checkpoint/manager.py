@@ -24,14 +24,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    set_model_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
 from titan.checkpoint import storage
+from titan.checkpoint.initial import load_initial
 from titan.checkpoint.states import (
     ModelState,
     OptimizerState,
@@ -324,35 +321,5 @@ class Checkpointer:
         logger.info(f"Loaded the model weights of {path}")
 
     def _load_initial(self, path: Path) -> None:
-        """Model weights only: every tensor whose name and shape match; the rest keep
-        their fresh initialization (e.g. embedding/output when the vocabulary differs)."""
-        if not path.is_dir():
-            raise ConfigError(f"checkpoint.initial_load_path = {str(path)!r}: no such directory")
-        problem = storage.verify(path)
-        if problem is not None:
-            raise CheckpointError(f"checkpoint.initial_load_path {path}: {problem}")
-        saved = storage.checkpoint_keys(path)
-        ours = get_model_state_dict(self.model)
-        load, skipped = {}, []
-        for name, tensor in ours.items():
-            meta = saved.get(f"model.{name}")
-            if meta is not None and tuple(getattr(meta, "size", ())) == tuple(tensor.shape):
-                load[name] = tensor
-            else:
-                why = (
-                    "absent"
-                    if meta is None
-                    else f"shape {tuple(meta.size)} != {tuple(tensor.shape)}"
-                )
-                skipped.append(f"{name} ({why})")
-        if not load:
-            raise CheckpointError(
-                f"checkpoint.initial_load_path {path}: no model tensor matches this model "
-                "(expected keys like model.layers.0.attention.wq.weight)"
-            )
-        dcp.load({"model": load}, checkpoint_id=str(path))
-        set_model_state_dict(self.model, load, options=StateDictOptions(strict=False))
-        logger.info(
-            f"Initialized {len(load)} of {len(ours)} model tensors from {path}; "
-            f"kept fresh initialization for {len(skipped)}: {', '.join(skipped) or 'none'}"
-        )
+        """Model weights only, checked against the model (`titan.checkpoint.initial`)."""
+        load_initial(self.model, str(path), self.cfg.initial_load_allow)

@@ -31,7 +31,7 @@ MODEL_ONLY = "model"
 CONVERTED = "converted"
 """Model weights converted from a Llama checkpoint by llama_to_dcp.py."""
 
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def list_steps(folder: Path) -> list[StepDir]:
         return []
     found = []
     for path in folder.iterdir():
-        match = _STEP_DIR.match(path.name)
+        match = STEP_DIR.match(path.name)
         if match and path.is_dir():
             found.append(StepDir(int(match.group(1)), path, (path / MARKER).is_file()))
     return sorted(found, key=lambda s: s.step)

@@ -118,7 +118,9 @@ class Training:
     """Sequences per optimizer step over all ranks; -1 = batch_size x DP degree (no accumulation)"""
     seq_len: PositiveInt = 2048
     """Tokens per sequence (the model's context length)."""
-    vocab_size: PositiveInt = 256
+    vocab_size: Annotated[
+        int, Rule(lambda v: v >= 256, ">= 256 (spike data has tokens up to 255, the separator)")
+    ] = 256
     """Vocabulary size; 256 for spike-count tokens."""
     warmup_steps: NonNegativeInt = 200
     """Linear learning-rate warmup steps."""
@@ -168,6 +170,9 @@ class Data:
     """Train rows of the synthetic dataset generated on first use (test: a tenth, at least 4)."""
     stream_shards: PositiveInt = 256
     """Shards of a local dataset when streaming (a resume re-reads at most one); >= DP ranks."""
+    generate_synthetic: bool = False
+    """With training.dataset = synthetic, generate the dataset into training.dataset_path when
+    it does not exist (without it, a missing dataset_path is an error)."""
 
 
 @dataclass
@@ -200,6 +205,13 @@ class Checkpoint:
     """Step to resume from; -1 = the newest complete one."""
     initial_load_path: str | None = None
     """DCP directory to initialize model weights from when the run has no checkpoint yet."""
+    initial_load_allow: list[str] = field(
+        default_factory=lambda: ["tok_embeddings.weight", "output.weight"]
+    )
+    """What may differ from initial_load_path: tensor name patterns (fnmatch, e.g. layers.5.*)
+    that may be absent or of another shape (kept freshly initialized), and settings (rope_theta,
+    use_scaled_rope, rope_scale_factor, rope_original_context, rope_low_freq_factor,
+    rope_high_freq_factor, norm_eps)."""
     exclude_from_loading: list[StateName] = field(default_factory=list)
     """States not to restore on resume: model, optimizer, lr_scheduler, dataloader, train_state."""
     fallback_on_corruption: bool = False

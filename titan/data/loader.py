@@ -291,10 +291,12 @@ def build_dataloader(
 
 def prepare_dataset(cfg: JobConfig) -> None:
     """Make the dataset ready before any rank builds a loader (call it on rank 0, then a
-    barrier): generate the synthetic dataset if it is missing, and check that the source
-    exists and has the split and the `spike_counts` column (`ConfigError` otherwise)."""
+    barrier): generate the synthetic dataset if it is missing (into `data_cache/synthetic`,
+    or into `training.dataset_path` only with `data.generate_synthetic`), and check that the
+    source exists and has the split and the `spike_counts` column (`ConfigError` otherwise)."""
     from titan.data import synthetic
 
+    src = sources.resolve_source(cfg)  # refuses a dataset path of the wrong kind
     if cfg.training.dataset == "synthetic":
         path = sources.synthetic_path(cfg)
         rows, seed = cfg.data.synthetic_rows, cfg.training.seed
@@ -311,5 +313,4 @@ def prepare_dataset(cfg: JobConfig) -> None:
                     f"seed {params['seed']}), not the configured {rows} rows, seed {seed}; "
                     "delete the folder to regenerate it"
                 )
-    src = sources.resolve_source(cfg)
     sources.open_split(src, cfg.data.split, cfg.data.streaming, cfg.data.source_datasets)

@@ -3,8 +3,10 @@ Face dataset split, opened map-style (memory-mapped Arrow) or for streaming, and
 
 - `primate`, `rodent`: the Hub datasets `eminorhan/neural-pile-{primate,rodent}` (read from
   the local HF cache when `HF_HUB_OFFLINE=1`); `training.dataset_path` overrides the id.
-- `synthetic`: the folder written by `titan.data.synthetic` (default `data_cache/synthetic`,
-  relative to the working directory, or `training.dataset_path`).
+- `synthetic`: the folder written by `titan.data.synthetic`: `data_cache/synthetic` (relative
+  to the working directory, generated on first use), or `training.dataset_path`, which must
+  then be such a folder (it holds the generator's params file), or not exist yet with
+  `data.generate_synthetic` set. A dataset path is read, never generated into, otherwise.
 - `training.dataset_path`: a `save_to_disk` folder (a DatasetDict, or a single Dataset that
   then serves only its own split), a parquet/arrow file, glob or folder, or a Hub id.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,14 +69,22 @@ def quiet_datasets() -> Iterator[None]:
 
 def synthetic_path(cfg: JobConfig) -> Path:
     """Folder of the synthetic dataset for this config."""
-    return Path(cfg.training.dataset_path or SYNTHETIC_DIR)
+    return Path(cfg.training.dataset_path or SYNTHETIC_DIR).expanduser()
 
 
 def resolve_source(cfg: JobConfig) -> Source:
-    """The source named by `training.dataset` and `training.dataset_path`."""
+    """The source named by `training.dataset` and `training.dataset_path` (checks only the
+    path: whether it exists and is of the right kind)."""
     name, path = cfg.training.dataset, cfg.training.dataset_path
+    if cfg.data.generate_synthetic and name != "synthetic":
+        raise ConfigError(
+            f"data.generate_synthetic = true needs training.dataset = 'synthetic', not {name!r}; "
+            "set data.generate_synthetic = false to read training.dataset_path as it is"
+        )
     if name == "synthetic":
         p = synthetic_path(cfg)
+        if path is not None:
+            _check_synthetic_path(path, p, cfg.data.generate_synthetic)
         return Source(f"synthetic dataset {p}", "disk", str(p))
     if path is None:
         if name in HUB_IDS:
@@ -83,6 +94,40 @@ def resolve_source(cfg: JobConfig) -> Source:
             "or set training.dataset_path to a local dataset or Hub id"
         )
     return _resolve_path(path)
+
+
+def _check_synthetic_path(path: str, p: Path, generate: bool) -> None:
+    """With `training.dataset = "synthetic"`, the dataset path is a synthetic dataset, or
+    does not exist yet and `data.generate_synthetic` asks to generate it there."""
+    from titan.data.synthetic import PARAMS_FILE  # local: synthetic imports this module
+
+    if not p.exists():
+        if generate:
+            return
+        raise ConfigError(
+            f"training.dataset_path = {path!r}: no such folder; with training.dataset = "
+            "'synthetic' it must be a synthetic dataset: fix the path, or set "
+            "data.generate_synthetic = true to generate one there"
+        )
+    if not (p / PARAMS_FILE).is_file():
+        raise ConfigError(
+            f"training.dataset_path = {path!r} is {describe_path(p)}, not a synthetic dataset "
+            f"(no {PARAMS_FILE}); to train on it, set training.dataset to a name for it (e.g. "
+            "training.dataset = 'custom') instead of 'synthetic'"
+        )
+
+
+def describe_path(p: Path) -> str:
+    """What a local path holds, in a few words, for messages."""
+    if p.is_file():
+        return f"a {p.suffix} file" if p.suffix else "a file"
+    if (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
+        return "a save_to_disk dataset"
+    files = list(itertools.islice(p.rglob("*"), 1000))  # enough to tell; bounded
+    kinds = sorted({f.suffix.lstrip(".") for f in files if f.suffix in _FILE_BUILDERS})
+    if kinds:
+        return f"a folder of {' and '.join(kinds)} files"
+    return "a folder" if files else "an empty folder"
 
 
 def _resolve_path(path: str) -> Source:
@@ -108,7 +153,10 @@ def _resolve_path(path: str) -> Source:
     looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
     if looks_like_hub_id:
         return Source(path, "hub", path)
-    raise ConfigError(f"training.dataset_path = {path!r}: no such file or directory")
+    raise ConfigError(
+        f"training.dataset_path = {path!r}: no such file or directory; fix the path (a "
+        "save_to_disk folder, parquet or arrow files, a glob) or give a Hub id (owner/name)"
+    )
 
 
 def _load(src: Source, streaming: bool) -> Any:
