@@ -8,5 +8,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 gpus=$(.venv/bin/python -c "import torch; print(torch.cuda.device_count())")
 nproc=${NPROC:-$([ "$gpus" -gt 0 ] && echo "$gpus" || echo 2)}
-exec .venv/bin/torchrun --standalone --nproc_per_node "$nproc" train.py \
+# titan.launch is torchrun plus titan's endings: a recipe mistake is one line before any
+# worker starts, and the exit status is the run's (see README, "Exit statuses").
+exec .venv/bin/python -m titan.launch --standalone --nproc_per_node "$nproc" train.py \
   --job.config_file train_configs/debug_model.toml "$@"

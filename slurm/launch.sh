@@ -20,6 +20,14 @@
 #   TITAN_SRUN_ARGS       extra srun options, e.g. pyxis' --container-image=...
 #   TITAN_CMD_PREFIX      command that wraps python, e.g. "apptainer exec --nv img.sif"
 #   TITAN_RANK_LOG_DIR    per-rank stdout/stderr files (default: beside the job log)
+#   TITAN_REQUEUE         1 (default): after a signal-triggered save, requeue the job
+#   TITAN_SHUTDOWN_TIMEOUT_S  seconds workers get to finish that save (default 900)
+#
+# Stopping: Slurm's warning signal (#SBATCH --signal=B:USR1@N in the recipe scripts) reaches
+# this batch shell, which passes it to the job step; torchrun's agents forward it to the
+# workers, which finish their step, save a complete checkpoint and exit with status 75.
+# The job is then requeued (or, where the site forbids it, the resubmit command is
+# printed and the job exits 75). Any other exit status is the run's (see README).
 set -euo pipefail
 
 die() {
@@ -139,11 +147,40 @@ echo "titan: job $SLURM_JOB_ID, recipe $config, $nnodes node(s) x $ranks rank(s)
 echo "titan: rendezvous $head_node:$port, python $python, max restarts" \
     "${TITAN_MAX_RESTARTS:-3}, per-rank logs in $rank_logs"
 
-exec srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --cpus-per-task="$cpus" \
+signal_seen=""
+srun_pid=""
+# shellcheck disable=SC2317  # called by the traps below
+forward() {  # a trapped signal: pass it on to the job step
+    signal_seen=$1
+    if [[ -n "$srun_pid" ]]; then
+        kill -s "$1" "$srun_pid" 2>/dev/null || true
+    fi
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+
+srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --cpus-per-task="$cpus" \
     --kill-on-bad-exit=1 "${srun_args[@]}" \
-    "${cmd_prefix[@]}" "$python" -m torch.distributed.run \
+    "${cmd_prefix[@]}" "$python" -m titan.launch \
     --nnodes="$nnodes" --nproc_per_node="$ranks" \
     --rdzv_backend=c10d --rdzv_endpoint="$head_node:$port" --rdzv_id="$SLURM_JOB_ID" \
     --max_restarts="${TITAN_MAX_RESTARTS:-3}" \
     --log_dir="$rank_logs" --tee=3 --local_ranks_filter=0 \
-    train.py --job.config_file "$config" "$@"
+    train.py --job.config_file "$config" "$@" &
+srun_pid=$!
+rc=0
+while true; do  # `wait` returns early whenever a trapped signal arrives
+    wait "$srun_pid" && rc=0 || rc=$?
+    kill -0 "$srun_pid" 2>/dev/null || break
+done
+
+if [[ $rc -eq 75 ]]; then
+    echo "titan: the run stopped on ${signal_seen:-a signal} after saving a checkpoint"
+    if [[ "${TITAN_REQUEUE:-1}" == 1 ]] && scontrol requeue "$SLURM_JOB_ID"; then
+        echo "titan: job $SLURM_JOB_ID requeued: it resumes from that checkpoint when it runs again"
+        exit 0
+    fi
+    script=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=//p')
+    echo "titan: not requeued; resubmit to continue: sbatch ${script:-slurm/<script>.sh} $*"
+fi
+exit "$rc"

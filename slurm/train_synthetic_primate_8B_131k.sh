@@ -7,5 +7,7 @@
 #SBATCH --ntasks-per-node=1
 #SBATCH --exclusive
 #SBATCH --time=48:00:00
+#SBATCH --signal=B:USR1@300
 #SBATCH --output=slurm/logs/%x-%j.log
+#SBATCH --open-mode=append
 exec bash "${TITAN_DIR:-$SLURM_SUBMIT_DIR}/slurm/launch.sh" synthetic_primate_8b_131k "$@"

@@ -21,14 +21,17 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def train_command(nproc: int, *torchrun_args: str) -> list[str]:
-    """`python train.py`, or torchrun with `nproc` ranks when nproc > 1 or options are given."""
-    if nproc == 1 and not torchrun_args:
+def train_command(
+    nproc: int, *torchrun_args: str, launcher: str = "torch.distributed.run"
+) -> list[str]:
+    """`python train.py`, or torchrun (or `launcher`, e.g. titan.launch) with `nproc` ranks
+    when nproc > 1 or options are given."""
+    if nproc == 1 and not torchrun_args and launcher == "torch.distributed.run":
         return [sys.executable, str(ROOT / "train.py")]
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        launcher,
         "--standalone",
         "--nproc_per_node",
         str(nproc),
@@ -37,10 +40,12 @@ def train_command(nproc: int, *torchrun_args: str) -> list[str]:
     ]
 
 
-def run_train(args: list[str], nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run train.py and capture its output."""
+def run_train(
+    args: list[str], nproc: int = 1, timeout: int = 600, launcher: str = "torch.distributed.run"
+) -> subprocess.CompletedProcess:
+    """Run train.py (under torchrun or `launcher` when nproc > 1) and capture its output."""
     return subprocess.run(
-        train_command(nproc) + args,
+        train_command(nproc, launcher=launcher) + args,
         cwd=ROOT,
         env=TRAIN_ENV,
         capture_output=True,
@@ -69,10 +74,12 @@ def logged_step(dump: Path) -> int:
     return max(train_losses(dump), default=0) if path.exists() and path.stat().st_size else 0
 
 
-def launch_train(args: list[str], nproc: int = 2, max_restarts: int = 0) -> subprocess.Popen:
-    """Start train.py under torchrun in its own session (so os.killpg reaches every rank)."""
+def launch_train(
+    args: list[str], nproc: int = 2, max_restarts: int = 0, launcher: str = "torch.distributed.run"
+) -> subprocess.Popen:
+    """Start train.py under torchrun (or `launcher`) in its own session."""
     return subprocess.Popen(
-        train_command(nproc, f"--max_restarts={max_restarts}") + args,
+        train_command(nproc, f"--max_restarts={max_restarts}", launcher=launcher) + args,
         cwd=ROOT,
         env=TRAIN_ENV,
         stdout=subprocess.PIPE,
@@ -92,7 +99,8 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
 
 
 def worker_pids(dump: Path) -> list[int]:
-    """The train.py workers of the run writing to `dump` (children of its torchrun agent)."""
+    """The train.py workers of the run writing to `dump` (children of its torchrun agent,
+    started by torchrun itself or by `python -m titan.launch`)."""
 
     def cmdline(pid: str) -> str:
         try:
@@ -107,12 +115,13 @@ def worker_pids(dump: Path) -> list[int]:
             and "train.py" in (cmd := cmdline(entry.name))
             and str(dump) in cmd
             and "torch.distributed.run" not in cmd
+            and "titan.launch" not in cmd
         ):
             try:
                 ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
             except (OSError, IndexError):
                 continue
-            if "torch.distributed.run" in cmdline(ppid):
+            if any(agent in cmdline(ppid) for agent in ("torch.distributed.run", "titan.launch")):
                 pids.append(int(entry.name))
     return pids
 

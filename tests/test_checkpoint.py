@@ -5,8 +5,9 @@
   uninterrupted run's (so the data stream resumed exactly too), and so are the final weights;
 - torchrun --max_restarts: one rank killed once, the job restarts from the newest
   checkpoint and finishes with the uninterrupted run's losses;
-- an interrupted save is never loaded; keep_latest_k holds; a truncated shard stops the
-  run with one line, and fallback_on_corruption resumes from the previous step;
+- an interrupted save is never loaded (it is moved aside; one whose data is whole is
+  completed); keep_latest_k holds; a truncated shard stops the run with one line, and
+  fallback_on_corruption resumes from the previous step;
 - save on 2 ranks, load on 1 and on 4: identical logits; resuming under a different
   world size reshards model, optimizer and data; exclude_from_loading skips a state;
 - initial_load_path from a 128256-token checkpoint into a 256-token model loads every
@@ -16,6 +17,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -23,6 +25,8 @@ import pytest
 import torch
 from conftest import launch_train, logged_step, run_train, train_losses, wait_for, worker_pids
 from dist_utils import run_ranks
+
+from titan.checkpoint import list_steps
 
 STEPS = 12
 
@@ -113,7 +117,7 @@ def test_failing_run_closes_with_an_async_save_in_flight(tmp_path, synthetic_dir
     """A run that diverges right after starting an async save still closes cleanly: the
     save ends complete with its marker (or without one, never half-marked) and every
     rank exits with the run's error instead of hanging."""
-    from titan.checkpoint import list_steps, verify
+    from titan.checkpoint import verify
 
     args = _args(tmp_path, synthetic_dir, "--checkpoint.async_mode=async")
     args += ["--checkpoint.interval=1", "--optimizer.lr=1e12", "--training.warmup_steps=0",
@@ -135,11 +139,19 @@ def test_incomplete_corrupt_retention_and_reshard(tmp_path, synthetic_dir, refer
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in ckpt.iterdir()) == ["step-4", "step-8"]
 
-    # A save cut short (no marker) is never loaded, and is cleaned up.
+    # A step whose data is whole but whose marker is missing (a kill right after an async
+    # save) is verified and completed, never deleted.
     (ckpt / "step-8" / ".complete").unlink()
     result = run_train(_args(tmp_path, synthetic_dir, "--training.steps=8"), nproc=2)
-    assert "Removing incomplete checkpoint" in result.stdout
+    assert "Checkpoint step-8 had no marker: completed" in result.stdout
+    assert f"Resumed from {ckpt / 'step-8'} at step 8" in result.stdout
+    # A save cut short (no .metadata, no marker) is never loaded, and is moved aside.
+    (ckpt / "step-8" / ".complete").unlink()
+    (ckpt / "step-8" / ".metadata").unlink()
+    result = run_train(_args(tmp_path, synthetic_dir, "--training.steps=8"), nproc=2)
+    assert "Checkpoint step-8 had no marker: moved aside" in result.stdout
     assert f"Resumed from {ckpt / 'step-4'} at step 4" in result.stdout
+    shutil.rmtree(ckpt / "incomplete")
 
     # A truncated shard: one clear line, then fallback on request.
     shard = next((ckpt / "step-8").glob("*.distcp"))
@@ -162,7 +174,8 @@ def test_incomplete_corrupt_retention_and_reshard(tmp_path, synthetic_dir, refer
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resumed from" in result.stdout and "step-4" in result.stdout
     assert train_losses(tmp_path) == train_losses(reference)
-    assert sorted(p.name for p in ckpt.iterdir()) == ["step-12", "step-8"]  # keep_latest_k=2
+    assert [s.path.name for s in list_steps(ckpt)] == ["step-8", "step-12"]  # keep_latest_k=2
+    assert [p.name[:7] for p in (ckpt / "replaced").iterdir()] == ["step-8-"]  # the damaged one
 
     # One rank resumes what two ranks saved: model, optimizer and data are resharded.
     result = run_train(_args(tmp_path, synthetic_dir, "--training.steps=14"), nproc=1)
@@ -250,7 +263,7 @@ def _logits_through_checkpoint(folder: str, save: bool) -> torch.Tensor:
     )
     with build_run(cfg, train=False) as run:
         if save:
-            run.checkpointer.maybe_save(1, force=True)
+            run.checkpointer.save(1)
         else:
             assert run.checkpointer.load()
     model = run.model

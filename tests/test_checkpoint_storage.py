@@ -1,5 +1,7 @@
 """The checkpoint storage layer on its own (no process group): step listing, completion
-markers, verification of a DCP directory, retention and the clean-up of cut-short saves."""
+markers with checksums, verification of a DCP directory (sizes, then every checksum),
+retention, settling saves without a marker (completed when whole, moved aside otherwise,
+never deleted) and setting newer steps aside for a branch."""
 
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ def _save(folder: Path, step: int, kind: str | None = storage.FULL) -> Path:
     path = storage.step_path(folder, step)
     dcp.save({"model": {"w": torch.arange(1000.0)}}, checkpoint_id=str(path), no_dist=True)
     if kind is not None:
-        storage.write_marker(path, {"step": step, "kind": kind})
+        sums = storage.checksums(path, storage.rank_files(path, 0))
+        storage.complete(path, {"step": step, "kind": kind}, sums)
     return path
 
 
@@ -37,7 +40,9 @@ def test_list_steps_markers_and_kinds(tmp_path):
         (30, False, None),
         (40, True, storage.MODEL_ONLY),
     ]
-    assert storage.read_marker(steps[0].path) == {"step": 2, "kind": storage.FULL}
+    marker = storage.read_marker(steps[0].path)
+    assert marker["step"] == 2 and marker["kind"] == storage.FULL
+    assert sorted(marker["checksums"]) == [".metadata", "__0_0.distcp"]
     assert storage.read_marker(steps[2].path) == {}
     assert not list(steps[0].path.glob("*.tmp"))  # the marker was renamed into place
     assert storage.list_steps(tmp_path / "missing") == []
@@ -67,5 +72,40 @@ def test_purge_keeps_the_newest_and_the_newest_full(tmp_path):
     # step-4 is the newest; step-3 stays as the newest full checkpoint (a resume needs one)
     assert sorted(p.name for p in removed) == ["step-1", "step-2"]
     assert [s.step for s in storage.list_steps(tmp_path)] == [3, 4, 5]
-    assert [p.name for p in storage.remove_incomplete(tmp_path)] == ["step-5"]
-    assert [s.step for s in storage.list_steps(tmp_path)] == [3, 4]
+
+
+def test_checksums_find_a_flipped_bit(tmp_path):
+    path = _save(tmp_path, 1)
+    names = sorted(storage.read_marker(path)["checksums"])
+    assert storage.verify_checksums(path, names) is None
+    shard = path / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10  # one bit, same length: the size check cannot see it
+    shard.write_bytes(bytes(data))
+    assert storage.verify(path) is None
+    assert storage.verify_checksums(path, names) == (
+        "__0_0.distcp does not match its checksum (damaged on disk)"
+    )
+
+
+def test_saves_without_a_marker_are_completed_or_moved_aside(tmp_path):
+    whole = _save(tmp_path, 5, kind=None)  # the data and .metadata made it, the marker not
+    cut = _save(tmp_path, 6, kind=None)
+    (cut / ".metadata").unlink()  # cut short before DCP's last file
+    done = dict(storage.settle_incomplete(tmp_path))
+    assert done[whole].startswith("completed") and done[cut].startswith("moved aside")
+    assert [(s.step, s.complete) for s in storage.list_steps(tmp_path)] == [(5, True)]
+    assert storage.read_marker(whole)["completed_later"] is True
+    assert storage.verify_checksums(whole, sorted(storage.read_marker(whole)["checksums"])) is None
+    (aside,) = (tmp_path / "incomplete").iterdir()
+    assert aside.name.startswith("step-6-") and (aside / "__0_0.distcp").is_file()
+
+
+def test_newer_steps_are_set_aside_for_a_branch(tmp_path):
+    for step in (2, 4, 6):
+        _save(tmp_path, step)
+    assert storage.set_aside_newer(tmp_path, 6) is None
+    folder, names = storage.set_aside_newer(tmp_path, 2)
+    assert names == ["step-4", "step-6"] and folder.parent.name == "branches"
+    assert [s.step for s in storage.list_steps(tmp_path)] == [2]
+    assert sorted(p.name for p in folder.iterdir()) == ["step-4", "step-6"]

@@ -94,6 +94,21 @@ def test_recipe_scripts_differ_only_in_header_and_recipe() -> None:
     assert first == ['exec bash "${TITAN_DIR:-$SLURM_SUBMIT_DIR}/slurm/launch.sh" RECIPE "$@"']
 
 
+def test_warning_signal_is_sized_from_the_recipe() -> None:
+    """Every script asks Slurm for USR1 early enough for the step in progress and one full
+    save of its recipe on its nodes (titan.lifecycle.stop_lead_seconds)."""
+    from titan.config import load_config
+    from titan.lifecycle import stop_lead_seconds
+
+    for name, recipe in RECIPE_SCRIPTS.items():
+        header, _ = _split_script(SLURM_DIR / name)
+        nodes = int(next(x for x in header if x.startswith("#SBATCH --nodes=")).split("=")[1])
+        signal_line = next(x for x in header if x.startswith("#SBATCH --signal="))
+        lead = int(re.fullmatch(r"#SBATCH --signal=B:USR1@(\d+)", signal_line).group(1))
+        cfg = load_config([f"--job.config_file=train_configs/{recipe}.toml"])
+        assert lead >= stop_lead_seconds(cfg, nodes), (name, lead)
+
+
 # ----------------------------------------------------------------------------- the cluster
 
 
@@ -323,6 +338,25 @@ def test_launcher_refuses_a_job_without_gpus_or_cpu_ranks(
     assert "the job has no GPUs" in log.read_text()
 
 
+def test_recipe_mistake_is_one_line_and_exit_2(
+    slurm_cluster: SlurmCluster, synthetic_dir: Path, tmp_path: Path
+) -> None:
+    """A typo in an override: the job fails with exit status 2 and the log says why in one
+    line (the launcher checks the recipe before any worker starts)."""
+    log = tmp_path / "job.log"
+    args = [*_overrides(tmp_path / "run", synthetic_dir, steps=2, interval=2), "--training.step=3"]
+    job = slurm_cluster.submit("train_debug.sh", *args, log=log)
+    state = slurm_cluster.wait(job, log)
+    text = log.read_text()
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == "2:0", (state, text[-3000:])
+    errors = [line for line in text.splitlines() if "error" in line.lower()]
+    assert errors == [
+        "error: unknown config key 'training.step' (did you mean 'training.steps'?); [training] "
+        "has: " + errors[0].split("has: ", 1)[1]
+    ], text[-3000:]
+    assert "Traceback" not in text and "ChildFailedError" not in text
+
+
 def test_8b_script_runs_its_recipe(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     """An 8B script, submitted as a user would (-N 1 here, one CPU rank), runs train.py on
     its recipe with --job.dry_run: config, model and batch plan resolved, nothing trained.
@@ -394,6 +428,36 @@ def test_sbatch_trains_then_resumes(
     assert re.search(r"Resumed from \S*step-4\b.* at step 4\b", text), text[-4000:]
     assert _metric_steps(dump) == [1, 2, 3, 4, 5, 6]
     assert _complete_steps(dump)[-1] == 6
+
+
+def test_warning_signal_saves_requeues_and_finishes(
+    slurm_cluster: SlurmCluster, synthetic_dir: Path, tmp_path: Path
+) -> None:
+    """Slurm's warning signal to the batch shell (what --signal=B:USR1@N sends): the run
+    finishes its step, saves, exits 75, the job is requeued, and the requeued job resumes
+    and finishes with every step logged once."""
+    dump = tmp_path / "run"
+    log = tmp_path / "job.log"
+    steps = 400
+    args = [*_overrides(dump, synthetic_dir, steps=steps, interval=1000), "--training.seq_len=64"]
+    job = slurm_cluster.submit("train_debug.sh", *args, log=log)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not (dump / "metrics.jsonl").is_file() or len(_metric_steps(dump)) < 20:
+        assert time.monotonic() < deadline, "the job did not get going in time"
+        assert slurm_cluster.state(job)["JobState"] in ("PENDING", "RUNNING"), log.read_text()
+        time.sleep(0.2)
+    slurm_cluster.cmd("scancel", "--batch", "--signal=USR1", str(job))
+
+    state = slurm_cluster.wait(job, log)
+    text = log.read_text()
+    assert state["JobState"] == "COMPLETED", text[-4000:]
+    assert int(state.get("Restarts", "0")) == 1, state
+    stopped = re.search(r"stopped: SIGUSR1 at step (\d+): saved checkpoint step-\1", text)
+    assert stopped, text[-4000:]
+    assert f"job {job} requeued" in text
+    assert re.search(rf"Resumed from \S*step-{stopped.group(1)}\b", text), text[-4000:]
+    assert sorted(_metric_steps(dump)) == list(range(1, steps + 1))  # each step once
+    assert _complete_steps(dump)[-1] == steps
 
 
 def test_killed_ranks_are_restarted(

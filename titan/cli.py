@@ -1,60 +1,101 @@
 """What the commands (`train.py`, `evaluate.py`) share: the recipe on the command line,
-`--help`, and turning a run's ending into one line and an exit status.
+`--help`, and turning how a run ended into one line and an exit status.
 
 Exit statuses (Slurm chains and `afterok` dependencies rely on them):
 
-    0  done
-    2  bad input: configuration, paths, an unusable checkpoint (one `error:` line)
-    3  the run diverged: too many consecutive non-finite steps
+    0   done
+    2   bad input: configuration, paths, an unusable checkpoint, a folder in use
+    3   the run diverged: non-finite steps (too many in a row, or at the end)
+    4   a checkpoint could not be saved (no space, unwritable folder, a failed rank)
+    5   a collective timed out: a rank is stuck or gone (job.collective_timeout_s)
+    75  stopped on a signal after saving a complete checkpoint: run it again to continue
+
+Each is printed as one `error: ...` line by rank 0 (75: `stopped: ...`). When the launcher
+sets TITAN_STATUS_FILE, local rank 0 also writes {"exit_code", "message"} there, since
+torchrun's own exit status does not carry the workers'.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch.distributed as dist
 
-from titan.checkpoint import CheckpointError
+from titan.checkpoint import CheckpointError, CheckpointSaveError
 from titan.config import ConfigError, JobConfig, format_help, load_config
-from titan.distributed import env_rank
+from titan.distributed import env_rank, status_file
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 2, 3
+EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_SAVE_FAILED, EXIT_STUCK = 0, 2, 3, 4, 5
+EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: try again later
 
 
 class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite steps; the message is one line."""
+    """Non-finite steps; the message is one line."""
+
+
+class StoppedOnSignal(RuntimeError):
+    """A signal asked the run to stop and a complete checkpoint was saved."""
 
 
 EXIT_CODES: dict[type[Exception], int] = {
     ConfigError: EXIT_BAD_INPUT,
     CheckpointError: EXIT_BAD_INPUT,
     TrainingDiverged: EXIT_DIVERGED,
+    CheckpointSaveError: EXIT_SAVE_FAILED,
+    StoppedOnSignal: EXIT_STOPPED,
 }
+
+
+def _timed_out(error: BaseException) -> bool:
+    """Whether a collective gave up waiting for its peers (gloo: "Timed out waiting")."""
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("Timed out" in text or "timed out" in text)
+
+
+def _finish(code: int, message: str) -> int:
+    rank, local_rank, _ = env_rank()
+    if message and rank == 0:  # every rank hits the same end; say it once
+        prefix = "stopped" if code == EXIT_STOPPED else "error"
+        print(f"{prefix}: {message}", file=sys.stderr, flush=True)
+    path = status_file()
+    if path is not None and local_rank == 0:
+        Path(path).write_text(json.dumps({"exit_code": code, "message": message}) + "\n")
+    return code
 
 
 def run_command(prog: str, argv: list[str], body: Callable[[JobConfig], None]) -> int:
     """Parse the recipe and overrides, run `body(cfg)`, and return the exit status; the
-    known failures print one `error:` line (rank 0 only: every rank hits the same one)."""
+    known endings print one line."""
     if "--help" in argv or "-h" in argv:
         print(format_help().replace("train.py", prog))
         return EXIT_OK
+    abandon = False  # a stuck peer: tearing the group down could wait for it too
     try:
         cfg = load_config(argv)
         if cfg.job.config_file is None:  # never start a long run on defaults alone
-            print(
-                f"usage: {prog} --job.config_file FILE [--section.key=VALUE ...]", file=sys.stderr
-            )
+            usage = f"usage: {prog} --job.config_file FILE [--section.key=VALUE ...]"
+            print(usage, file=sys.stderr)
             raise ConfigError(
                 "no recipe: pass --job.config_file FILE (e.g. train_configs/debug_model.toml); "
                 "--help lists every key"
             )
         body(cfg)
     except tuple(EXIT_CODES) as e:
-        if env_rank()[0] == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return EXIT_CODES[type(e)]
+        return _finish(EXIT_CODES[type(e)], str(e))
+    except RuntimeError as e:
+        if not _timed_out(e):
+            raise
+        first = " ".join(str(e).split())[:200]
+        abandon = True
+        return _finish(
+            EXIT_STUCK,
+            "a collective did not complete within job.collective_timeout_s: a rank is stuck "
+            f"or gone (check every rank's log; {first})",
+        )
     finally:
-        if dist.is_initialized():
+        if dist.is_initialized() and not abandon:
             dist.destroy_process_group()
-    return EXIT_OK
+    return _finish(EXIT_OK, "")

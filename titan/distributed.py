@@ -7,9 +7,11 @@ mesh; it is passed explicitly to whatever needs it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -117,6 +119,18 @@ def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
+def status_file() -> str | None:
+    """Where a launcher asked for the run's exit status (TITAN_STATUS_FILE), if it did."""
+    return os.environ.get("TITAN_STATUS_FILE")
+
+
+def slurm_job() -> str | None:
+    """The Slurm job id (array jobs: <array job>_<task>), or None outside Slurm."""
+    if "SLURM_ARRAY_JOB_ID" in os.environ:
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
 def restart_count() -> int:
     """How many times torchrun has restarted this worker group (0 on the first attempt)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
@@ -147,6 +161,26 @@ def init_distributed(timeout_s: int = 1800) -> tuple[torch.device, int, int]:
             device_id=device if backend == "nccl" else None,
         )
     return device, rank, world_size
+
+
+def set_collective_timeout(seconds: int, dims: ParallelDims | None = None) -> None:
+    """How long the default group's and the mesh's collectives may take from now on."""
+    timeout = timedelta(seconds=seconds)
+    groups = {dist.group.WORLD}
+    if dims is not None and dims.mesh is not None:
+        groups |= set(dims.mesh.get_all_groups())
+    for group in groups:
+        dist.distributed_c10d._set_pg_timeout(timeout, group)
+
+
+@contextlib.contextmanager
+def timeout_for(seconds: int, restore: int, dims: ParallelDims | None = None) -> Iterator[None]:
+    """Collectives inside the block may take `seconds` (e.g. a save's); then `restore`."""
+    set_collective_timeout(seconds, dims)
+    try:
+        yield
+    finally:
+        set_collective_timeout(restore, dims)
 
 
 def exit_with_agent() -> None:

@@ -81,6 +81,25 @@ class MetricsLogger:
 
             self._tb = SummaryWriter(str(self.dump_folder / self.tb_folder))
 
+    def keep_records_until(self, step: int) -> None:
+        """Drop the records of steps after `step` (a resumed run redoes them), so
+        metrics.jsonl keeps one record of each kind per step."""
+        if not self.enabled:
+            return
+        path = self.dump_folder / "metrics.jsonl"
+        self._jsonl.close()
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut short by a kill
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        tmp.replace(path)
+        self._jsonl = path.open("a", buffering=1)
+
     def record_start(self, step: int) -> None:
         """Start the clocks (after set-up and any resume) at optimizer step `step`."""
         self._t_last = self._t_start = time.perf_counter()

@@ -29,6 +29,7 @@ from titan.data import SpikeDataLoader, build_dataloader, prepare_dataset
 from titan.data.held_out import HeldOut
 from titan.distributed import ParallelDims, init_distributed, local_world_size, restart_count
 from titan.kernel_choice import AttnShape, KernelChoice, choose_attention
+from titan.lifecycle import RunLock
 from titan.logging import init_logger, logger
 from titan.memory import (
     MemoryPlan,
@@ -65,6 +66,8 @@ class Run:
     metrics: MetricsLogger | None = None
     held_out: HeldOut | None = None
     """The validation split's windows (when validation is on)."""
+    lock: RunLock | None = None
+    """Rank 0's hold on the dump folder (training only)."""
 
     def close(self, failed: bool = False) -> None:
         """Release what the run holds; safe to call on a partly built run, and twice."""
@@ -76,6 +79,9 @@ class Run:
                 self.dataloader.close()
             if self.metrics is not None:
                 self.metrics.close()
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
 
     def __enter__(self) -> Run:
         return self
@@ -89,7 +95,7 @@ def build_run(cfg: JobConfig, *, train: bool = True) -> Run:
     data, resume from the newest checkpoint (or `initial_load_path`), save the resolved
     config and open the metrics; without (tests, benchmarks): model, optimizer, schedule
     and checkpointer only. A failure part-way closes what was built."""
-    device, rank, world = init_distributed()
+    device, rank, world = init_distributed(cfg.job.init_timeout_s)
     if train:  # tests and benchmarks set up logging themselves
         init_logger(rank)
     dims = ParallelDims.from_config(cfg, world, device.type)
@@ -97,11 +103,19 @@ def build_run(cfg: JobConfig, *, train: bool = True) -> Run:
     torch.manual_seed(cfg.training.seed)
     if cfg.training.deterministic:
         torch.use_deterministic_algorithms(True)
-    run = Run(cfg, device, rank, dims, TrainState(dp_degree=dims.dp_degree, world_size=world))
+    global_batch = cfg.training.batch_size * dims.dp_degree * dims.accumulation_steps(cfg)
+    state = TrainState(
+        dp_degree=dims.dp_degree,
+        world_size=world,
+        seq_len=cfg.training.seq_len,
+        global_batch=global_batch,
+    )
+    run = Run(cfg, device, rank, dims, state)
     try:
         if train:
             _log_start(cfg)
             run_on_rank0(check_run, cfg)  # inputs, folders, disk space: before heavy work
+            run_on_rank0(_take_folder, run)  # one run per dump folder
             run_on_rank0(prepare_dataset, cfg)
         run.model, run.model_args, run.kernel, run.memory = build_model(cfg, dims, device)
         if train:
@@ -126,10 +140,16 @@ def build_run(cfg: JobConfig, *, train: bool = True) -> Run:
             if rank == 0:
                 save_config(cfg)
             run.metrics = build_metrics(cfg, run.model_args, device, rank)
+            run.metrics.keep_records_until(run.train_state.step)  # redone steps replace theirs
     except BaseException:
         run.close(failed=True)
         raise
     return run
+
+
+def _take_folder(run: Run) -> None:
+    run.lock = RunLock(Path(run.cfg.job.dump_folder))
+    run.lock.acquire()
 
 
 def _log_start(cfg: JobConfig) -> None:

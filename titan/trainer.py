@@ -23,10 +23,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from titan.cli import TrainingDiverged, run_command
+from titan.cli import StoppedOnSignal, TrainingDiverged, run_command
 from titan.config import JobConfig
-from titan.distributed import ParallelDims, env_rank, launched_world_size
+from titan.distributed import (
+    ParallelDims,
+    env_rank,
+    launched_world_size,
+    set_collective_timeout,
+    timeout_for,
+)
 from titan.evaluate import evaluate
+from titan.lifecycle import StepWatch, StopSignals
 from titan.logging import init_logger, logger
 from titan.memory import (
     activation_dtype,
@@ -117,55 +124,92 @@ def next_micro_batches(data: Iterator, n: int) -> tuple[list, float]:
 
 
 def train(run: Run) -> None:
-    """Steps from `train_state.step` to `training.steps`: fetch, step, log, checkpoint."""
+    """Steps from `train_state.step` to `training.steps`: fetch, step, log, checkpoint;
+    a stop signal ends the loop with a complete checkpoint (StoppedOnSignal)."""
     cfg, dims, state, metrics = run.cfg, run.dims, run.train_state, run.metrics
-    t = cfg.training
-    accum = dims.accumulation_steps(cfg)
-    global_tokens = t.batch_size * t.seq_len * accum * dims.dp_degree
-    data, bad_in_a_row, skipped = iter(run.dataloader), 0, 0
+    t, job = cfg.training, cfg.job
+    global_tokens = t.batch_size * t.seq_len * dims.accumulation_steps(cfg) * dims.dp_degree
+    data, watch, bad = iter(run.dataloader), StepWatch(), BadSteps(t.max_consecutive_bad_steps)
     first_step = state.step + 1
     metrics.record_start(state.step)
-    with maybe_profile(cfg, run.rank) as profiler:
+    with StopSignals(cfg.checkpoint.save_on_signals) as stop, maybe_profile(cfg, run.rank) as prof:
         while state.step < t.steps:
-            batches, wait_s = next_micro_batches(data, accum)
+            watch.start(state.step + 1)
+            batches, wait_s = next_micro_batches(data, dims.accumulation_steps(cfg))
             loss, grad_norm = train_step(
                 run.model, run.optimizer, batches, global_tokens, dims.dp_degree, t.max_norm
             )
             state.step += 1
             state.tokens_seen += global_tokens
+            lr = run.scheduler.get_last_lr()[0]  # the rate this step used
             run.scheduler.step()
             metrics.record_step(global_tokens // dims.dp_degree, wait_s)
-            if state.step == first_step:
+            watch.done()
+            if state.step == first_step:  # set-up's long waits are over
                 log_memory(run)
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
-                logger.warning(
-                    f"step {state.step}: loss {loss}, grad norm {grad_norm}: "
-                    f"not finite, update skipped ({bad_in_a_row} in a row)"
-                )
-                if bad_in_a_row >= t.max_consecutive_bad_steps:
-                    raise TrainingDiverged(
-                        f"{bad_in_a_row} consecutive steps with a non-finite loss or gradient norm "
-                        f"(last at step {state.step}); lower optimizer.lr or resume from an "
-                        "earlier checkpoint with --checkpoint.load_step"
-                    )
-                continue  # never checkpoint a bad step
-            bad_in_a_row = 0
-            if state.step % cfg.metrics.log_freq == 0 or state.step in (1, t.steps):
-                metrics.log(
-                    state.step,
-                    loss,
-                    grad_norm,
-                    run.scheduler.get_last_lr()[0],
-                    {"skipped_steps": skipped},
-                )
-            run.checkpointer.maybe_save(state.step)
-            if cfg.validation.enable and state.step % cfg.validation.freq == 0:
-                validate(run)
-            if profiler is not None:
-                profiler.step()
+                set_collective_timeout(job.collective_timeout_s, dims)
+            if bad.record(state.step, loss, grad_norm):
+                if state.step % cfg.metrics.log_freq == 0 or state.step in (1, t.steps):
+                    metrics.log(state.step, loss, grad_norm, lr, {"skipped_steps": bad.skipped})
+                with timeout_for(job.init_timeout_s, job.collective_timeout_s, dims):
+                    run.checkpointer.maybe_save(state.step)  # never a bad step
+                if cfg.validation.enable and state.step % cfg.validation.freq == 0:
+                    validate(run)
+            if stop.signals and stop.stop_agreed(run.device):
+                stop_and_save(run, stop.received or "a signal on another rank")
+            if prof is not None:
+                prof.step()
+    watch.close()
+    bad.check_end()
     run.checkpointer.wait()
     metrics.summary(state.step, state.tokens_seen)
+
+
+class BadSteps:
+    """Counts non-finite steps (their updates are skipped): too many in a row, or any at
+    the very end (no final checkpoint), end the run with TrainingDiverged."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.in_a_row, self.skipped, self.last = limit, 0, 0, 0
+
+    def record(self, step: int, loss: float, grad_norm: float) -> bool:
+        """True when the step was finite."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.in_a_row = 0
+            return True
+        self.in_a_row, self.skipped, self.last = self.in_a_row + 1, self.skipped + 1, step
+        logger.warning(
+            f"step {step}: loss {loss}, grad norm {grad_norm}: "
+            f"not finite, update skipped ({self.in_a_row} in a row)"
+        )
+        if self.in_a_row >= self.limit:
+            raise TrainingDiverged(
+                f"{self.in_a_row} consecutive steps with a non-finite loss or gradient norm "
+                f"(last at step {step}); lower optimizer.lr or resume from an "
+                "earlier checkpoint with --checkpoint.load_step"
+            )
+        return False
+
+    def check_end(self) -> None:
+        if self.in_a_row:
+            raise TrainingDiverged(
+                f"the run ended with {self.in_a_row} non-finite step(s) (last at step "
+                f"{self.last}), so its final checkpoint was not written; resume from an "
+                "earlier checkpoint with --checkpoint.load_step"
+            )
+
+
+def stop_and_save(run: Run, signal_name: str) -> None:
+    """Every rank agreed to stop after this step: save it completely, then end the run."""
+    step, job = run.train_state.step, run.cfg.job
+    saved = "checkpointing is off: nothing saved"
+    if run.checkpointer.enabled:
+        with timeout_for(job.init_timeout_s, job.collective_timeout_s, run.dims):
+            run.checkpointer.save(step, sync=True)
+        saved = f"saved checkpoint step-{step}"
+    raise StoppedOnSignal(
+        f"{signal_name} at step {step}: {saved}; run the same command again to continue"
+    )
 
 
 def validate(run: Run) -> None:

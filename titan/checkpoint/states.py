@@ -4,6 +4,7 @@ counters, and each rank's RNG states."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,14 +53,12 @@ class TrainState(Stateful):
     tokens_seen: int = 0
     dp_degree: int = 1
     world_size: int = 1
+    seq_len: int = 0
+    global_batch: int = 0
+    """Sequences per optimizer step."""
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "step": torch.tensor(self.step),
-            "tokens_seen": torch.tensor(self.tokens_seen),
-            "dp_degree": torch.tensor(self.dp_degree),
-            "world_size": torch.tensor(self.world_size),
-        }
+        return {k: torch.tensor(v) for k, v in dataclasses.asdict(self).items()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.step = int(state_dict["step"])

@@ -5,7 +5,9 @@ function can be used (and tested) from any single process.
 Layout: `<checkpoint folder>/step-N/` is a DCP directory. It counts only once it holds
 the `MARKER` file, written last (atomically, by one rank) after every rank's data and the
 `.metadata` file are on disk: a save cut short by kill -9, a full disk or a dead rank has
-no marker and is never loaded. The marker is JSON naming the step and the kind of save.
+no marker and is never loaded. The marker is JSON naming the step, the kind of save and a
+CRC-32 of every file (each computed by the rank that wrote the file), so a flipped bit or
+a truncated file anywhere is found before anything is loaded.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import json
 import os
 import re
 import shutil
+import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +84,44 @@ def write_marker(step_dir: Path, info: dict[str, Any]) -> None:
     os.replace(tmp, step_dir / MARKER)
 
 
+def file_checksum(path: Path) -> str:
+    """CRC-32 of a file's bytes, as 8 hex digits."""
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(16 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def rank_files(step_dir: Path, rank: int) -> list[str]:
+    """The data files DCP's file-system writer names after `rank` (`__<rank>_<n>.distcp`)."""
+    return sorted(p.name for p in step_dir.glob(f"__{rank}_*.distcp"))
+
+
+def checksums(step_dir: Path, names: list[str]) -> dict[str, str]:
+    return {name: file_checksum(step_dir / name) for name in names}
+
+
+def complete(step_dir: Path, info: dict[str, Any], sums: dict[str, str]) -> None:
+    """Write the marker of a finished save: `info` plus the checksums of its files (the
+    `.metadata` file's is added here)."""
+    sums = {**sums, ".metadata": file_checksum(step_dir / ".metadata")}
+    write_marker(step_dir, {**info, "checksums": dict(sorted(sums.items()))})
+
+
+def verify_checksums(step_dir: Path, names: list[str]) -> str | None:
+    """Compare `names` (a share of the marker's files) with the marker's checksums; the
+    first problem in a few words, or None."""
+    recorded = read_marker(step_dir).get("checksums", {})
+    for name in names:
+        path = step_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if file_checksum(path) != recorded[name]:
+            return f"{name} does not match its checksum (damaged on disk)"
+    return None
+
+
 def checkpoint_keys(path: Path) -> dict[str, Any]:
     """Flattened key -> metadata entry (tensor size, or bytes) of a DCP directory."""
     return dict(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
@@ -108,12 +150,41 @@ def verify(step_dir: Path) -> str | None:
     return None
 
 
-def remove_incomplete(folder: Path) -> list[Path]:
-    """Delete the step directories without a marker (saves that were cut short)."""
-    removed = [s.path for s in list_steps(folder) if not s.complete]
-    for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
-    return removed
+def settle_incomplete(folder: Path) -> list[tuple[Path, str]]:
+    """Step directories without a marker are never deleted: one whose `.metadata` and data
+    files are all there (DCP writes `.metadata` last, so its data finished; only the marker
+    was lost, e.g. to a kill right after an async save) is verified and completed; any
+    other is moved aside into `<folder>/incomplete/`. Returns (path, what was done)."""
+    done = []
+    for s in list_steps(folder):
+        if s.complete:
+            continue
+        if verify(s.path) is None:
+            names = sorted(p.name for p in s.path.glob("*.distcp"))
+            complete(s.path, {"step": s.step, "kind": FULL, "completed_later": True},
+                     checksums(s.path, names))  # fmt: skip
+            done.append((s.path, "completed: its data and .metadata were whole"))
+            continue
+        aside = folder / "incomplete" / f"{s.path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.parent.mkdir(exist_ok=True)
+        os.replace(s.path, aside)
+        done.append((s.path, f"moved aside to {aside}: its save was cut short"))
+    return done
+
+
+def set_aside_newer(folder: Path, step: int) -> tuple[Path, list[str]] | None:
+    """Move the step directories newer than `step` into `<folder>/branches/<name>/`, so a
+    later plain resume continues from `step` (the branch the user chose). Returns the new
+    folder and the moved names, or None when nothing is newer."""
+    newer = [s for s in list_steps(folder) if s.step > step]
+    if not newer:
+        return None
+    name = f"after-step-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target = folder / "branches" / name
+    target.mkdir(parents=True)
+    for s in newer:
+        os.replace(s.path, target / s.path.name)
+    return target, [s.path.name for s in newer]
 
 
 def purge(folder: Path, keep: int) -> list[Path]:

@@ -47,6 +47,11 @@ class Job:
     """Resolve the config, model, mesh and batch plan, print them and exit without training."""
     plan_for: list[str] = field(default_factory=list)
     """GPUs the dry run prints a memory plan for, e.g. h100-80gb,gh200-96gb,h200-141gb."""
+    init_timeout_s: PositiveInt = 1800
+    """Seconds a collective may take during set-up, the first step and checkpoint saves."""
+    collective_timeout_s: PositiveInt = 600
+    """Seconds a collective may take once training runs; past it the run ends with exit
+    status 5 (a rank is stuck or gone) instead of waiting for init_timeout_s."""
 
 
 @dataclass
@@ -216,6 +221,11 @@ class Checkpoint:
     """States not to restore on resume: model, optimizer, lr_scheduler, dataloader, train_state."""
     fallback_on_corruption: bool = False
     """If the newest checkpoint is corrupted, load the previous complete one instead of stopping."""
+    save_on_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2"]] = field(
+        default_factory=lambda: ["SIGTERM", "SIGUSR1"]
+    )
+    """Signals that make the run finish its step, save a complete checkpoint and exit with
+    status 75 (e.g. Slurm's warning signal before the time limit); empty = none."""
 
 
 @dataclass

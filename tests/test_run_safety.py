@@ -1,0 +1,252 @@
+"""Run safety on 2 CPU ranks under `python -m titan.launch` (torchrun with titan's endings):
+
+- SIGTERM to the job mid-run: the step in progress finishes, a complete checkpoint of it is
+  written, the exit status is 75, and the rerun takes exactly the uninterrupted run's
+  steps. The same with SIGUSR1 sent only to the agent, and with more SIGTERMs reaching the
+  workers while they save.
+- One owner per run folder: a second run on a live folder is refused with one line and the
+  first's checkpoints are untouched; a lock left by kill -9 is taken over.
+- A rewind with checkpoint.load_step sets the newer steps aside, so a later plain resume
+  continues the chosen branch.
+- Non-finite endings exit 3; a NaN planted in a saved weight is refused at load.
+- A stopped rank (SIGSTOP) is reported within job.collective_timeout_s and the job exits
+  non-zero instead of hanging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    ROOT,
+    TRAIN_ENV,
+    launch_train,
+    logged_step,
+    run_train,
+    train_command,
+    train_losses,
+    wait_for,
+    worker_pids,
+)
+
+from titan.checkpoint import list_steps, read_marker, verify
+
+STEPS = 40
+
+
+def _args(dump: Path, data: Path, *extra: str) -> list[str]:
+    return [
+        "--job.config_file=train_configs/debug_model.toml",
+        f"--job.dump_folder={dump}",
+        f"--training.dataset_path={data}",
+        f"--training.steps={STEPS}",
+        "--training.seq_len=64",
+        "--training.batch_size=2",
+        "--metrics.log_freq=1",
+        "--checkpoint.interval=10",
+        "--checkpoint.keep_latest_k=0",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, synthetic_dir) -> Path:
+    dump = tmp_path_factory.mktemp("reference")
+    result = run_train(_args(dump, synthetic_dir), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dump
+
+
+def _launch(dump: Path, data: Path, *extra: str) -> subprocess.Popen:
+    return launch_train(_args(dump, data, *extra), launcher="titan.launch")
+
+
+def _stop_and_check(proc: subprocess.Popen, dump: Path) -> int:
+    """After the signals: exit 75, and the newest step is complete, verified, and the one
+    the run stopped at."""
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out[-3000:]
+    line = next(x for x in out.splitlines() if x.startswith("stopped: "))
+    step = int(line.split(" at step ")[1].split(":")[0])
+    assert f"saved checkpoint step-{step}; run the same command again" in line
+    newest = list_steps(dump / "checkpoint")[-1]
+    assert newest.step == step and newest.complete and verify(newest.path) is None
+    return step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["sigterm_job", "sigusr1_agent_only", "sigterm_twice"])
+def test_signal_saves_the_step_and_the_rerun_is_exact(how, tmp_path, synthetic_dir, reference):
+    proc = _launch(tmp_path, synthetic_dir)
+    wait_for(lambda: logged_step(tmp_path) >= 13, proc)
+    workers = worker_pids(tmp_path)
+    assert len(workers) == 2
+    if how == "sigusr1_agent_only":
+        os.kill(proc.pid, signal.SIGUSR1)
+    else:
+        os.kill(proc.pid, signal.SIGTERM)  # the agent forwards it, as scancel/srun would
+        for pid in workers if how == "sigterm_twice" else []:
+            for _ in range(3):  # while they finish the step and save (Slurm signals them too)
+                time.sleep(0.05)
+                os.kill(pid, signal.SIGTERM)
+    step = _stop_and_check(proc, tmp_path)
+    assert 13 <= step < STEPS
+    result = run_train(_args(tmp_path, synthetic_dir), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resumed from {tmp_path / 'checkpoint' / f'step-{step}'}" in result.stdout
+    assert train_losses(tmp_path) == train_losses(reference)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))  # one record per step after the resume
+
+
+def test_one_run_per_folder_and_stale_locks(tmp_path, synthetic_dir):
+    first = _launch(tmp_path, synthetic_dir, "--training.steps=400")
+    wait_for(lambda: logged_step(tmp_path) >= 12, first)
+    before = {p: read_marker(p) for p in (tmp_path / "checkpoint").glob("step-*")}
+    second = run_train(_args(tmp_path, synthetic_dir), nproc=1, timeout=120)
+    assert second.returncode == 2
+    err = second.stderr.strip()
+    assert err.startswith(f"error: job.dump_folder = '{tmp_path}' is in use by a live run (host ")
+    assert "\n" not in err
+    assert all(read_marker(p) == marker for p, marker in before.items())  # untouched
+    os.killpg(first.pid, signal.SIGKILL)  # the agent; its workers die with it
+    first.wait()
+    deadline = time.monotonic() + 30
+    while worker_pids(tmp_path):
+        assert time.monotonic() < deadline, "the workers outlived their agent"
+        time.sleep(0.1)
+    assert json.loads((tmp_path / ".lock").read_text())["pid"]  # left behind by kill -9
+    result = run_train(_args(tmp_path, synthetic_dir), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Taking over the run folder's lock" in result.stdout and "is gone" in result.stdout
+    assert not (tmp_path / ".lock").exists()  # released at the end
+
+
+def test_rewind_continues_the_chosen_branch(tmp_path, synthetic_dir):
+    short = ("--training.steps=6", "--checkpoint.interval=2")
+    assert run_train(_args(tmp_path, synthetic_dir, *short), nproc=2).returncode == 0
+    # Rewind to step 2 and go on to step 4 on a new branch (say, with another lr) ...
+    rewind = run_train(
+        _args(
+            tmp_path,
+            synthetic_dir,
+            "--training.steps=4",
+            "--checkpoint.interval=2",
+            "--checkpoint.load_step=2",
+            "--optimizer.lr=1e-4",
+        ),  # fmt: skip
+        nproc=2,
+    )
+    assert rewind.returncode == 0, rewind.stderr[-3000:]
+    assert "starts a new branch: set aside step-4, step-6 into" in rewind.stdout
+    # ... then a plain resume (the crashed-and-resubmitted case) continues that branch.
+    result = run_train(_args(tmp_path, synthetic_dir, *short), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resumed from {tmp_path / 'checkpoint' / 'step-4'} at step 4" in result.stdout
+    (branch,) = (tmp_path / "checkpoint" / "branches").iterdir()
+    assert sorted(p.name for p in branch.iterdir()) == ["step-4", "step-6"]
+
+
+def _plant_nan(step_dir: Path) -> None:
+    """Rewrite a step with NaN in model.norm.weight and its checksums re-recorded: a NaN
+    that was saved, not a damaged file."""
+    import shutil
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
+
+    from titan.checkpoint import storage
+
+    marker = storage.read_marker(step_dir)
+    whole = step_dir.parent / "whole.pt"
+    dcp_to_torch_save(str(step_dir), str(whole))
+    state = torch.load(whole, weights_only=False)
+    state["model"]["norm.weight"][0] = float("nan")
+    torch.save(state, whole)
+    shutil.rmtree(step_dir)
+    torch_save_to_dcp(str(whole), str(step_dir))
+    whole.unlink()
+    names = sorted(p.name for p in step_dir.glob("*.distcp"))
+    storage.complete(step_dir, {"step": marker["step"], "kind": marker["kind"]},
+                     storage.checksums(step_dir, names))  # fmt: skip
+
+
+def test_nan_in_a_saved_weight_is_refused(tmp_path, synthetic_dir):
+    args = ("--training.steps=4", "--checkpoint.interval=2")
+    assert run_train(_args(tmp_path, synthetic_dir, *args), nproc=1).returncode == 0
+    _plant_nan(tmp_path / "checkpoint" / "step-4")
+    result = run_train(_args(tmp_path, synthetic_dir, "--training.steps=6"), nproc=1)
+    assert result.returncode == 2
+    err = result.stderr.strip()
+    assert "step-4 is corrupted: model weight norm.weight is not finite" in err
+    assert "\n" not in err
+    result = run_train(
+        _args(
+            tmp_path, synthetic_dir, "--training.steps=6", "--checkpoint.fallback_on_corruption"
+        ),  # fmt: skip
+        nproc=1,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"Resumed from {tmp_path / 'checkpoint' / 'step-2'} at step 2" in result.stdout
+
+
+@pytest.mark.slow
+def test_stopped_rank_is_reported_and_the_job_ends(tmp_path, synthetic_dir):
+    command = train_command(2, launcher="titan.launch") + _args(
+        tmp_path, synthetic_dir, "--training.steps=5000", "--job.collective_timeout_s=10"
+    )
+    env = {**TRAIN_ENV, "TITAN_SHUTDOWN_TIMEOUT_S": "5"}
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    wait_for(lambda: logged_step(tmp_path) >= 12, proc)
+    stopped = max(worker_pids(tmp_path))
+    os.kill(stopped, signal.SIGSTOP)
+    begin = time.monotonic()
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # torchrun's agent may have killed it
+            os.kill(stopped, signal.SIGKILL)
+    assert proc.returncode == 5, out[-3000:]
+    assert "error: a collective did not complete within job.collective_timeout_s" in out
+    assert time.monotonic() - begin < 90
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 60 MB tmpfs: room for one checkpoint of the debug model (about 37 MB), not two."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(mount)],
+                            capture_output=True, text=True)  # fmt: skip
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here ({result.stderr.strip()})")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_one_line_and_the_next_start_resumes_exactly(
+    small_disk, synthetic_dir, reference
+):
+    dump = small_disk / "run"
+    args = _args(dump, synthetic_dir, "--checkpoint.interval=10")
+    result = run_train(args, nproc=2, launcher="titan.launch")
+    assert result.returncode == 4, result.stdout[-3000:]
+    err = result.stderr.strip()
+    assert err.startswith("error: checkpoint step-20 was not saved: no space left in "), err
+    assert "a checkpoint takes about" in err and "\n" not in err
+    assert [s.step for s in list_steps(dump / "checkpoint") if s.complete] == [10]
+    subprocess.run(["mount", "-o", "remount,size=400m", str(small_disk)], check=True)
+    result = run_train(args, nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Checkpoint step-20 had no marker: moved aside" in result.stdout
+    assert f"Resumed from {dump / 'checkpoint' / 'step-10'} at step 10" in result.stdout
+    assert train_losses(dump) == train_losses(reference)

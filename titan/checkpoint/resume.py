@@ -1,0 +1,260 @@
+"""Loading what `Checkpointer` saved: resuming a run, and the model weights alone.
+
+Before anything is loaded, a step directory is checked: the files `.metadata` names are
+there and long enough, every file matches the checksum its marker recorded (the ranks
+share the reading), and the model tensors it holds have this model's names and shapes.
+Then one `dcp.load` reads model, optimizer, schedule, counters, loader positions and RNG
+states, and the loaded weights and optimizer state must be finite. A damaged or
+non-finite step stops the run with one line, or with `checkpoint.fallback_on_corruption`
+the previous complete step is tried; a step saved by another model is refused outright.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+from titan.checkpoint import storage
+from titan.checkpoint.errors import CheckpointError
+from titan.checkpoint.states import set_rng_state
+from titan.config import ConfigError
+from titan.logging import logger
+
+if TYPE_CHECKING:
+    from titan.checkpoint.manager import Checkpointer
+
+
+def candidates(ckpt: Checkpointer) -> list[storage.StepDir]:
+    """Complete full checkpoints, newest first (or just `load_step`)."""
+    steps = [s for s in storage.list_steps(ckpt.folder) if s.kind == storage.FULL]
+    if ckpt.cfg.load_step >= 0:
+        chosen = [s for s in steps if s.step == ckpt.cfg.load_step]
+        if not chosen:
+            have = ", ".join(str(s.step) for s in steps) or "none"
+            raise ConfigError(
+                f"checkpoint.load_step = {ckpt.cfg.load_step}: no complete checkpoint of that "
+                f"step in {ckpt.folder} (complete steps: {have})"
+            )
+        return chosen
+    return steps[::-1]
+
+
+def resume(ckpt: Checkpointer, branch: bool) -> bool:
+    """Load the newest usable step; False when there is none to resume from."""
+    steps = candidates(ckpt)
+    if not steps:
+        return False
+    if branch and ckpt.cfg.load_step >= 0:
+        _set_aside_newer(ckpt, ckpt.cfg.load_step)
+    problems = []
+    for candidate in steps:
+        problem = check(ckpt, candidate.path) or load_full(ckpt, candidate.path)
+        if problem is None:
+            return True
+        message = f"checkpoint {candidate.path} is corrupted: {problem}"
+        if not ckpt.cfg.fallback_on_corruption or ckpt.cfg.load_step >= 0:
+            raise CheckpointError(
+                f"{message}; delete it, or set --checkpoint.fallback_on_corruption "
+                "to resume from the previous complete checkpoint"
+            )
+        logger.warning(f"{message}; falling back to the previous checkpoint")
+        problems.append(f"{candidate.path.name}: {problem}")
+    raise CheckpointError(
+        f"no complete checkpoint in {ckpt.folder} can be loaded ({'; '.join(problems)}); "
+        "move them away to start afresh"
+    )
+
+
+def _set_aside_newer(ckpt: Checkpointer, step: int) -> None:
+    """Resuming an older step starts a new branch: the newer steps move aside, so a later
+    plain resume continues this branch, not the abandoned one."""
+    if ckpt.rank == 0:
+        moved = storage.set_aside_newer(ckpt.folder, step)
+        if moved is not None:
+            folder, names = moved
+            logger.warning(
+                f"Resuming step-{step} starts a new branch: set aside {', '.join(names)} "
+                f"into {folder} (move them back to return to that branch)"
+            )
+    dist.barrier()
+
+
+def _gathered_problem(mine: str | None) -> str | None:
+    """The first problem any rank found (one all-gather)."""
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return next((p for p in everyone if p is not None), None)
+
+
+def _integrity_problem(path: Path) -> str | None:
+    """Files, sizes and checksums of a step directory, the reading shared by the ranks;
+    the first problem any rank found, or None (the same answer on every rank)."""
+    problem = storage.verify(path)
+    if problem is None:
+        recorded = sorted(storage.read_marker(path).get("checksums", {}))
+        problem = storage.verify_checksums(path, recorded[dist.get_rank() :: dist.get_world_size()])
+    return _gathered_problem(problem)
+
+
+def _model_mismatch(model: torch.nn.Module, path: Path) -> str | None:
+    """The first model tensor the step directory lacks or holds with another shape."""
+    saved = storage.checkpoint_keys(path)
+    for name, tensor in get_model_state_dict(model).items():
+        meta = saved.get(f"model.{name}")
+        if meta is None or tuple(getattr(meta, "size", ())) != tuple(tensor.shape):
+            found = "is absent" if meta is None else f"has shape {tuple(meta.size)}"
+            return f"model.{name} {found}, this model needs {tuple(tensor.shape)}"
+    return None
+
+
+def check(ckpt: Checkpointer, path: Path) -> str | None:
+    """The integrity problem of a step directory in a few words, or None; CheckpointError
+    when the step holds another model (no other step would do better)."""
+    problem = _integrity_problem(path)
+    if problem is not None:
+        return problem
+    mismatch = _model_mismatch(ckpt.model, path)
+    if mismatch is not None:
+        raise CheckpointError(
+            f"checkpoint {path} was saved by another model: {mismatch} (model.flavor or "
+            "training.vocab_size changed?); resume with the run's own settings (its "
+            "config.toml), or start a new job.dump_folder"
+        )
+    return None
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a (possibly distributed) tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _not_finite(ckpt: Checkpointer) -> str | None:
+    """The first loaded weight or optimizer state that is not finite, on any rank."""
+    mine = next(
+        (f"model weight {n} is not finite" for n, p in ckpt.model.named_parameters()
+         if not torch.isfinite(_local(p.detach())).all()),
+        None,
+    )  # fmt: skip
+    optimizer = ckpt.states["optimizer"].optimizer
+    for state in optimizer.state.values() if mine is None else ():
+        for key, value in state.items():
+            value = _local(value)
+            if value.is_floating_point() and value.numel() and not torch.isfinite(value).all():
+                mine = f"optimizer state {key} is not finite"
+                break
+        if mine is not None:
+            break
+    return _gathered_problem(mine)
+
+
+def load_full(ckpt: Checkpointer, path: Path) -> str | None:
+    """Everything in one `dcp.load`; what the saved run's layout was is read from the
+    metadata's keys first. A problem found in the loaded data, or None."""
+    begin = time.perf_counter()
+    state = ckpt.train_state
+    exclude = set(ckpt.cfg.exclude_from_loading)
+    keys = storage.checkpoint_keys(path)
+    saved_dp = sum(k.startswith("dataloader.dp_rank_") for k in keys)
+    saved_world = sum(k.startswith("rng.rank_") for k in keys)
+    request: dict[str, Any] = {k: v for k, v in ckpt.states.items() if k not in exclude}
+    counters = {k: torch.tensor(0) for k in state.state_dict() if f"train_state.{k}" in keys}
+    request["train_state"] = counters
+    load_data = ckpt.dataloader is not None and "dataloader" not in exclude
+    if load_data:
+        ranks = [ckpt.dp_rank] if saved_dp == state.dp_degree else range(saved_dp)
+        request["dataloader"] = {f"dp_rank_{r}": b"" for r in ranks}
+    same_world = saved_world == state.world_size
+    if same_world:
+        request["rng"] = {f"rank_{ckpt.rank}": b""}
+    dcp.load(request, checkpoint_id=str(path))
+    saved = {k: int(v) for k, v in counters.items()}
+    try:
+        loader_states = [pickle.loads(v) for v in request.get("dataloader", {}).values()]
+        rng = pickle.loads(request["rng"][f"rank_{ckpt.rank}"]) if same_world else None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        return _gathered_problem(f"a saved data loader or RNG state is unreadable ({e})")
+    # (the ranks that unpickled fine meet the others' gather here, then check the values)
+    problem = _gathered_problem(None) or _not_finite(ckpt)
+    if problem is not None:
+        return problem
+    if "train_state" not in exclude:
+        state.step, state.tokens_seen = saved["step"], saved["tokens_seen"]
+    if load_data:
+        if saved_dp == state.dp_degree:
+            ckpt.dataloader.load_state_dict(loader_states[0])
+        else:
+            ckpt.dataloader.load_state_dict({"resharded_from": loader_states})
+            logger.info(
+                f"Data-parallel degree changed ({saved_dp} -> {state.dp_degree}): data resharded"
+            )
+    if rng is not None:
+        set_rng_state(rng)
+    else:
+        logger.info(
+            f"World size changed ({saved_world} -> {state.world_size}): "
+            "RNG states start fresh; model and optimizer were resharded"
+        )
+    _log_layout_change(saved, state, saved_world)
+    logger.info(
+        f"Resumed from {path} at step {saved['step']} ({saved['tokens_seen']:,} tokens seen) in "
+        f"{time.perf_counter() - begin:.2f}s"
+        + (f"; not loaded: {', '.join(sorted(exclude))}" if exclude else "")
+    )
+    return None
+
+
+def _log_layout_change(saved: dict[str, int], state: Any, saved_world: int) -> None:
+    """One WARNING line when the resumed run steps differently from the saved one."""
+    changes = []
+    if saved.get("global_batch", state.global_batch) != state.global_batch:
+        changes.append(f"global batch {saved['global_batch']} -> {state.global_batch} sequences")
+    if saved.get("seq_len", state.seq_len) != state.seq_len:
+        changes.append(f"seq_len {saved['seq_len']} -> {state.seq_len}")
+    if saved_world != state.world_size:
+        changes.append(f"world size {saved_world} -> {state.world_size}")
+    if changes:
+        logger.warning(f"Resuming with another layout: {', '.join(changes)}")
+
+
+def newest_weights(ckpt: Checkpointer) -> Path:
+    """The step directory evaluation reads by default: `load_step`, else the newest
+    complete step with model weights (a full save or a model-only export)."""
+    steps = [s for s in storage.list_steps(ckpt.folder) if s.complete]
+    if ckpt.cfg.load_step >= 0:
+        steps = [s for s in steps if s.step == ckpt.cfg.load_step]
+        if not steps:
+            raise ConfigError(
+                f"checkpoint.load_step = {ckpt.cfg.load_step}: no complete checkpoint of "
+                f"that step in {ckpt.folder}"
+            )
+    steps = [s for s in steps if s.kind in (storage.FULL, storage.MODEL_ONLY)]
+    if not steps:
+        raise ConfigError(
+            f"no complete checkpoint in {ckpt.folder}; train first, or name one with "
+            "--eval.checkpoint PATH"
+        )
+    return steps[-1].path
+
+
+def load_weights(ckpt: Checkpointer, path: Path) -> None:
+    """Every model weight from a DCP directory (a training step, a model-only export or
+    a conversion), and nothing else: the optimizer's state is never read."""
+    if not (path / ".metadata").is_file():
+        raise ConfigError(f"{path}: not a DCP checkpoint directory (no .metadata)")
+    problem = _integrity_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupted: {problem}")
+    mismatch = _model_mismatch(ckpt.model, path)
+    if mismatch is not None:
+        raise CheckpointError(f"{path}: {mismatch}; check model.flavor and training.vocab_size")
+    weights = get_model_state_dict(ckpt.model)
+    dcp.load({"model": weights}, checkpoint_id=str(path))
+    set_model_state_dict(ckpt.model, weights)
+    logger.info(f"Loaded the model weights of {path}")

@@ -1,0 +1,116 @@
+"""torchrun, with titan's endings: `python -m titan.launch` takes torchrun's arguments.
+
+    python -m titan.launch --standalone --nproc_per_node 8 train.py --job.config_file X.toml
+
+It runs torchrun's own launcher in this process, and adds:
+
+- the recipe is checked once before any worker starts (configuration, paths, the mesh for
+  this many ranks): a mistake is one `error:` line and exit status 2, with no workers
+  started, restarted, or reported on by torchrun;
+- the run's exit status is the workers' (see `titan.cli`: 2 bad input, 3 diverged, 4 save
+  failed, 5 stuck rank, 75 stopped on a signal after saving), read from the status file
+  local rank 0 writes, and the line the workers printed is the only report; torchrun's
+  own report appears only for a crash titan did not expect;
+- SIGTERM and SIGUSR1 reach the workers (which save and stop), and workers get
+  `TITAN_SHUTDOWN_TIMEOUT_S` (default 900 s) to finish that save before torchrun kills them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from titan.cli import EXIT_BAD_INPUT, EXIT_CODES, EXIT_OK, EXIT_STUCK
+from titan.config import ConfigError, load_config
+
+SCRIPTS = ("train.py", "evaluate.py")
+OWN_CODES = {*EXIT_CODES.values(), EXIT_STUCK}
+SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
+
+
+def _precheck(script_args: list[str], world: int | None) -> None:
+    """The recipe as train.py would check it before its heavy work (nothing written)."""
+    from titan.distributed import ParallelDims
+    from titan.preflight import check_dry_run
+
+    cfg = load_config(script_args)
+    if cfg.job.config_file is None:
+        raise ConfigError("no recipe: pass --job.config_file FILE (--help lists every key)")
+    if world is not None:
+        ParallelDims.from_config(cfg, world, "cpu")
+    if not cfg.job.dry_run:
+        check_dry_run(cfg)
+
+
+def _world(args) -> int | None:
+    """Ranks the launch will start, when fixed (nnodes and nproc_per_node integers)."""
+    try:
+        nodes = int(str(args.nnodes))
+        return nodes * int(args.nproc_per_node)
+    except (TypeError, ValueError):
+        return None
+
+
+def _status(path: Path) -> tuple[int, str] | None:
+    try:
+        status = json.loads(path.read_text())
+        return int(status["exit_code"]), status["message"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+class _OwnEndings(logging.Filter):
+    """Drops torchrun's "failed (exitcode: N)" line when N is one of titan's statuses: the
+    worker has already said why, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not any(f"(exitcode: {code})" in text for code in OWN_CODES)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if Path(args.training_script).name in SCRIPTS:
+        try:
+            _precheck(args.training_script_args, _world(args))
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return EXIT_BAD_INPUT
+    if getattr(args, "signals_to_handle", None) == "SIGTERM,SIGINT,SIGHUP,SIGQUIT":
+        args.signals_to_handle = SIGNALS  # torchrun's default leaves out Slurm's SIGUSR1
+    os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", SIGNALS)  # older torchrun
+    timeout = os.environ.get("TITAN_SHUTDOWN_TIMEOUT_S", "900")
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", timeout)
+    for handler in logging.getLogger().handlers + logging.getLogger("torch").handlers:
+        handler.addFilter(_OwnEndings())
+    for name in ("torch.distributed.elastic.multiprocessing.api",):
+        logging.getLogger(name).addFilter(_OwnEndings())
+    with tempfile.TemporaryDirectory(prefix="titan-launch-") as tmp:
+        status_path = Path(tmp) / "status.json"
+        os.environ["TITAN_STATUS_FILE"] = str(status_path)
+        try:
+            run(args)
+        except ChildFailedError as e:
+            status = _status(status_path)
+            if status is None or status[0] == EXIT_OK:  # a crash titan did not report
+                print(e.format_msg(), file=sys.stderr, flush=True)
+                return 1
+            return status[0]
+        except SignalException as e:
+            status = _status(status_path)
+            return status[0] if status is not None else 128 + int(e.sigval)
+        status = _status(status_path)
+        return status[0] if status is not None else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
