@@ -147,6 +147,11 @@ echo "titan: job $SLURM_JOB_ID, recipe $config, $nnodes node(s) x $ranks rank(s)
 echo "titan: rendezvous $head_node:$port, python $python, max restarts" \
     "${TITAN_MAX_RESTARTS:-3}, per-rank logs in $rank_logs"
 
+# The recipe and overrides, checked once here: a mistake is one line and exit status 2,
+# before srun starts anything on any node.
+TITAN_CHECK_ONLY=1 "${cmd_prefix[@]}" "$python" -m titan.launch \
+    --nnodes="$nnodes" --nproc_per_node="$ranks" train.py --job.config_file "$config" "$@"
+
 signal_seen=""
 srun_pid=""
 # shellcheck disable=SC2317  # called by the traps below

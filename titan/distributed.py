@@ -119,6 +119,11 @@ def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
+def check_only() -> bool:
+    """TITAN_CHECK_ONLY=1: `titan.launch` checks the recipe and starts nothing."""
+    return os.environ.get("TITAN_CHECK_ONLY") == "1"
+
+
 def status_file() -> str | None:
     """Where a launcher asked for the run's exit status (TITAN_STATUS_FILE), if it did."""
     return os.environ.get("TITAN_STATUS_FILE")

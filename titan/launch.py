@@ -6,7 +6,7 @@ It runs torchrun's own launcher in this process, and adds:
 
 - the recipe is checked once before any worker starts (configuration, paths, the mesh for
   this many ranks): a mistake is one `error:` line and exit status 2, with no workers
-  started, restarted, or reported on by torchrun;
+  started, restarted, or reported on by torchrun (TITAN_CHECK_ONLY=1: only the check);
 - the run's exit status is the workers' (see `titan.cli`: 2 bad input, 3 diverged, 4 save
   failed, 5 stuck rank, 75 stopped on a signal after saving), read from the status file
   local rank 0 writes, and the line the workers printed is the only report; torchrun's
@@ -26,6 +26,7 @@ from pathlib import Path
 
 from titan.cli import EXIT_BAD_INPUT, EXIT_CODES, EXIT_OK, EXIT_STUCK
 from titan.config import ConfigError, load_config
+from titan.distributed import check_only
 
 SCRIPTS = ("train.py", "evaluate.py")
 OWN_CODES = {*EXIT_CODES.values(), EXIT_STUCK}
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return EXIT_BAD_INPUT
+    if check_only():  # the Slurm launcher checks once, before srun starts every node's
+        return EXIT_OK
     if getattr(args, "signals_to_handle", None) == "SIGTERM,SIGINT,SIGHUP,SIGQUIT":
         args.signals_to_handle = SIGNALS  # torchrun's default leaves out Slurm's SIGUSR1
     os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", SIGNALS)  # older torchrun
