@@ -154,18 +154,28 @@ class MetricsLogger:
             if rec["mfu"] is not None
             else ""
         )
-        logger.info(
+        self._write(
+            rec,
             f"step {step:>6} | loss {loss:.4f} | grad_norm {grad_norm:.3f} | lr {lr:.2e} | "
             f"{tps:,.0f} tok/s/dev | {rec['tflops']:.2f} TFLOP/s{mfu} | "
             f"mem {rec['peak_memory_gib']:.2f} GiB | data {100 * rec['data_time_frac']:.1f}% | "
-            f"left {_hms(rec['eta_s'])}"
+            f"left {_hms(rec['eta_s'])}",
         )
-        self._jsonl.write(json.dumps(rec) + "\n")
-        if self._tb is not None:
-            for key, value in rec.items():
-                if isinstance(value, (int, float)) and key not in ("step", "time"):
-                    self._tb.add_scalar(key, value, step)
         return rec
+
+    def _write(self, rec: dict, line: str) -> None:
+        """The console line, the metrics.jsonl record and its numbers in TensorBoard (a dict
+        of numbers as `key/name` scalars)."""
+        logger.info(line)
+        self._jsonl.write(json.dumps(rec) + "\n")
+        if self._tb is None:
+            return
+        for key, value in rec.items():
+            if isinstance(value, dict):
+                for name, v in value.items():
+                    self._tb.add_scalar(f"{key}/{name}", v, rec["step"])
+            elif isinstance(value, (int, float)) and key not in ("step", "time"):
+                self._tb.add_scalar(key, value, rec["step"])
 
     def log_validation(self, step: int, result: dict, seconds: float) -> dict:
         """Write a validation record (`val_*` keys) and leave its `seconds` out of the
@@ -183,19 +193,15 @@ class MetricsLogger:
         }
         if not self.enabled:
             return rec
-        sources = ", ".join(f"{k} {v:.4f}" for k, v in rec["val_loss_by_source"].items())
-        logger.info(
-            f"validation at step {step} | val_loss {rec['val_loss']:.4f} | "
-            f"{rec['val_bits_per_token']:.3f} bits/token | spike counts only "
-            f"{rec['val_loss_counts']:.4f} | {rec['val_tokens']:,} labels in {seconds:.1f}s | "
-            f"by source: {sources}"
-        )
-        self._jsonl.write(json.dumps(rec) + "\n")
-        if self._tb is not None:
-            for key in ("val_loss", "val_bits_per_token", "val_loss_counts"):
-                self._tb.add_scalar(key, rec[key], step)
-            for name, value in rec["val_loss_by_source"].items():
-                self._tb.add_scalar(f"val_loss_by_source/{name}", value, step)
+        parts = [
+            f"validation at step {step}",
+            f"val_loss {rec['val_loss']:.4f}",
+            f"{rec['val_bits_per_token']:.3f} bits/token",
+            f"spike counts only {rec['val_loss_counts']:.4f}",
+            f"{rec['val_tokens']:,} labels in {seconds:.1f}s",
+            "by source: " + ", ".join(f"{k} {v:.4f}" for k, v in rec["val_loss_by_source"].items()),
+        ]
+        self._write(rec, " | ".join(parts))
         return rec
 
     def summary(self, step: int, tokens_seen: int) -> None:

@@ -50,10 +50,15 @@ class TrainState(Stateful):
     counters only: the layout fields describe the current run."""
 
     step: int = 0
+    """Optimizer steps taken (skipped non-finite ones included)."""
     tokens_seen: int = 0
+    """Tokens of all ranks' batches so far."""
     dp_degree: int = 1
+    """Data-parallel ranks (each reads its own rows)."""
     world_size: int = 1
+    """Ranks in all."""
     seq_len: int = 0
+    """Tokens per sequence."""
     global_batch: int = 0
     """Sequences per optimizer step."""
 

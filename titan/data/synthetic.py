@@ -237,22 +237,18 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="rows of the test split (default: a tenth of --rows, at least 4)",
     )
-    p.add_argument(
-        "--neurons",
-        type=int,
-        nargs=2,
-        default=(8, 64),
-        metavar=("MIN", "MAX"),
-        help="neurons per session (uniform)",
-    )
-    p.add_argument(
-        "--bins",
-        type=int,
-        nargs=2,
-        default=(64, 1024),
-        metavar=("MIN", "MAX"),
-        help="20 ms time bins per session (uniform)",
-    )
+    for flag, default, what in (
+        ("--neurons", (8, 64), "neurons per session"),
+        ("--bins", (64, 1024), "20 ms time bins per session"),
+    ):
+        p.add_argument(
+            flag,
+            type=int,
+            nargs=2,
+            default=default,
+            metavar=("MIN", "MAX"),
+            help=f"{what} (uniform)",
+        )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--subjects", type=int, default=4, help="distinct subject_id values")
     p.add_argument("--sources", type=int, default=2, help="distinct source_dataset values")

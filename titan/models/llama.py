@@ -160,19 +160,15 @@ class Attention(nn.Module):
         self.attn = attention_fn(args.attn_impl)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        rope: torch.Tensor,
-        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-        start_pos: int = 0,
+        self, x: torch.Tensor, rope: torch.Tensor, slot: KVSlot | None = None
     ) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, self.n_heads, self.head_dim)  # (batch, seq, heads, head_dim)
         k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)  # (batch, seq, kv, head_dim)
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)  # (batch, seq, kv, head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if kv is not None:  # generation: this layer's KVCache entry
-            return self.wo(_cached_attention(q, k, v, kv, start_pos))
+        if slot is not None:  # generation: this layer's part of a KVCache
+            return self.wo(_cached_attention(q, k, v, slot))
         out = self.attn(
             q.transpose(1, 2),  # (batch, heads, seq, head_dim)
             k.transpose(1, 2),  # (batch, kv_heads, seq, head_dim)
@@ -183,18 +179,15 @@ class Attention(nn.Module):
 
 
 def _cached_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv: tuple[torch.Tensor, torch.Tensor],
-    start_pos: int,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: KVSlot
 ) -> torch.Tensor:
-    """Store k, v (batch, seq, kv_heads, head_dim) at positions start_pos.. of the cache
-    tensors `kv` and attend from q (batch, seq, heads, head_dim) to every cached position;
-    returns (batch, seq, heads * head_dim)."""
+    """Store k, v (batch, seq, kv_heads, head_dim) at positions slot.start.. of the cache
+    and attend from q (batch, seq, heads, head_dim) to every cached position; returns
+    (batch, seq, heads * head_dim)."""
     b, s, _, _ = q.shape
+    start_pos = slot.start
     end = start_pos + s
-    k_cache, v_cache = kv  # (batch, kv_heads, max_len, head_dim) each
+    k_cache, v_cache = slot.k, slot.v  # (batch, kv_heads, max_len, head_dim) each
     k_cache[:, :, start_pos:end] = k.transpose(1, 2)  # (batch, kv_heads, seq, head_dim)
     v_cache[:, :, start_pos:end] = v.transpose(1, 2)  # (batch, kv_heads, seq, head_dim)
     mask = None  # one new token sees every cached position
@@ -235,14 +228,20 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        rope: torch.Tensor,
-        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-        start_pos: int = 0,
+        self, x: torch.Tensor, rope: torch.Tensor, slot: KVSlot | None = None
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, kv, start_pos)
+        h = x + self.attention(self.attention_norm(x), rope, slot)
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+@dataclass(frozen=True)
+class KVSlot:
+    """One layer's cached keys and values (batch, n_kv_heads, max_len, head_dim) each, and
+    the position where this forward's tokens go."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    start: int
 
 
 class KVCache:
@@ -269,6 +268,9 @@ class KVCache:
             )
             for _ in range(args.n_layers)
         ]
+
+    def slot(self, layer: int, start: int) -> KVSlot:
+        return KVSlot(*self.layers[layer], start)
 
 
 # Wrapper modules (activation checkpointing, torch.compile, DDP) insert these name parts.
@@ -306,7 +308,7 @@ class Transformer(nn.Module):
         rope = self.rope_cache[start_pos:end]  # (seq, head_dim // 2, 2)
         h = self.tok_embeddings(tokens)  # (batch, seq, dim)
         for i, layer in enumerate(self.layers.values()):
-            h = layer(h, rope) if cache is None else layer(h, rope, cache.layers[i], start_pos)
+            h = layer(h, rope) if cache is None else layer(h, rope, cache.slot(i, start_pos))
         return self.output(self.norm(h))  # (batch, seq, vocab)
 
     def init_rope(self, device: torch.device | str | None = None) -> None:
