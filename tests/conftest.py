@@ -40,6 +40,20 @@ def train_command(
     ]
 
 
+def debug_args(dump: Path, data: Path, *extra: str, seq_len: int = 64) -> list[str]:
+    """Overrides for a small debug-recipe run: `dump` as its folder, the synthetic data
+    at `data`, short sequences, every step logged; `extra` after them wins."""
+    return [
+        "--job.config_file=train_configs/debug_model.toml",
+        f"--job.dump_folder={dump}",
+        f"--training.dataset_path={data}",
+        f"--training.seq_len={seq_len}",
+        "--training.batch_size=2",
+        "--metrics.log_freq=1",
+        *extra,
+    ]
+
+
 def run_train(
     args: list[str], nproc: int = 1, timeout: int = 600, launcher: str = "torch.distributed.run"
 ) -> subprocess.CompletedProcess:

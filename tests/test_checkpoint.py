@@ -23,7 +23,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import launch_train, logged_step, run_train, train_losses, wait_for, worker_pids
+from conftest import (
+    debug_args,
+    launch_train,
+    logged_step,
+    run_train,
+    train_losses,
+    wait_for,
+    worker_pids,
+)
 from dist_utils import run_ranks
 
 from titan.checkpoint import list_steps
@@ -32,18 +40,14 @@ STEPS = 12
 
 
 def _args(dump: Path, data: Path, *extra: str) -> list[str]:
-    return [
-        "--job.config_file=train_configs/debug_model.toml",
-        f"--job.dump_folder={dump}",
-        f"--training.dataset_path={data}",
+    return debug_args(
+        dump,
+        data,
         f"--training.steps={STEPS}",
-        "--training.seq_len=64",
-        "--training.batch_size=2",
-        "--metrics.log_freq=1",
         "--checkpoint.interval=4",
         "--checkpoint.keep_latest_k=0",
         *extra,
-    ]
+    )
 
 
 def _model_tensors(step_dir: Path) -> dict[str, torch.Tensor]:

@@ -16,24 +16,14 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import read_metrics, run_train
+from conftest import debug_args, read_metrics, run_train
 from torch.distributed.checkpoint import FileSystemReader
 
 from titan.optim import lr_factor
 
 
 def _args(dump: Path, data: Path, *extra: str) -> list[str]:
-    return [
-        "--job.config_file=train_configs/debug_model.toml",
-        f"--job.dump_folder={dump}",
-        f"--training.dataset_path={data}",
-        "--training.seq_len=64",
-        "--training.batch_size=2",
-        "--metrics.log_freq=1",
-        "--checkpoint.interval=2",
-        "--checkpoint.keep_latest_k=0",
-        *extra,
-    ]
+    return debug_args(dump, data, "--checkpoint.interval=2", "--checkpoint.keep_latest_k=0", *extra)
 
 
 @pytest.fixture
@@ -72,7 +62,9 @@ def test_a_flipped_bit_is_found_at_load(key, trained, synthetic_dir):
 
 def test_another_model_is_one_line_and_keeps_the_config(trained, synthetic_dir):
     config = (trained / "config.toml").read_bytes()
-    result = run_train(_args(trained, synthetic_dir, "--training.steps=6", "--model.flavor=1B"))
+    result = run_train(
+        _args(trained, synthetic_dir, "--training.steps=6", "--training.vocab_size=512")
+    )
     assert result.returncode == 2
     err = result.stderr.strip()
     assert "was saved by another model: model.tok_embeddings.weight has shape (256, 256)" in err

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from conftest import (
     ROOT,
     TRAIN_ENV,
+    debug_args,
     launch_train,
     logged_step,
     read_metrics,
@@ -38,15 +39,7 @@ SEQ = 64
 
 
 def _args(dump: Path, data: Path, *extra: str) -> list[str]:
-    return [
-        "--job.config_file=train_configs/debug_model.toml",
-        f"--job.dump_folder={dump}",
-        f"--training.dataset_path={data}",
-        f"--training.seq_len={SEQ}",
-        "--training.batch_size=2",
-        "--metrics.log_freq=1",
-        *extra,
-    ]
+    return debug_args(dump, data, *extra, seq_len=SEQ)
 
 
 def _evaluate(args: list[str], nproc: int) -> dict:
@@ -163,7 +156,8 @@ def test_evaluation_bad_inputs(trained, synthetic_dir, tmp_path):
     assert run["rc"] == 2 and run["err"].count("\n") == 1, run["err"]
     assert "no complete checkpoint in" in run["err"] and "--eval.checkpoint" in run["err"]
     step_dir = trained / "checkpoint" / "step-6"
-    wrong = _args(tmp_path, synthetic_dir, f"--eval.checkpoint={step_dir}", "--model.flavor=1B")
+    wrong = _args(tmp_path, synthetic_dir, f"--eval.checkpoint={step_dir}",
+                  "--training.vocab_size=512")  # fmt: skip
     run = _evaluate(wrong, 1)
     assert run["rc"] == 2 and run["err"].count("\n") == 1, run["err"]
     assert "check model.flavor" in run["err"]

@@ -28,6 +28,7 @@ import torch
 from conftest import (
     ROOT,
     TRAIN_ENV,
+    debug_args,
     launch_train,
     logged_step,
     run_train,
@@ -43,18 +44,14 @@ STEPS = 40
 
 
 def _args(dump: Path, data: Path, *extra: str) -> list[str]:
-    return [
-        "--job.config_file=train_configs/debug_model.toml",
-        f"--job.dump_folder={dump}",
-        f"--training.dataset_path={data}",
+    return debug_args(
+        dump,
+        data,
         f"--training.steps={STEPS}",
-        "--training.seq_len=64",
-        "--training.batch_size=2",
-        "--metrics.log_freq=1",
         "--checkpoint.interval=10",
         "--checkpoint.keep_latest_k=0",
         *extra,
-    ]
+    )
 
 
 @pytest.fixture(scope="module")
