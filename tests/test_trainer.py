@@ -14,9 +14,11 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 import torch
-from conftest import read_metrics, run_train
+from conftest import ROOT, TRAIN_ENV, read_metrics, run_train, train_command
 from dist_utils import run_ranks
 
 SEQ, GLOBAL_BATCH, STEPS = 32, 4, 10
@@ -179,24 +181,30 @@ def test_nonfinite_step_is_skipped():
     assert unchanged and optimizer_states == 0
 
 
-def test_diverging_run_stops_with_one_line(tmp_path, synthetic_dir):
-    result = run_train(
-        [
-            "--job.config_file=train_configs/debug_model.toml",
-            f"--job.dump_folder={tmp_path}",
-            f"--training.dataset_path={synthetic_dir}",
-            "--training.seq_len=64",
-            "--optimizer.lr=1e12",
-            "--training.warmup_steps=0",
-            "--training.max_norm=0",
-            "--training.max_consecutive_bad_steps=2",
-            "--checkpoint.interval=1",
-        ]
-    )
+def test_diverging_run_stops_with_one_line_and_is_not_retried(tmp_path, synthetic_dir):
+    args = [
+        "--job.config_file=train_configs/debug_model.toml",
+        f"--job.dump_folder={tmp_path}",
+        f"--training.dataset_path={synthetic_dir}",
+        "--training.seq_len=64",
+        "--optimizer.lr=1e12",
+        "--training.warmup_steps=0",
+        "--training.max_norm=0",
+        "--training.max_consecutive_bad_steps=2",
+        "--checkpoint.interval=1",
+    ]
+    # torchrun restarts failed workers; a restart of a diverged run ends at once, same status
+    command = train_command(2, "--max_restarts=2", launcher="titan.launch") + args
+    result = subprocess.run(command, cwd=ROOT, env=TRAIN_ENV, capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
     assert result.returncode == 3, result.stdout[-2000:]  # EXIT_DIVERGED
-    err = result.stderr.strip()
-    assert err.startswith("error: 2 consecutive steps with a non-finite loss or gradient norm")
-    assert "\n" not in err
+    lines = result.stderr.strip().splitlines()
+    first = "error: 2 consecutive steps with a non-finite loss or gradient norm"
+    assert len(lines) == 3 and all(line.startswith(first) for line in lines), lines
+    for restart, line in enumerate(lines[1:], 1):
+        assert line.endswith(f"(not retried, a restart would end the same way: "
+                             f"torchrun restart {restart})"), line  # fmt: skip
+    assert result.stdout.count("Memory after the first step") == 1  # trained once only
     # Only finite steps were checkpointed.
     records = read_metrics(tmp_path)
     saved = sorted(int(p.name[5:]) for p in (tmp_path / "checkpoint").glob("step-*"))

@@ -11,8 +11,9 @@ Exit statuses (Slurm chains and `afterok` dependencies rely on them):
     75  stopped on a signal after saving a complete checkpoint: run it again to continue
 
 Each is printed as one `error: ...` line by rank 0 (75: `stopped: ...`). When the launcher
-sets TITAN_STATUS_FILE, local rank 0 also writes {"exit_code", "message"} there, since
-torchrun's own exit status does not carry the workers'.
+sets TITAN_STATUS_FILE, every rank also writes {"exit_code", "message"} there (whole, by
+rename), since torchrun's own exit status does not carry the workers', and torchrun may
+stop the other ranks as soon as the first has ended.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.distributed as dist
 
 from titan.checkpoint import CheckpointError, CheckpointSaveError
 from titan.config import ConfigError, JobConfig, format_help, load_config
-from titan.distributed import env_rank, status_file
+from titan.distributed import env_rank, restart_count, status_file
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_SAVE_FAILED, EXIT_STUCK = 0, 2, 3, 4, 5
 EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: try again later
@@ -56,14 +57,40 @@ def _timed_out(error: BaseException) -> bool:
 
 
 def _finish(code: int, message: str) -> int:
-    rank, local_rank, _ = env_rank()
+    rank, _, _ = env_rank()
     if message and rank == 0:  # every rank hits the same end; say it once
         prefix = "stopped" if code == EXIT_STOPPED else "error"
         print(f"{prefix}: {message}", file=sys.stderr, flush=True)
     path = status_file()
-    if path is not None and local_rank == 0:
-        Path(path).write_text(json.dumps({"exit_code": code, "message": message}) + "\n")
+    if path is not None:  # every rank: the launcher may stop the others once one has ended
+        own = Path(f"{path}.{rank}")
+        own.write_text(json.dumps({"exit_code": code, "message": message}) + "\n")
+        own.replace(path)
     return code
+
+
+NOT_RETRIED = " (not retried, a restart would end the same way:"
+
+
+def read_status(path: str | Path | None) -> tuple[int, str] | None:
+    """The (exit status, message) a worker wrote to the status file, if any."""
+    try:
+        status = json.loads(Path(path).read_text())
+        return int(status["exit_code"]), status["message"]
+    except (TypeError, OSError, ValueError, KeyError):
+        return None
+
+
+def _ended_for_good() -> tuple[int, str] | None:
+    """After a torchrun restart: the previous attempt's ending when a restart cannot change
+    it (bad input, a diverged run); the same steps would only be redone to end the same
+    way. Storage failures and stuck ranks are retried."""
+    if restart_count() == 0:
+        return None
+    previous = read_status(status_file())
+    if previous is None or previous[0] not in (EXIT_BAD_INPUT, EXIT_DIVERGED):
+        return None
+    return previous
 
 
 def run_command(prog: str, argv: list[str], body: Callable[[JobConfig], None]) -> int:
@@ -72,6 +99,10 @@ def run_command(prog: str, argv: list[str], body: Callable[[JobConfig], None]) -
     if "--help" in argv or "-h" in argv:
         print(format_help().replace("train.py", prog))
         return EXIT_OK
+    if (previous := _ended_for_good()) is not None:
+        code, message = previous
+        message = message.split(NOT_RETRIED)[0]
+        return _finish(code, f"{message}{NOT_RETRIED} torchrun restart {restart_count()})")
     abandon = False  # a stuck peer: tearing the group down could wait for it too
     try:
         cfg = load_config(argv)

@@ -9,7 +9,7 @@ It runs torchrun's own launcher in this process, and adds:
   started, restarted, or reported on by torchrun (TITAN_CHECK_ONLY=1: only the check);
 - the run's exit status is the workers' (see `titan.cli`: 2 bad input, 3 diverged, 4 save
   failed, 5 stuck rank, 75 stopped on a signal after saving), read from the status file
-  local rank 0 writes, and the line the workers printed is the only report; torchrun's
+  the workers write, and the line the workers printed is the only report; torchrun's
   own report appears only for a crash titan did not expect;
 - SIGTERM and SIGUSR1 reach the workers (which save and stop), and workers get
   `TITAN_SHUTDOWN_TIMEOUT_S` (default 900 s) to finish that save before torchrun kills them.
@@ -17,14 +17,13 @@ It runs torchrun's own launcher in this process, and adds:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-from titan.cli import EXIT_BAD_INPUT, EXIT_CODES, EXIT_OK, EXIT_STUCK
+from titan.cli import EXIT_BAD_INPUT, EXIT_CODES, EXIT_OK, EXIT_STUCK, read_status
 from titan.config import ConfigError, load_config
 from titan.distributed import check_only
 
@@ -56,21 +55,29 @@ def _world(args) -> int | None:
         return None
 
 
-def _status(path: Path) -> tuple[int, str] | None:
-    try:
-        status = json.loads(path.read_text())
-        return int(status["exit_code"]), status["message"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 class _OwnEndings(logging.Filter):
     """Drops torchrun's "failed (exitcode: N)" line when N is one of titan's statuses: the
-    worker has already said why, in one line."""
+    worker has already said why, in one line. Its "closing signal" lines (the ranks still
+    running when the first one ended) are held back until the ending is known: `release`
+    prints them unless titan reported the ending itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[str] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
+        if "closing signal" in text:
+            if text not in self.held:  # the same record passes every handler's filter
+                self.held.append(text)
+            return False
         return not any(f"(exitcode: {code})" in text for code in OWN_CODES)
+
+    def release(self, status: tuple[int, str] | None) -> None:
+        if status is None or status[0] == EXIT_OK:
+            for text in self.held:
+                print(text, file=sys.stderr, flush=True)
+        self.held.clear()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,25 +100,28 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", SIGNALS)  # older torchrun
     timeout = os.environ.get("TITAN_SHUTDOWN_TIMEOUT_S", "900")
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", timeout)
+    endings = _OwnEndings()
     for handler in logging.getLogger().handlers + logging.getLogger("torch").handlers:
-        handler.addFilter(_OwnEndings())
-    for name in ("torch.distributed.elastic.multiprocessing.api",):
-        logging.getLogger(name).addFilter(_OwnEndings())
+        handler.addFilter(endings)
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(endings)
     with tempfile.TemporaryDirectory(prefix="titan-launch-") as tmp:
         status_path = Path(tmp) / "status.json"
         os.environ["TITAN_STATUS_FILE"] = str(status_path)
         try:
             run(args)
         except ChildFailedError as e:
-            status = _status(status_path)
+            status = read_status(status_path)
+            endings.release(status)
             if status is None or status[0] == EXIT_OK:  # a crash titan did not report
                 print(e.format_msg(), file=sys.stderr, flush=True)
                 return 1
             return status[0]
         except SignalException as e:
-            status = _status(status_path)
+            status = read_status(status_path)
+            endings.release(status)
             return status[0] if status is not None else 128 + int(e.sigval)
-        status = _status(status_path)
+        status = read_status(status_path)
+        endings.release(status)
         return status[0] if status is not None else EXIT_OK
 
 
