@@ -178,7 +178,13 @@ class SlurmCluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             state = self.state(job_id)
-            if state["JobState"] not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
+            if state["JobState"] not in (
+                "PENDING",
+                "CONFIGURING",
+                "RUNNING",
+                "COMPLETING",
+                "REQUEUED",
+            ):
                 return state
             time.sleep(1)
         self.cmd("scancel", str(job_id), check=False)
@@ -202,6 +208,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/none
 CredType=cred/none
+AuthInfo=cred_expire=5
 CommunicationParameters=NoInAddrAny
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
@@ -218,6 +225,7 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MailProg=/bin/true
 ReturnToService=2
+SchedulerParameters=sched_interval=1,bf_interval=1
 NodeName={node} NodeAddr=127.0.0.1 CPUs=2 RealMemory=1024 State=UNKNOWN
 PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
 """)
@@ -438,9 +446,17 @@ def test_warning_signal_saves_requeues_and_finishes(
     and finishes with every step logged once."""
     dump = tmp_path / "run"
     log = tmp_path / "job.log"
-    steps = 400
+    steps = 120  # long enough that the signal lands mid-run
     args = [*_overrides(dump, synthetic_dir, steps=steps, interval=1000), "--training.seq_len=64"]
     job = slurm_cluster.submit("train_debug.sh", *args, log=log)
+    # what the README's chain does: the next job waits for this one's whole recipe
+    after = tmp_path / "seen_by_next_job"
+    slurm_cluster.cmd(
+        "sbatch",
+        f"--dependency=afterok:{job}",
+        f"--output={tmp_path / 'next.log'}",
+        f"--wrap=ls {dump / 'checkpoint'} > {after}.tmp && mv {after}.tmp {after}",
+    )
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not (dump / "metrics.jsonl").is_file() or len(_metric_steps(dump)) < 20:
         assert time.monotonic() < deadline, "the job did not get going in time"
@@ -450,7 +466,7 @@ def test_warning_signal_saves_requeues_and_finishes(
 
     state = slurm_cluster.wait(job, log)
     text = log.read_text()
-    assert state["JobState"] == "COMPLETED", text[-4000:]
+    assert state["JobState"] == "COMPLETED", f"{state}\n{text[-3000:]}\n{slurm_cluster.logs()}"
     assert int(state.get("Restarts", "0")) == 1, state
     stopped = re.search(r"stopped: SIGUSR1 at step (\d+): saved checkpoint step-\1", text)
     assert stopped, text[-4000:]
@@ -458,6 +474,11 @@ def test_warning_signal_saves_requeues_and_finishes(
     assert re.search(rf"Resumed from \S*step-{stopped.group(1)}\b", text), text[-4000:]
     assert sorted(_metric_steps(dump)) == list(range(1, steps + 1))  # each step once
     assert _complete_steps(dump)[-1] == steps
+    deadline = time.monotonic() + 60
+    while not after.is_file():
+        assert time.monotonic() < deadline, "the afterok job did not run"
+        time.sleep(0.5)
+    assert f"step-{steps}" in after.read_text().split(), after.read_text()
 
 
 def test_killed_ranks_are_restarted(
