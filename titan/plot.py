@@ -85,6 +85,13 @@ def _series(
 _SOURCE_COLORS = ["tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
 
 
+def _minor_label(value: float, _pos: int) -> str:
+    """Log-axis minor labels: 2-6 and 8 times a power of ten; 7 and 9 would crowd their
+    neighbours."""
+    digit = f"{value:.0e}"[0]
+    return "" if digit in "79" else f"{value:g}"
+
+
 def build_figure(train: dict[int, dict], val: dict[int, dict], title: str) -> Figure:
     """Three panels sharing the step axis: losses, learning rate, tokens/s; a series the
     records do not have is not drawn."""
@@ -99,6 +106,8 @@ def build_figure(train: dict[int, dict], val: dict[int, dict], title: str) -> Fi
         (ax_loss, _series(val, "val_loss"), "o-", "tab:red", "validation loss"),
     ]
     sources = sorted({s for rec in val.values() for s in rec.get("val_loss_by_source") or {}})
+    if len(sources) == 1:  # the same line as the validation loss
+        sources = []
     for i, source in enumerate(sources):
         color = _SOURCE_COLORS[i % len(_SOURCE_COLORS)]
         points = _series(val, "val_loss_by_source", source)
@@ -113,7 +122,7 @@ def build_figure(train: dict[int, dict], val: dict[int, dict], title: str) -> Fi
     if ax_loss.lines:
         ax_loss.set_yscale("log")  # the first steps' loss would flatten the rest
         ax_loss.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # not 10^0
-        ax_loss.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax_loss.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(_minor_label))
     panels = [
         (ax_loss, "loss", "cross-entropy (nats/token, log scale)"),
         (ax_lr, "learning rate", "learning rate"),
