@@ -554,7 +554,7 @@ def test_every_bad_input_fails_with_one_line(hf_dir, dcp_dir, tmp_path, capsys):
               _bad_dcp_inputs(tmp_path / "d", dcp_dir).items()]  # fmt: skip
     capsys.readouterr()
     for main, name, argv, words in cases:
-        assert main(argv) == 1, name
+        assert main(argv) == 2, name
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: "), (name, err)
         assert words in err[0], (name, err[0])
@@ -563,7 +563,7 @@ def test_every_bad_input_fails_with_one_line(hf_dir, dcp_dir, tmp_path, capsys):
 def test_overwrite(dcp_dir, tmp_path, capsys):
     argv = ["--input_dir", str(dcp_dir), "--output_dir", str(tmp_path / "o"), "--format", "both"]
     _ok(dcp_to_llama_main(argv), capsys)
-    assert dcp_to_llama_main(argv) == 1
+    assert dcp_to_llama_main(argv) == 2
     assert "--overwrite" in capsys.readouterr().err
     _ok(dcp_to_llama_main([*argv[:-1], "meta", "--overwrite"]), capsys)
     # The HF files and original/ of the first export are gone.

@@ -220,11 +220,11 @@ def test_every_bad_input_is_one_line_and_writes_nothing(files, tmp_path, capsys,
     for name, (argv, words) in _bad_inputs(files, tmp_path).items():
         if "--out" not in argv:
             argv = [*argv, "--out", str(out)]
-        assert main(argv) != 0, name
+        assert main(argv) == 2, name
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), (name, lines)
         assert words in lines[0], (name, lines[0])
-    assert main(["--checkpoint", str(files["hf"]), "--neurons", "2", "--out", "x.txt"]) == 1
+    assert main(["--checkpoint", str(files["hf"]), "--neurons", "2", "--out", "x.txt"]) == 2
     assert "must end in .npz" in capsys.readouterr().err
 
     # A failure while writing (here: the plot) leaves neither file, nor temporary ones.
@@ -244,7 +244,7 @@ def test_command_line_error_has_no_traceback(tmp_path):
          "--neurons", "4", "--out", str(tmp_path / "x.npz")],
         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: --checkpoint {tmp_path / 'none'}: "
                                                   "no such directory"]  # fmt: skip
     assert "Traceback" not in result.stdout + result.stderr

@@ -85,12 +85,12 @@ def test_chart_without_validation_and_bad_inputs(tmp_path, capsys):
     assert out.read_bytes()[:8] == PNG and not (run / "metrics.png").exists()
     capsys.readouterr()
 
-    assert main([str(run), "--out", str(tmp_path / "x.jpg")]) == 1
+    assert main([str(run), "--out", str(tmp_path / "x.jpg")]) == 2
     _one_error_line(capsys, "x.jpg: must end in .png")
-    assert main([str(tmp_path / "nope")]) == 1
+    assert main([str(tmp_path / "nope")]) == 2
     _one_error_line(capsys, "metrics.jsonl: no such file")
     (run / "metrics.jsonl").write_text("\n")
-    assert main([str(run)]) == 1
+    assert main([str(run)]) == 2
     _one_error_line(capsys, "no training or validation records")
     assert main([]) == 2
     _one_error_line(capsys, "output_dir")

@@ -66,11 +66,7 @@ ID_COLUMNS = ("subject_id", "session_id", "segment_id", "source_dataset")
 
 
 class GenerateError(Exception):
-    """A bad input; the message is one line."""
-
-
-class UsageError(GenerateError):
-    """A malformed command line (exit status 2, as argparse's)."""
+    """A bad input (exit status 2); the message is one line."""
 
 
 # ----------------------------------------------------------------------------- weights
@@ -226,7 +222,7 @@ def save(
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{message} (see --help)")
+        raise GenerateError(f"{message} (see --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -404,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         generate(build_parser().parse_args(argv))
     except (GenerateError, ConfigError, ConvertError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2 if isinstance(e, UsageError) else 1
+        return 2
     except OSError as e:  # unreadable files, full disk, permissions
         print(f"error: {first_line(e)}", file=sys.stderr, flush=True)
         return 1

@@ -30,11 +30,7 @@ if TYPE_CHECKING:
 
 
 class PlotError(Exception):
-    """A bad input; the message is one line."""
-
-
-class UsageError(PlotError):
-    """A malformed command line (exit status 2, as argparse's)."""
+    """A bad input (exit status 2); the message is one line."""
 
 
 def read_metrics(path: Path) -> tuple[dict[int, dict], dict[int, dict], int]:
@@ -156,7 +152,7 @@ def save_png(fig: Figure, out: Path) -> None:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{message} (see --help)")
+        raise PlotError(f"{message} (see --help)")
 
 
 def samples_title(meta: dict[str, Any]) -> str:
@@ -242,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         save_png(build_figure(train, val, _title(folder, train, val)), out)
     except PlotError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2 if isinstance(e, UsageError) else 1
+        return 2
     except OSError as e:  # unreadable file, missing output folder, full disk
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 1

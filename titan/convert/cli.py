@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from titan.convert.common import DTYPES, ConvertError, first_line
+from titan.convert.common import DTYPES, ConvertError, TransferError, first_line
 from titan.models.llama import FLAVORS
 
 
@@ -61,7 +61,7 @@ def run(convert: Callable[..., Any], **kwargs: Any) -> int:
         convert(**kwargs)
     except ConvertError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
+        return 1 if isinstance(e, TransferError) else 2
     except OSError as e:  # disk full, permissions, ...
         print(f"error: {first_line(e)}", file=sys.stderr, flush=True)
         return 1

@@ -34,7 +34,12 @@ Log = Callable[[str], None]
 
 
 class ConvertError(Exception):
-    """A bad input or a refused operation; the message is one line."""
+    """A bad input or a refused operation (exit status 2); the message is one line."""
+
+
+class TransferError(ConvertError):
+    """The Hub could not be reached or refused the upload (exit status 1: the input was
+    fine)."""
 
 
 def print_line(msg: str) -> None:

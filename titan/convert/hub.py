@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from titan.convert.common import ConvertError, Log, first_line, print_line
+from titan.convert.common import ConvertError, Log, TransferError, first_line, print_line
 from titan.models.llama import ModelArgs
 
 
@@ -91,7 +91,7 @@ def create_hub_repo(repo_name: str, private: bool) -> tuple[Any, str]:
     try:
         repo = api.create_repo(repo_name, private=private, exist_ok=True, repo_type="model")
     except Exception as e:  # network, auth and HTTP errors have many types
-        raise ConvertError(
+        raise TransferError(
             f"--push_to_hub: cannot create the Hub repo {repo_name}: {first_line(e)}"
         ) from None
     return api, getattr(repo, "repo_id", repo_name)
@@ -108,4 +108,4 @@ def upload_to_hub(api: Any, folder: Path, repo_id: str, log: Log = print_line) -
             commit_message="Upload model exported by titan's dcp_to_llama.py",
         )
     except Exception as e:  # network, auth and HTTP errors have many types
-        raise ConvertError(f"--push_to_hub: upload to {repo_id} failed: {first_line(e)}") from None
+        raise TransferError(f"--push_to_hub: upload to {repo_id} failed: {first_line(e)}") from None
