@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -247,3 +248,36 @@ def test_a_full_disk_is_one_line_and_the_next_start_resumes_exactly(
     assert "Checkpoint step-20 had no marker: moved aside" in result.stdout
     assert f"Resumed from {dump / 'checkpoint' / 'step-10'} at step 10" in result.stdout
     assert train_losses(dump) == train_losses(reference)
+
+
+_WORKER = """
+import json, os, sys, time
+rank, attempt = int(os.environ["RANK"]), int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+def status(code):
+    with open(os.environ["TITAN_STATUS_FILE"], "w") as f:
+        json.dump({"exit_code": code, "message": "said once"}, f)
+    sys.exit(code)
+if sys.argv[1] == "titan_ending":  # rank 1 ends with titan's status 3; rank 0 is still busy
+    status(3) if rank == 1 else time.sleep(60)
+elif attempt == 0:  # a retried ending (stuck rank), then a crash titan did not report
+    status(5)
+else:
+    os._exit(7)
+"""
+
+
+@pytest.mark.parametrize("case", ["titan_ending", "later_crash"])
+def test_launcher_reports_titan_endings_once_and_other_crashes_in_full(tmp_path, case):
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    command = [sys.executable, "-m", "titan.launch", "--standalone", "--nproc_per_node=2",
+               "--max_restarts=1", str(script), case]  # fmt: skip
+    env = {**TRAIN_ENV, "TITAN_SHUTDOWN_TIMEOUT_S": "5"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    if case == "titan_ending":
+        assert result.returncode == 3, result.stderr[-3000:]
+        assert "closing signal" not in result.stderr and "FAILED" not in result.stderr
+    else:  # the status file still holds attempt 0's 5: the crash must not be reported as it
+        assert result.returncode == 1, result.stderr[-3000:]
+        assert "FAILED" in result.stderr and "exitcode  : 7" in result.stderr

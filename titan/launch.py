@@ -56,28 +56,21 @@ def _world(args) -> int | None:
 
 
 class _OwnEndings(logging.Filter):
-    """Drops torchrun's "failed (exitcode: N)" line when N is one of titan's statuses: the
-    worker has already said why, in one line. Its "closing signal" lines (the ranks still
-    running when the first one ended) are held back until the ending is known: `release`
-    prints them unless titan reported the ending itself."""
+    """Drops torchrun's lines about an ending titan has already reported in one line: the
+    "failed (exitcode: N)" line for one of titan's statuses, and the "closing signal" lines
+    for the ranks still running once the first has ended with one (it wrote the status
+    file before exiting)."""
 
-    def __init__(self) -> None:
+    def __init__(self, status_path: Path) -> None:
         super().__init__()
-        self.held: list[str] = []
+        self.status_path = status_path
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
         if "closing signal" in text:
-            if text not in self.held:  # the same record passes every handler's filter
-                self.held.append(text)
-            return False
+            status = read_status(self.status_path)
+            return status is None or status[0] == EXIT_OK
         return not any(f"(exitcode: {code})" in text for code in OWN_CODES)
-
-    def release(self, status: tuple[int, str] | None) -> None:
-        if status is None or status[0] == EXIT_OK:
-            for text in self.held:
-                print(text, file=sys.stderr, flush=True)
-        self.held.clear()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,28 +93,26 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", SIGNALS)  # older torchrun
     timeout = os.environ.get("TITAN_SHUTDOWN_TIMEOUT_S", "900")
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", timeout)
-    endings = _OwnEndings()
-    for handler in logging.getLogger().handlers + logging.getLogger("torch").handlers:
-        handler.addFilter(endings)
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(endings)
     with tempfile.TemporaryDirectory(prefix="titan-launch-") as tmp:
         status_path = Path(tmp) / "status.json"
         os.environ["TITAN_STATUS_FILE"] = str(status_path)
+        endings = _OwnEndings(status_path)
+        for handler in logging.getLogger().handlers + logging.getLogger("torch").handlers:
+            handler.addFilter(endings)
+        logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(endings)
         try:
             run(args)
         except ChildFailedError as e:
             status = read_status(status_path)
-            endings.release(status)
-            if status is None or status[0] == EXIT_OK:  # a crash titan did not report
-                print(e.format_msg(), file=sys.stderr, flush=True)
+            codes = {failure.exitcode for failure in e.failures.values()}
+            if status is None or status[0] == EXIT_OK or status[0] not in codes:
+                print(e.format_msg(), file=sys.stderr, flush=True)  # a crash titan did not report
                 return 1
             return status[0]
         except SignalException as e:
             status = read_status(status_path)
-            endings.release(status)
             return status[0] if status is not None else 128 + int(e.sigval)
         status = read_status(status_path)
-        endings.release(status)
         return status[0] if status is not None else EXIT_OK
 
 
