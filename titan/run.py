@@ -134,6 +134,7 @@ def build_run(cfg: JobConfig, *, train: bool = True) -> Run:
             train_state=run.train_state,
             dataloader=run.dataloader,
             dp_rank=dims.dp_rank(),
+            dims=dims,
         )
         if train:
             run.checkpointer.load()

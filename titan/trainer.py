@@ -30,7 +30,6 @@ from titan.distributed import (
     env_rank,
     launched_world_size,
     set_collective_timeout,
-    timeout_for,
 )
 from titan.evaluate import evaluate
 from titan.lifecycle import StepWatch, StopSignals
@@ -128,14 +127,15 @@ def train(run: Run) -> None:
     a stop signal ends the loop with a complete checkpoint (StoppedOnSignal)."""
     cfg, dims, state, metrics = run.cfg, run.dims, run.train_state, run.metrics
     t, job = cfg.training, cfg.job
-    global_tokens = t.batch_size * t.seq_len * dims.accumulation_steps(cfg) * dims.dp_degree
+    accum = dims.accumulation_steps(cfg)
+    global_tokens = t.batch_size * t.seq_len * accum * dims.dp_degree
     data, watch, bad = iter(run.dataloader), StepWatch(), BadSteps(t.max_consecutive_bad_steps)
     first_step = state.step + 1
     metrics.record_start(state.step)
     with StopSignals(cfg.checkpoint.save_on_signals) as stop, maybe_profile(cfg, run.rank) as prof:
         while state.step < t.steps:
             watch.start(state.step + 1)
-            batches, wait_s = next_micro_batches(data, dims.accumulation_steps(cfg))
+            batches, wait_s = next_micro_batches(data, accum)
             loss, grad_norm = train_step(
                 run.model, run.optimizer, batches, global_tokens, dims.dp_degree, t.max_norm
             )
@@ -151,8 +151,7 @@ def train(run: Run) -> None:
             if bad.record(state.step, loss, grad_norm):
                 if state.step % cfg.metrics.log_freq == 0 or state.step in (1, t.steps):
                     metrics.log(state.step, loss, grad_norm, lr, {"skipped_steps": bad.skipped})
-                with timeout_for(job.init_timeout_s, job.collective_timeout_s, dims):
-                    run.checkpointer.maybe_save(state.step)  # never a bad step
+                run.checkpointer.maybe_save(state.step)  # never a bad step
                 if cfg.validation.enable and state.step % cfg.validation.freq == 0:
                     validate(run)
             if stop.signals and stop.stop_agreed(run.device):
@@ -201,11 +200,10 @@ class BadSteps:
 
 def stop_and_save(run: Run, signal_name: str) -> None:
     """Every rank agreed to stop after this step: save it completely, then end the run."""
-    step, job = run.train_state.step, run.cfg.job
+    step = run.train_state.step
     saved = "checkpointing is off: nothing saved"
     if run.checkpointer.enabled:
-        with timeout_for(job.init_timeout_s, job.collective_timeout_s, run.dims):
-            run.checkpointer.save(step, sync=True)
+        run.checkpointer.save(step, sync=True)
         saved = f"saved checkpoint step-{step}"
     raise StoppedOnSignal(
         f"{signal_name} at step {step}: {saved}; run the same command again to continue"

@@ -36,6 +36,7 @@ from titan.checkpoint.errors import CheckpointError, CheckpointSaveError
 from titan.checkpoint.initial import load_initial
 from titan.checkpoint.states import ModelState, OptimizerState, TrainState, rng_state
 from titan.config import JobConfig
+from titan.distributed import ParallelDims, timeout_for
 from titan.logging import logger
 
 
@@ -53,8 +54,10 @@ class Checkpointer:
         train_state: TrainState,
         dataloader: Any | None,
         dp_rank: int,
+        dims: ParallelDims | None = None,
     ) -> None:
         c = cfg.checkpoint
+        self.dims, self._timeouts = dims, (cfg.job.init_timeout_s, cfg.job.collective_timeout_s)
         self.cfg = c
         self.enabled = c.enable_checkpoint
         self.folder = Path(cfg.job.dump_folder) / c.folder
@@ -114,7 +117,12 @@ class Checkpointer:
     def save(self, step: int, sync: bool = False) -> None:
         """Save `step` now: the last step's save (a model-only export with
         `model_weights_only`) and `sync` saves block until complete; others follow
-        `async_mode`. CheckpointSaveError (one line) when it fails."""
+        `async_mode`. CheckpointSaveError (one line) when it fails. Its collectives may
+        take job.init_timeout_s, then the training loop's job.collective_timeout_s holds."""
+        with timeout_for(*self._timeouts, self.dims):
+            self._save(step, sync)
+
+    def _save(self, step: int, sync: bool) -> None:
         self.wait()  # at most one save in flight
         step_dir = storage.step_path(self.folder, step)
         if self.rank == 0 and step_dir.exists():  # an older attempt's leftovers: keep them
