@@ -193,3 +193,36 @@ def test_validation_survives_kill9_and_resume(tmp_path, synthetic_dir):
     assert sorted(val) == list(range(5, 41, 5)) and all(math.isfinite(v) for v in val.values())
     val_resumed = {r["step"]: r["val_loss"] for r in read_metrics(resumed) if "val_loss" in r}
     assert val_resumed == val  # the same held-out windows, the same weights
+
+
+def test_a_row_with_bad_counts_is_left_out_of_the_losses(synthetic_dir, tmp_path, caplog):
+    """A row shaped right but holding a count above 255 is found only when read: it is
+    warned about and never a label, and the windows stay the same on any number of ranks."""
+    import datasets
+
+    from titan.config import load_config
+    from titan.data.held_out import IGNORE, HeldOut
+
+    splits = datasets.load_from_disk(str(synthetic_dir))
+    test = splits["test"].to_list()
+    test[1]["spike_counts"][0][0] = 300
+    data = tmp_path / "bad"
+    datasets.DatasetDict({"train": splits["train"], "test": datasets.Dataset.from_list(test)}
+                         ).save_to_disk(str(data))  # fmt: skip
+    cfg = load_config(_args(tmp_path, data, "--training.dataset=custom"))
+    held = HeldOut.open(cfg, "test")
+    n = held.num_windows
+    with caplog.at_level("WARNING", logger="titan"):
+        one = list(held.batches(0, 1, 2, n))
+    assert any("row 1 left out of the losses: counts outside 0..255" in r.message
+               for r in caplog.records)  # fmt: skip
+    bad = slice(held.offsets[1], held.offsets[2])  # row 1's span of the stream
+    labels = torch.cat([lab for _, lab, _ in one]).flatten()
+    sources = torch.cat([src for _, _, src in one]).flatten()
+    stream = torch.arange(len(labels)) + 1  # stream position of each label (windows in order)
+    in_bad = (stream >= bad.start) & (stream < bad.stop)
+    assert (labels[in_bad] == IGNORE).all() and (sources[in_bad] == -1).all()
+    assert (labels[~in_bad & (sources >= 0)] != IGNORE).all()
+    two = [list(held.batches(r, 2, 1, n)) for r in (0, 1)]
+    windows = [two[j % 2][j // 2][1] for j in range(n)]  # window j is on rank j mod 2
+    assert torch.equal(torch.cat(windows).flatten(), labels[: n * SEQ])

@@ -13,14 +13,17 @@ are padding, labelled -100 (ignored). `sources` gives, per label, the index of i
 `source_dataset` in `source_names` (-1 for padding), for per-source losses.
 
 Row lengths come from the Arrow list offsets (no row is read for them); a row that is not
-a non-empty 2-D matrix (ragged, empty, null) is left out, as training skips it.
+a non-empty 2-D matrix (ragged, empty, null) is left out, as training skips it. A row whose
+shape is right but whose values are not (null counts, counts above 255) is found only when
+it is read: its tokens keep their place in the stream but are never labels (every rank
+reads the same rows the same way, so the windows stay rank-invariant); a warning names it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +33,7 @@ import torch
 from titan.config import ConfigError, JobConfig
 from titan.data import sources
 from titan.data.tokenizer import arrow_row_matrix, tokenize_row
+from titan.logging import logger
 
 IGNORE = -100
 """Label of padding (PyTorch's cross-entropy ignore_index)."""
@@ -71,7 +75,8 @@ class HeldOut:
     row_source: np.ndarray
     """Index into source_names of each usable row."""
     source_names: list[str]
-    skipped_rows: int
+    bad_rows: set[int] = field(default_factory=set)
+    """Rows found unreadable when read (already warned about)."""
 
     @classmethod
     def open(cls, cfg: JobConfig, split: str) -> HeldOut:
@@ -100,7 +105,6 @@ class HeldOut:
             offsets=np.concatenate([[0], np.cumsum(lengths[rows])]),
             row_source=np.array([index[n] for n in names_per_row[rows]], dtype=np.int64),
             source_names=names,
-            skipped_rows=int(len(ds) - usable.sum()) if not keep else 0,
         )
 
     @property
@@ -123,22 +127,29 @@ class HeldOut:
         return n
 
     def _tokens(self, start: int, stop: int, cache: dict) -> tuple[np.ndarray, np.ndarray]:
-        """Stream tokens [start, stop) and their rows' source indices."""
+        """Stream tokens [start, stop) and their rows' source indices (-1: an unreadable
+        row's placeholder tokens)."""
         first = int(np.searchsorted(self.offsets, start, side="right")) - 1
         tokens, source = [], []
         i, pos = first, start
         while pos < stop and i < len(self.rows):
             if i not in cache:
                 cache.clear()  # keep one row: a rank's windows walk the stream in order
-                cell = self.ds[int(self.rows[i])][sources.COLUMN]  # a 1-row Arrow column
+                row = int(self.rows[i])
+                cell = self.ds[row][sources.COLUMN]  # a 1-row Arrow column
                 counts, why = arrow_row_matrix(pa.concat_arrays(cell.chunks))
-                if counts is None:
-                    raise ConfigError(f"{self.label}: row {int(self.rows[i])}: {why}")
-                cache[i] = tokenize_row(counts)
+                if counts is None and row not in self.bad_rows:
+                    self.bad_rows.add(row)
+                    logger.warning(f"{self.label}: row {row} left out of the losses: {why}")
+                cache[i] = None if counts is None else tokenize_row(counts)
             row_tokens = cache[i]
             lo, hi = pos - self.offsets[i], min(stop, self.offsets[i + 1]) - self.offsets[i]
-            tokens.append(row_tokens[lo:hi])
-            source.append(np.full(hi - lo, self.row_source[i]))
+            if row_tokens is None:
+                tokens.append(np.zeros(hi - lo, dtype=np.int64))
+                source.append(np.full(hi - lo, -1))
+            else:
+                tokens.append(row_tokens[lo:hi])
+                source.append(np.full(hi - lo, self.row_source[i]))
             pos, i = self.offsets[i] + hi, i + 1
         return np.concatenate(tokens), np.concatenate(source)
 
@@ -162,6 +173,6 @@ class HeldOut:
                 tokens, src = self._tokens(start, min(start + s + 1, self.total_tokens), cache)
                 n = len(tokens) - 1
                 inputs[k, : n + 1] = tokens[:s]
-                labels[k, :n] = tokens[1:]
+                labels[k, :n] = np.where(src[1:] >= 0, tokens[1:], IGNORE)
                 source[k, :n] = src[1:]
             yield torch.from_numpy(inputs), torch.from_numpy(labels), torch.from_numpy(source)
