@@ -109,6 +109,7 @@ def test_one_run_per_folder_and_stale_locks(tmp_path, synthetic_dir):
     first = _launch(tmp_path, synthetic_dir, "--training.steps=400")
     wait_for(lambda: logged_step(tmp_path) >= 12, first)
     before = {p: read_marker(p) for p in (tmp_path / "checkpoint").glob("step-*")}
+    assert before, "the first run had saved nothing yet"
     second = run_train(_args(tmp_path, synthetic_dir), nproc=1, timeout=120)
     assert second.returncode == 2
     err = second.stderr.strip()

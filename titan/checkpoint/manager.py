@@ -54,7 +54,7 @@ class Checkpointer:
         train_state: TrainState,
         dataloader: Any | None,
         dp_rank: int,
-        dims: ParallelDims | None = None,
+        dims: ParallelDims,
     ) -> None:
         c = cfg.checkpoint
         self.dims, self._timeouts = dims, (cfg.job.init_timeout_s, cfg.job.collective_timeout_s)
@@ -126,11 +126,7 @@ class Checkpointer:
         self.wait()  # at most one save in flight
         step_dir = storage.step_path(self.folder, step)
         if self.rank == 0 and step_dir.exists():  # an older attempt's leftovers: keep them
-            storage.settle_incomplete(self.folder)
-            if step_dir.exists():
-                aside = self.folder / "replaced" / f"{step_dir.name}-{time.strftime('%H%M%S')}"
-                aside.parent.mkdir(exist_ok=True)
-                step_dir.rename(aside)
+            storage.move_aside(step_dir, "replaced")
         dist.barrier()
         begin = time.perf_counter()
         last = step == self.total_steps

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from titan.checkpoint import storage
 from titan.checkpoint.errors import CheckpointError
@@ -254,7 +254,5 @@ def load_weights(ckpt: Checkpointer, path: Path) -> None:
     mismatch = _model_mismatch(ckpt.model, path)
     if mismatch is not None:
         raise CheckpointError(f"{path}: {mismatch}; check model.flavor and training.vocab_size")
-    weights = get_model_state_dict(ckpt.model)
-    dcp.load({"model": weights}, checkpoint_id=str(path))
-    set_model_state_dict(ckpt.model, weights)
+    dcp.load({"model": ckpt.states["model"]}, checkpoint_id=str(path))
     logger.info(f"Loaded the model weights of {path}")

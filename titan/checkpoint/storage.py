@@ -165,11 +165,18 @@ def settle_incomplete(folder: Path) -> list[tuple[Path, str]]:
                      checksums(s.path, names))  # fmt: skip
             done.append((s.path, "completed: its data and .metadata were whole"))
             continue
-        aside = folder / "incomplete" / f"{s.path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        aside.parent.mkdir(exist_ok=True)
-        os.replace(s.path, aside)
+        aside = move_aside(s.path, "incomplete")
         done.append((s.path, f"moved aside to {aside}: its save was cut short"))
     return done
+
+
+def move_aside(step_dir: Path, bucket: str) -> Path:
+    """Move a step directory to `<folder>/<bucket>/<name>-<time>` (kept, never a step
+    again); returns the new path."""
+    aside = step_dir.parent / bucket / f"{step_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.parent.mkdir(exist_ok=True)
+    os.replace(step_dir, aside)
+    return aside
 
 
 def set_aside_newer(folder: Path, step: int) -> tuple[Path, list[str]] | None:
