@@ -71,10 +71,7 @@ def reference(tmp_path_factory, synthetic_dir) -> Path:
 
 def _saving(dump: Path) -> bool:
     """A step directory exists but is not complete yet: a save is being written."""
-    folder = dump / "checkpoint"
-    return folder.is_dir() and any(
-        not (p / ".complete").exists() for p in folder.iterdir() if p.name != "step-4"
-    )
+    return any(not s.complete for s in list_steps(dump / "checkpoint") if s.step != 4)
 
 
 @pytest.mark.slow

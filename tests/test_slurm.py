@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 from conftest import read_metrics, worker_pids
 
+from titan.checkpoint import list_steps
 from titan.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -403,10 +404,7 @@ def _metric_steps(dump: Path) -> list[int]:
 
 
 def _complete_steps(dump: Path) -> list[int]:
-    return sorted(
-        int(p.parent.name.removeprefix("step-"))
-        for p in (dump / "checkpoint").glob("step-*/.complete")
-    )
+    return [s.step for s in list_steps(dump / "checkpoint") if s.complete]
 
 
 def _run_job(cluster: SlurmCluster, log: Path, *args: str) -> str:
