@@ -59,12 +59,14 @@ class ParallelDims:
     def dp_degree(self) -> int:
         return self.dp_replicate * self.dp_shard
 
-    def accumulation_steps(self, cfg: JobConfig) -> int:
+    def global_batch(self, cfg: JobConfig) -> int:
+        """Sequences per optimizer step, over all data-parallel ranks."""
         t = cfg.training
-        global_batch = (
-            t.global_batch_size if t.global_batch_size > 0 else t.batch_size * self.dp_degree
-        )
-        return global_batch // (t.batch_size * self.dp_degree)
+        return t.global_batch_size if t.global_batch_size > 0 else t.batch_size * self.dp_degree
+
+    def accumulation_steps(self, cfg: JobConfig) -> int:
+        """Micro-batches each rank runs per optimizer step."""
+        return self.global_batch(cfg) // (cfg.training.batch_size * self.dp_degree)
 
     def check_batch(self, cfg: JobConfig) -> None:
         t = cfg.training

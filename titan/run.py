@@ -103,12 +103,11 @@ def build_run(cfg: JobConfig, *, train: bool = True) -> Run:
     torch.manual_seed(cfg.training.seed)
     if cfg.training.deterministic:
         torch.use_deterministic_algorithms(True)
-    global_batch = cfg.training.batch_size * dims.dp_degree * dims.accumulation_steps(cfg)
     state = TrainState(
         dp_degree=dims.dp_degree,
         world_size=world,
         seq_len=cfg.training.seq_len,
-        global_batch=global_batch,
+        global_batch=dims.global_batch(cfg),
     )
     run = Run(cfg, device, rank, dims, state)
     try:
@@ -257,8 +256,7 @@ def plan_table(
     with torch.device("meta"):
         model = Transformer(args)
     n_params, n_embed = num_params(model), model.tok_embeddings.weight.numel()
-    accum = dims.accumulation_steps(cfg)
-    global_seqs = t.batch_size * dims.dp_degree * accum
+    accum, global_seqs = dims.accumulation_steps(cfg), dims.global_batch(cfg)
     rows = [
         (
             "model",

@@ -128,7 +128,7 @@ def train(run: Run) -> None:
     cfg, dims, state, metrics = run.cfg, run.dims, run.train_state, run.metrics
     t, job = cfg.training, cfg.job
     accum = dims.accumulation_steps(cfg)
-    global_tokens = t.batch_size * t.seq_len * accum * dims.dp_degree
+    global_tokens = dims.global_batch(cfg) * t.seq_len
     data, watch, bad = iter(run.dataloader), StepWatch(), BadSteps(t.max_consecutive_bad_steps)
     first_step = state.step + 1
     metrics.record_start(state.step)

@@ -136,22 +136,16 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _not_finite(ckpt: Checkpointer) -> str | None:
-    """The first loaded weight or optimizer state that is not finite, on any rank."""
-    mine = next(
-        (f"model weight {n} is not finite" for n, p in ckpt.model.named_parameters()
-         if not torch.isfinite(_local(p.detach())).all()),
-        None,
-    )  # fmt: skip
-    optimizer = ckpt.states["optimizer"].optimizer
-    for state in optimizer.state.values() if mine is None else ():
+    """The first loaded weight or optimizer state on this rank that is not finite."""
+    for name, param in ckpt.model.named_parameters():
+        if not torch.isfinite(_local(param.detach())).all():
+            return f"model weight {name} is not finite"
+    for state in ckpt.states["optimizer"].optimizer.state.values():
         for key, value in state.items():
             value = _local(value)
             if value.is_floating_point() and value.numel() and not torch.isfinite(value).all():
-                mine = f"optimizer state {key} is not finite"
-                break
-        if mine is not None:
-            break
-    return _gathered_problem(mine)
+                return f"optimizer state {key} is not finite"
+    return None
 
 
 def load_full(ckpt: Checkpointer, path: Path) -> str | None:
@@ -178,10 +172,10 @@ def load_full(ckpt: Checkpointer, path: Path) -> str | None:
     try:
         loader_states = [pickle.loads(v) for v in request.get("dataloader", {}).values()]
         rng = pickle.loads(request["rng"][f"rank_{ckpt.rank}"]) if same_world else None
+        mine = _not_finite(ckpt)
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-        return _gathered_problem(f"a saved data loader or RNG state is unreadable ({e})")
-    # (the ranks that unpickled fine meet the others' gather here, then check the values)
-    problem = _gathered_problem(None) or _not_finite(ckpt)
+        mine = f"a saved data loader or RNG state is unreadable ({e})"
+    problem = _gathered_problem(mine)  # every rank meets this one gather
     if problem is not None:
         return problem
     if "train_state" not in exclude:
@@ -191,16 +185,8 @@ def load_full(ckpt: Checkpointer, path: Path) -> str | None:
             ckpt.dataloader.load_state_dict(loader_states[0])
         else:
             ckpt.dataloader.load_state_dict({"resharded_from": loader_states})
-            logger.info(
-                f"Data-parallel degree changed ({saved_dp} -> {state.dp_degree}): data resharded"
-            )
     if rng is not None:
         set_rng_state(rng)
-    else:
-        logger.info(
-            f"World size changed ({saved_world} -> {state.world_size}): "
-            "RNG states start fresh; model and optimizer were resharded"
-        )
     _log_layout_change(saved, state, saved_world)
     logger.info(
         f"Resumed from {path} at step {saved['step']} ({saved['tokens_seen']:,} tokens seen) in "
@@ -218,7 +204,10 @@ def _log_layout_change(saved: dict[str, int], state: Any, saved_world: int) -> N
     if saved.get("seq_len", state.seq_len) != state.seq_len:
         changes.append(f"seq_len {saved['seq_len']} -> {state.seq_len}")
     if saved_world != state.world_size:
-        changes.append(f"world size {saved_world} -> {state.world_size}")
+        changes.append(
+            f"world size {saved_world} -> {state.world_size} (model, optimizer and data "
+            "resharded; RNG states start fresh)"
+        )
     if changes:
         logger.warning(f"Resuming with another layout: {', '.join(changes)}")
 
