@@ -8,7 +8,8 @@ earlier run's) left as it was. Covered:
   synthetic (`data.generate_synthetic` generates one there instead);
 - `checkpoint.initial_load_path` missing, a folder of step directories, incomplete, of
   another depth, with other RoPE settings in its params.json (`initial_load_allow` lets
-  chosen tensors and settings differ); `checkpoint.load_step` without a checkpoint folder;
+  chosen tensors and settings differ); `checkpoint.load_step` without a checkpoint folder,
+  or with checkpointing off;
 - a dump folder that cannot be made or written; a checkpoint folder without room for one save;
 - the lang-primate recipe's dry run names the checkpoint it lacks and how to make it;
 - on 2 ranks only rank 0 touches the disk, and every rank stops with its message.
@@ -162,6 +163,10 @@ BAD_STARTS = {
     "load_step without a checkpoint folder": (
         ["--checkpoint.load_step=7"],
         ["checkpoint.load_step = 7: there is no checkpoint folder"],
+    ),
+    "load_step with checkpointing off": (
+        ["--checkpoint.load_step=7", "--checkpoint.enable_checkpoint=false"],
+        ["checkpoint.load_step = 7 but checkpoint.enable_checkpoint is false"],
     ),
 }
 

@@ -32,7 +32,7 @@ OWN_CODES = {*EXIT_CODES.values(), EXIT_STUCK}
 SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
 
 
-def _precheck(script_args: list[str], world: int | None) -> None:
+def _precheck(script: str, script_args: list[str], world: int | None) -> None:
     """The recipe as train.py would check it before its heavy work (nothing written)."""
     from titan.distributed import ParallelDims
     from titan.preflight import check_dry_run
@@ -43,7 +43,7 @@ def _precheck(script_args: list[str], world: int | None) -> None:
     if world is not None:
         ParallelDims.from_config(cfg, world, "cpu")
     if not cfg.job.dry_run:
-        check_dry_run(cfg)
+        check_dry_run(cfg, training=Path(script).name == "train.py")
 
 
 def _world(args) -> int | None:
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if Path(args.training_script).name in SCRIPTS:
         try:
-            _precheck(args.training_script_args, _world(args))
+            _precheck(args.training_script, args.training_script_args, _world(args))
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return EXIT_BAD_INPUT
