@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -122,8 +123,13 @@ def _timed_steps(step, device: torch.device, warmup: int, steps: int) -> float:
     return statistics.median(times)
 
 
-def titan_step_time(opts, seq: int, policy: str, compiled: bool, attn: str) -> float:
-    """Seconds per optimizer step of titan's trainer code on one micro-batch."""
+POLICIES = ("none", "attn", "op", "full", "auto")
+"""`--policies`: activation_checkpoint.mode none/full/auto, or a selective option."""
+
+
+def titan_step_time(opts, seq: int, policy: str, compiled: bool, attn: str):
+    """(seconds per optimizer step, the planner's peak estimate in bytes, its policy per
+    block) of titan's trainer code on one micro-batch."""
     mode, option = (policy, "attn") if policy in ("none", "full", "auto") else ("selective", policy)
     cfg = load_config(
         [
@@ -141,20 +147,24 @@ def titan_step_time(opts, seq: int, policy: str, compiled: bool, attn: str) -> f
     with build_run(cfg, train=False) as run:
         tokens = torch.randint(0, 256, (1, seq + 1), device=run.device)
         batch = [(tokens[:, :-1], tokens[:, 1:])]
-        return _timed_steps(
+        seconds = _timed_steps(
             lambda: train_step(run.model, run.optimizer, batch, seq, 1, 1.0),
             run.device,
             opts.warmup,
             opts.steps,
         )
+        return seconds, run.memory.total, f"blocks: {run.memory.policy_summary()}"
 
 
 def transformers_step_time(opts, device, args, seq: int, checkpointing: bool, compiled: bool):
     """Seconds per optimizer step of LlamaForCausalLM with the same shapes."""
     import transformers
 
-    config = transformers.LlamaConfig(**keymap.hf_config_from_args(args))
+    config = transformers.LlamaConfig(
+        **keymap.hf_config_from_args(keymap.above_rope_original_context(args))
+    )
     config._attn_implementation = "sdpa"
+    config.use_cache = False  # training: no KV cache (it would be refused with checkpointing)
     model = transformers.LlamaForCausalLM(config).to(device)  # fp32 master weights
     if checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
@@ -173,56 +183,97 @@ def transformers_step_time(opts, device, args, seq: int, checkpointing: bool, co
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return _timed_steps(step, device, opts.warmup, opts.steps)
+    return _timed_steps(step, device, opts.warmup, opts.steps), None, ""
 
 
-def _measure(fn, device: torch.device) -> tuple[float | None, float | None, str]:
-    """(seconds, peak GiB, note) of one configuration; out of memory is a note."""
+@dataclasses.dataclass
+class Result:
+    seq: int
+    system: str
+    policy: str
+    compiled: bool
+    seconds: float | None = None
+    peak: float | None = None
+    """Measured peak GiB (CUDA only)."""
+    plan: int | None = None
+    """The memory planner's estimate in bytes (titan only)."""
+    note: str = ""
+
+
+def _measure(fn, device: torch.device, result: Result) -> Result:
+    """Fill `result` from `fn() -> (seconds, plan bytes, note)`; a failure (out of memory,
+    a compile error) becomes the note, and the benchmark goes on."""
     _free(device)
     try:
-        seconds = fn()
-        return seconds, _peak_gib(device), ""
+        result.seconds, result.plan, result.note = fn()
+        result.peak = _peak_gib(device)
     except torch.OutOfMemoryError:
-        return None, None, "out of memory"
+        result.note = "out of memory"
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        result.note = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
     finally:
         _free(device)
+    return result
 
 
-def step_rows(opts, device, args, fastest) -> list[list]:
+STEP_HEADERS = [
+    "seq", "system", "AC", "compile", "tokens/s", "TFLOP/s", "MFU %", "MFU causal %",
+    "peak GiB", "plan GiB", "vs best transformers", "note",
+]  # fmt: skip
+
+
+def step_row(r: Result, args, peak_tflops_: float | None, baseline: float | None) -> list:
+    """One table row; `baseline`: the best transformers tokens/s at this length."""
+    plan = f"{r.plan / 2**30:.3g}" if r.plan is not None else "-"
+    if r.seconds is None:
+        return [r.seq, r.system, r.policy, r.compiled, "-", "-", "-", "-", "-", plan, "-", r.note]
+    flops = llama.flops_per_token(args, r.seq), llama.flops_per_token(args, r.seq, causal=True)
+    tps = r.seq / r.seconds
+    mfu = [f"{100 * tps * f / 1e12 / peak_tflops_:.1f}" if peak_tflops_ else "-" for f in flops]
+    return [
+        r.seq, r.system, r.policy, r.compiled, f"{tps:,.0f}", f"{tps * flops[0] / 1e12:.3g}",
+        *mfu, f"{r.peak:.1f}" if r.peak is not None else "-", plan,
+        f"{tps / baseline:.2f}x" if baseline else "-", r.note,
+    ]  # fmt: skip
+
+
+def step_rows(opts, device, args, fastest, report) -> list[list]:
+    """Every configuration's row; `report(rows, done)` is called as rows are finished, so
+    a run cut short (a time limit) leaves what it measured."""
     peak = peak_tflops(device)
-    rows = []
+    total = len(opts.seqs) * len(opts.compile_modes) * (2 + len(opts.policies))
+    finished: list[Result] = []
+
+    def measure(fn, result: Result) -> Result:
+        finished.append(_measure(fn, device, result))
+        outcome = f"{result.seconds:.3f} s" if result.seconds is not None else result.note
+        print(f"[{len(finished)}/{total}] {result.seq} tokens, {result.system} {result.policy}, "
+              f"compile {result.compiled}: {outcome}", file=sys.stderr, flush=True)  # fmt: skip
+        return result
+
+    rows: list[list] = []
     for seq in opts.seqs:
-        flops = llama.flops_per_token(args, seq), llama.flops_per_token(args, seq, causal=True)
-        results = []
-        for compiled in opts.compile_modes:
-            for checkpointing in (True, False):
-                s, mem, note = _measure(
-                    lambda c=checkpointing, m=compiled, n=seq: transformers_step_time(
-                        opts, device, args, n, c, m
-                    ),
-                    device,
-                )
-                name = "gradient ckpt" if checkpointing else "no ckpt"
-                results.append(("transformers", name, compiled, s, mem, note))
-        baseline = max((seq / r[3] for r in results if r[3]), default=None)
+        baselines = [
+            measure(
+                partial(transformers_step_time, opts, device, args, seq, checkpointing, compiled),
+                Result(
+                    seq, "transformers", "gradient ckpt" if checkpointing else "no ckpt", compiled
+                ),
+            )
+            for compiled in opts.compile_modes
+            for checkpointing in (True, False)
+        ]
+        baseline = max((seq / r.seconds for r in baselines if r.seconds), default=None)
+        rows += [step_row(r, args, peak, baseline) for r in baselines]
+        report(rows, len(finished) == total)
         for compiled in opts.compile_modes:
             for policy in opts.policies:
-                s, mem, note = _measure(
-                    lambda p=policy, m=compiled, n=seq: titan_step_time(opts, n, p, m, fastest[n]),
-                    device,
+                r = measure(
+                    partial(titan_step_time, opts, seq, policy, compiled, fastest[seq]),
+                    Result(seq, "titan", policy, compiled),
                 )
-                results.append(("titan", policy, compiled, s, mem, note))
-        for system, policy, compiled, s, mem, note in results:
-            if s is None:
-                rows.append([seq, system, policy, compiled, "-", "-", "-", "-", "-", "-", note])
-                continue
-            tps = seq / s
-            mfu = [f"{100 * tps * f / 1e12 / peak:.1f}" if peak else "-" for f in flops]
-            rows.append([
-                seq, system, policy, compiled, f"{tps:,.0f}", f"{tps * flops[0] / 1e12:.3g}",
-                *mfu, f"{mem:.1f}" if mem is not None else "-",
-                f"{tps / baseline:.2f}x" if baseline else "-", note,
-            ])  # fmt: skip
+                rows.append(step_row(r, args, peak, baseline))
+                report(rows, len(finished) == total)
     return rows
 
 
@@ -260,6 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     opts = p.parse_args(argv)
     opts.compile_modes = {"both": (False, True), "on": (True,), "off": (False,)}[opts.compile]
     opts.policies = opts.policies.split(",")
+    unknown = [p for p in opts.policies if p not in POLICIES and not p.isdigit()]
+    if unknown:
+        print(f"error: --policies {','.join(unknown)}: each must be one of "
+              f"{', '.join(POLICIES)} or a block interval N", file=sys.stderr)  # fmt: skip
+        return 2
     if opts.tiny:
         device, base, opts.dtype = torch.device("cpu"), "debugmodel", "float32"
         opts.seqs, opts.layers, opts.warmup, opts.steps = [64, 128], 2, 1, 2
@@ -278,14 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, opts.dtype)
     ceiling = matmul_ceiling(device, n, dtype)
     attn_rows, fastest = attention_rows(device, args, opts.seqs, dtype)
-    rows = step_rows(opts, device, args, fastest)
-    report = [
+    header = [
         "# titan step benchmark",
         "",
         *[f"- {line}" for line in environment(device)],
         f"- model: {base} layer shapes x {opts.layers} layers, vocab 256, batch 1; "
         f"{opts.warmup} warm-up + median of {opts.steps} steps",
         f"- {opts.dtype} matmul {n}^3: {ceiling:.3g} TFLOP/s",
+        "- plan GiB: the activation planner's estimate of one rank's peak (eager blocks)",
         "",
         "## Attention, forward + backward (TFLOP/s counting the causal half)",
         "",
@@ -293,30 +349,26 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "## Training step",
         "",
-        tabulate(
-            rows,
-            [
-                "seq",
-                "system",
-                "AC",
-                "compile",
-                "tokens/s",
-                "TFLOP/s",
-                "MFU %",
-                "MFU causal %",
-                "peak GiB",
-                "vs best transformers",
-                "note",
-            ],
-            tablefmt="github",
-        ),  # fmt: skip
-        "",
     ]
-    text = "\n".join(report)
-    if opts.out is not None:
-        opts.out.parent.mkdir(parents=True, exist_ok=True)
-        opts.out.write_text(text)
-    print(text)
+
+    def report(rows: list[list], done: bool) -> str:
+        table = tabulate(rows, STEP_HEADERS, tablefmt="github")
+        text = "\n".join(
+            [
+                *header,
+                table,
+                "" if done else "\n(in progress: the benchmark was cut short here)",
+                "",
+            ]
+        )
+        if opts.out is not None:
+            opts.out.parent.mkdir(parents=True, exist_ok=True)
+            opts.out.write_text(text)
+        return text
+
+    report([], False)
+    rows = step_rows(opts, device, args, fastest, report)
+    print(report(rows, True))
     return 0
 
 

@@ -1,12 +1,24 @@
 """The speed benchmark's CPU smoke mode runs and writes its results file: environment,
-the attention table and titan's steps beside transformers' for every AC policy."""
+the attention table and titan's steps beside transformers' for every AC policy, with the
+memory planner's estimate; progress goes to stderr, and a configuration that fails is a
+note in the table, not the end of the benchmark."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 
+import torch
 from conftest import ROOT, TRAIN_ENV
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_step", ROOT / "bench" / "step.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_step_benchmark_tiny_mode(tmp_path):
@@ -30,8 +42,25 @@ def test_step_benchmark_tiny_mode(tmp_path):
         "## Attention",
         "## Training step",
         "| transformers | gradient ckpt",
+        "| plan GiB ",
+        "blocks: attn x 2",
     ):
         assert needle in text, needle  # fmt: skip
     for policy in ("none", "attn", "full", "auto"):
         assert f"| titan        | {policy}" in text, policy
     assert "out of memory" not in text
+    assert "in progress" not in text
+    assert "[12/12] 128 tokens, titan auto, compile False: " in result.stderr
+
+
+def test_a_failing_configuration_is_a_note(tmp_path):
+    step = _bench_module()
+
+    def fails():
+        raise RuntimeError("no kernel for this shape\nsecond line")
+
+    cpu = torch.device("cpu")
+    result = step._measure(fails, cpu, step.Result(64, "titan", "attn", False))
+    assert result.seconds is None and result.note == "RuntimeError: no kernel for this shape"
+    row = step.step_row(result, None, None, None)
+    assert row[4] == "-" and row[-1] == result.note

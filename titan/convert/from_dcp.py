@@ -108,17 +108,6 @@ def _dcp_step(step_dir: Path) -> int | None:
     return step
 
 
-def _above_rope_original_context(args: ModelArgs) -> ModelArgs:
-    """transformers warns on every load of a config whose max_position_embeddings is not
-    above scaled RoPE's original context (8192 for Llama-3.1), and a run's seq_len (256 for
-    the debug recipe) often is not: such a context becomes the one the scaling extends the
-    original context to (factor x original context)."""
-    if args.use_scaled_rope and args.max_seq_len <= args.rope_original_context:
-        extended = int(args.rope_scale_factor * args.rope_original_context)
-        return dataclasses.replace(args, max_seq_len=extended)
-    return args
-
-
 def dcp_model_args(
     folder: Path, stored: Stored, flavor: str | None, max_seq_len: int | None, job: dict | None
 ) -> tuple[ModelArgs, str]:
@@ -163,7 +152,7 @@ def dcp_model_args(
             f"{folder}: the checkpoint lacks model tensors {listing(missing)}"
             " (a directory converted with the embeddings dropped cannot be exported)"
         )
-    return _above_rope_original_context(args), origin
+    return keymap.above_rope_original_context(args), origin
 
 
 def _check_input(input_dir: Path, allow_incomplete: bool) -> None:

@@ -155,6 +155,17 @@ def _llama3_rope(args: ModelArgs) -> dict | None:
     }
 
 
+def above_rope_original_context(args: ModelArgs) -> ModelArgs:
+    """`args` with a context transformers accepts: it warns on every load of a config
+    whose max_position_embeddings is not above scaled RoPE's original context (8192 for
+    Llama-3.1), and a run's seq_len (256 for the debug recipe) often is not. Such a context
+    becomes the one the scaling extends the original context to (factor x original)."""
+    if args.use_scaled_rope and args.max_seq_len <= args.rope_original_context:
+        extended = int(args.rope_scale_factor * args.rope_original_context)
+        return dataclasses.replace(args, max_seq_len=extended)
+    return args
+
+
 def hf_config_from_args(args: ModelArgs, dtype: str = "bfloat16") -> dict:
     """`config.json` for `LlamaForCausalLM`. Both RoPE spellings are written: `rope_theta` +
     `rope_scaling` (transformers < 5, the Hub's Llama-3.1 repos) and `rope_parameters`."""
