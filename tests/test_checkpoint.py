@@ -163,20 +163,25 @@ def test_incomplete_corrupt_retention_and_reshard(tmp_path, synthetic_dir, refer
     err = result.stderr.strip()
     assert err.startswith(f"error: checkpoint {ckpt / 'step-8'} is corrupted: shard "), err
     assert "truncated" in err and "\n" not in err and "Traceback" not in result.stdout
+    # The damaged step is moved out of the way: the retention limit never counts it, so the
+    # saves after step 4 (6, 8, ...) are kept rather than it.
     result = run_train(
         _args(
             tmp_path,
             synthetic_dir,
             "--checkpoint.fallback_on_corruption",
-            "--checkpoint.keep_latest_k=2",
+            "--checkpoint.interval=2",
+            "--checkpoint.keep_latest_k=1",
         ),
         nproc=2,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Resumed from" in result.stdout and "step-4" in result.stdout
+    assert f"Resumed from {ckpt / 'step-4'} at step 4" in result.stdout
+    assert "Removed old checkpoint step-6" in result.stdout
     assert train_losses(tmp_path) == train_losses(reference)
-    assert [s.path.name for s in list_steps(ckpt)] == ["step-8", "step-12"]  # keep_latest_k=2
-    assert [p.name[:7] for p in (ckpt / "replaced").iterdir()] == ["step-8-"]  # the damaged one
+    assert [s.path.name for s in list_steps(ckpt)] == ["step-12"]  # keep_latest_k=1
+    assert [p.name[:7] for p in (ckpt / "damaged").iterdir()] == ["step-8-"]
+    assert not (ckpt / "replaced").exists()
 
     # One rank resumes what two ranks saved: model, optimizer and data are resharded.
     result = run_train(_args(tmp_path, synthetic_dir, "--training.steps=14"), nproc=1)
@@ -265,6 +270,7 @@ def _logits_through_checkpoint(folder: str, save: bool) -> torch.Tensor:
     with build_run(cfg, train=False) as run:
         if save:
             run.checkpointer.save(1)
+            run.checkpointer.save(1, sync=True)  # (a stop signal at a save step) not again
         else:
             assert run.checkpointer.load()
     model = run.model
@@ -275,6 +281,8 @@ def _logits_through_checkpoint(folder: str, save: bool) -> torch.Tensor:
 
 def test_save_on_two_ranks_load_on_one_and_four(tmp_path):
     saved = run_ranks(_logits_through_checkpoint, 2, str(tmp_path), True)[0]
+    assert [s.step for s in list_steps(tmp_path / "checkpoint")] == [1]
+    assert not (tmp_path / "checkpoint" / "replaced").exists()
     on_one = run_ranks(_logits_through_checkpoint, 1, str(tmp_path), False)[0]
     on_four = run_ranks(_logits_through_checkpoint, 4, str(tmp_path), False)
     assert torch.equal(on_one, saved)

@@ -16,10 +16,14 @@ from titan.checkpoint import storage
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 
-def _save(folder: Path, step: int, kind: str | None = storage.FULL) -> Path:
-    """A real one-process DCP step directory; marked complete unless kind is None."""
+def _save(folder: Path, step: int, kind: str | None = storage.FULL, optimizer: bool = True) -> Path:
+    """A real one-process DCP step directory (with optimizer state unless a model-only
+    one); marked complete unless kind is None."""
     path = storage.step_path(folder, step)
-    dcp.save({"model": {"w": torch.arange(1000.0)}}, checkpoint_id=str(path), no_dist=True)
+    state = {"model": {"w": torch.arange(1000.0)}}
+    if optimizer and kind != storage.MODEL_ONLY:
+        state["optimizer"] = {"exp_avg": torch.zeros(1000)}
+    dcp.save(state, checkpoint_id=str(path), no_dist=True)
     if kind is not None:
         sums = storage.checksums(path, storage.rank_files(path, 0))
         storage.complete(path, {"step": step, "kind": kind}, sums)
@@ -31,7 +35,9 @@ def test_list_steps_markers_and_kinds(tmp_path):
     _save(tmp_path, 2)
     _save(tmp_path, 30, kind=None)
     _save(tmp_path, 40, kind=storage.MODEL_ONLY)
-    (tmp_path / "step-x").mkdir()  # not a step directory
+    (tmp_path / "step-x").mkdir()  # not step directories: no two names are one step
+    (tmp_path / "step-05").mkdir()
+    (tmp_path / "step-\u0667").mkdir()  # an Arabic-Indic 7: a digit to Python, not to us
     (tmp_path / "step-50").write_text("a file, not a directory")
     steps = storage.list_steps(tmp_path)
     assert [(s.step, s.complete, s.kind) for s in steps] == [
@@ -90,11 +96,16 @@ def test_checksums_find_a_flipped_bit(tmp_path):
 
 def test_saves_without_a_marker_are_completed_or_moved_aside(tmp_path):
     whole = _save(tmp_path, 5, kind=None)  # the data and .metadata made it, the marker not
+    export = _save(tmp_path, 7, kind=None, optimizer=False)  # a model-only export, likewise
     cut = _save(tmp_path, 6, kind=None)
     (cut / ".metadata").unlink()  # cut short before DCP's last file
     done = dict(storage.settle_incomplete(tmp_path))
     assert done[whole].startswith("completed") and done[cut].startswith("moved aside")
-    assert [(s.step, s.complete) for s in storage.list_steps(tmp_path)] == [(5, True)]
+    assert done[export].startswith("completed")
+    assert [(s.step, s.kind) for s in storage.list_steps(tmp_path)] == [
+        (5, storage.FULL),
+        (7, storage.MODEL_ONLY),  # its kind read from its keys: never resumed from
+    ]
     assert storage.read_marker(whole)["completed_later"] is True
     assert storage.verify_checksums(whole, sorted(storage.read_marker(whole)["checksums"])) is None
     (aside,) = (tmp_path / "incomplete").iterdir()
@@ -109,3 +120,35 @@ def test_newer_steps_are_set_aside_for_a_branch(tmp_path):
     assert names == ["step-4", "step-6"] and folder.parent.name == "branches"
     assert [s.step for s in storage.list_steps(tmp_path)] == [2]
     assert sorted(p.name for p in folder.iterdir()) == ["step-4", "step-6"]
+
+
+def test_a_damaged_marker_is_a_problem(tmp_path):
+    path = _save(tmp_path, 1)
+    assert storage.marker_problem(path) is None
+    marker = (path / storage.MARKER).read_text()
+    (path / storage.MARKER).write_text(marker.replace('"checksums"', '"chdcksums"'))  # one bit
+    assert (
+        storage.marker_problem(path)
+        == f"its {storage.MARKER} marker is damaged or unreadable (no checksums)"
+    )
+    (path / storage.MARKER).write_text(marker.replace('"full"', '"fuld"'))
+    assert storage.marker_problem(path).startswith(
+        f"its {storage.MARKER} marker is damaged (unknown kind"
+    )
+    (path / storage.MARKER).write_text(marker[:-5])  # not JSON any more
+    assert storage.marker_problem(path) is not None
+    converted = _save(tmp_path, 2, kind=None)
+    storage.write_marker(converted, {"kind": storage.CONVERTED})  # older conversions: no sums
+    assert storage.marker_problem(converted) is None
+
+
+def test_moves_aside_never_collide_and_purge_unlinks_links(tmp_path):
+    first = storage.move_aside(_save(tmp_path, 3), "replaced")
+    second = storage.move_aside(_save(tmp_path, 3), "replaced")  # within the same second
+    assert first != second and first.is_dir() and second.is_dir()
+    elsewhere = _save(tmp_path / "elsewhere", 1)
+    (tmp_path / "step-1").symlink_to(elsewhere)
+    _save(tmp_path, 2)
+    assert storage.purge(tmp_path, keep=1) == [tmp_path / "step-1"]
+    assert [s.step for s in storage.list_steps(tmp_path)] == [2]
+    assert (elsewhere / storage.MARKER).is_file()  # the link went, not what it points to

@@ -37,6 +37,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from dcp_to_llama import main as dcp_to_llama_main
 from llama_to_dcp import main as llama_to_dcp_main
 from titan import convert
+from titan.checkpoint import storage
 from titan.convert import common
 from titan.models import keymap
 from titan.models.llama import ModelArgs, Transformer, build_model_args
@@ -331,7 +332,8 @@ def _training_checkpoint(folder: Path, single_file: bool) -> dict[str, torch.Ten
     }
     writer = FileSystemWriter(str(folder), single_file_per_rank=single_file)
     dcp.save(state, storage_writer=writer, no_dist=True)
-    (folder / ".complete").write_text(json.dumps({"step": 7, "kind": "full"}))
+    names = sorted(p.name for p in folder.glob("*.distcp"))
+    storage.complete(folder, {"step": 7, "kind": "full"}, storage.checksums(folder, names))
     (folder.parent.parent / "config.toml").write_text(
         '[job]\nconfig_file = "train_configs/debug_model.toml"\n'
         '[model]\nflavor = "debugmodel"\n[training]\nseq_len = 64\ndataset = "synthetic"\n'
@@ -522,7 +524,7 @@ def _bad_dcp_inputs(root: Path, dcp_dir: Path) -> dict[str, tuple[list[str], str
         f.write_bytes(f.read_bytes()[:10])
     optim_only = root / "optim_only"
     dcp.save({"optimizer": {"x": torch.zeros(3)}}, checkpoint_id=str(optim_only), no_dist=True)
-    (optim_only / ".complete").write_text("{}")
+    (optim_only / ".complete").write_text('{"kind": "converted"}')
     steps = root / "checkpoint"
     (steps / "step-10").mkdir(parents=True)
 
@@ -532,11 +534,11 @@ def _bad_dcp_inputs(root: Path, dcp_dir: Path) -> dict[str, tuple[list[str], str
     return {
         "missing input": (argv(root / "nope"), "no such directory"),
         "not a DCP dir": (argv(steps), "pass one, e.g."),
-        "unreadable metadata": (argv(garbage), "unreadable DCP metadata"),
+        "unreadable metadata": (argv(garbage), "the .metadata file is unreadable"),
         "incomplete": (argv(incomplete), "incomplete checkpoint"),
         "unknown architecture": (argv(no_arch), "pass --flavor"),
         "shape mismatch": (argv(dcp_dir, "--flavor", "debugmodel"), "implies"),
-        "truncated data": (argv(truncated), "cannot read"),
+        "truncated data": (argv(truncated), "shard __0_0.distcp is truncated"),
         "no model tensors": (argv(optim_only), "no model tensors"),
         "push without repo": (argv(dcp_dir, "--push_to_hub"), "--hf_repo_name"),
         "push meta only": (

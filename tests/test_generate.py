@@ -27,7 +27,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from conftest import ROOT
 
-from titan.checkpoint.storage import write_marker
+from titan.checkpoint.storage import checksums, complete, rank_files
 from titan.convert import dcp_to_llama
 from titan.data.synthetic import generate as make_dataset
 from titan.data.tokenizer import SEPARATOR, arrow_row_matrix, tokenize_row
@@ -62,7 +62,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     step = root / "run" / "checkpoint" / "step-3"
     state = {"model": model.state_dict(), "optimizer": {"exp_avg": torch.zeros(3)}}
     dcp.save(state, checkpoint_id=str(step), no_dist=True)
-    write_marker(step, {"step": 3, "kind": "full"})
+    complete(step, {"step": 3, "kind": "full"}, checksums(step, rank_files(step, 0)))
     (root / "run" / "config.toml").write_text(
         f'[model]\nflavor = "debugmodel"\n[training]\nseq_len = {TRAINED_SEQ_LEN}\n'
     )

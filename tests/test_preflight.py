@@ -8,8 +8,8 @@ earlier run's) left as it was. Covered:
   synthetic (`data.generate_synthetic` generates one there instead);
 - `checkpoint.initial_load_path` missing, a folder of step directories, incomplete, of
   another depth, with other RoPE settings in its params.json (`initial_load_allow` lets
-  chosen tensors and settings differ); `checkpoint.load_step` without a checkpoint folder,
-  or with checkpointing off;
+  chosen tensors and settings differ), damaged (a flipped bit); `checkpoint.load_step`
+  without a checkpoint folder, or with checkpointing off;
 - a dump folder that cannot be made or written; a checkpoint folder without room for one save;
 - the lang-primate recipe's dry run names the checkpoint it lacks and how to make it;
 - on 2 ranks only rank 0 touches the disk, and every rank stops with its message.
@@ -56,7 +56,8 @@ def make_source(folder: Path, args=DEBUG, params: dict | None = None, complete: 
     if params is not None:
         (folder / "params.json").write_text(json.dumps(params))
     if complete:
-        storage.write_marker(folder, {"kind": storage.CONVERTED})
+        names = sorted(p.name for p in folder.glob("*.distcp"))
+        storage.complete(folder, {"kind": storage.CONVERTED}, storage.checksums(folder, names))
     return folder
 
 
@@ -72,6 +73,10 @@ def sources(tmp_path_factory) -> Path:
         if complete:
             storage.write_marker(root / "run" / "checkpoint" / f"step-{step}", {"kind": "full"})
     make_source(root / "incomplete", complete=False)
+    shard = next(make_source(root / "damaged").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit: the sizes are right, the checksum not
+    shard.write_bytes(bytes(data))
     make_source(root / "six", dataclasses.replace(DEBUG, n_layers=6))
     theta = dataclasses.replace(DEBUG, rope_theta=10000.0)
     make_source(root / "theta", params=keymap.meta_params_from_args(theta))
@@ -144,6 +149,10 @@ BAD_STARTS = {
     "initial_load_path incomplete": (
         ["--checkpoint.initial_load_path={S}/incomplete"],
         ["'{S}/incomplete': incomplete (no .complete marker"],
+    ),
+    "initial_load_path damaged": (
+        ["--checkpoint.initial_load_path={S}/damaged"],
+        ["checkpoint.initial_load_path = '{S}/damaged' is damaged: __0_0.distcp does not match"],
     ),
     "initial_load_path with 6 layers": (
         ["--checkpoint.initial_load_path={S}/six"],

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,35 +131,46 @@ def test_one_run_per_folder_and_stale_locks(tmp_path, synthetic_dir):
 
 
 def test_rewind_continues_the_chosen_branch(tmp_path, synthetic_dir):
+    ckpt = tmp_path / "checkpoint"
     short = ("--training.steps=6", "--checkpoint.interval=2")
     assert run_train(_args(tmp_path, synthetic_dir, *short), nproc=2).returncode == 0
+    # A rewind to a step that cannot be loaded is refused before anything is set aside.
+    shutil.copytree(ckpt / "step-2", tmp_path / "step-2-copy")
+    shard = next((ckpt / "step-2").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-1] + bytes([shard.read_bytes()[-1] ^ 1]))
+    refused = run_train(_args(tmp_path, synthetic_dir, *short, "--checkpoint.load_step=2"), nproc=1)
+    assert refused.returncode == 2 and "step-2 is corrupted" in refused.stderr
+    assert [s.step for s in list_steps(ckpt)] == [2, 4, 6]
+    shutil.rmtree(ckpt / "step-2")
+    shutil.copytree(tmp_path / "step-2-copy", ckpt / "step-2")
     # Rewind to step 2 and go on to step 4 on a new branch (say, with another lr) ...
-    rewind = run_train(
-        _args(
-            tmp_path,
-            synthetic_dir,
-            "--training.steps=4",
-            "--checkpoint.interval=2",
-            "--checkpoint.load_step=2",
-            "--optimizer.lr=1e-4",
-        ),  # fmt: skip
-        nproc=2,
-    )
-    assert rewind.returncode == 0, rewind.stderr[-3000:]
-    assert "starts a new branch: set aside step-4, step-6 into" in rewind.stdout
-    # ... then a plain resume (the crashed-and-resubmitted case) continues that branch.
+    rewind = ("--checkpoint.interval=2", "--checkpoint.load_step=2", "--optimizer.lr=1e-4")
+    result = run_train(_args(tmp_path, synthetic_dir, "--training.steps=4", *rewind), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "starts a new branch: set aside step-4, step-6 into" in result.stdout
+    # ... then a plain resume (the crashed-and-resubmitted case) continues that branch ...
     result = run_train(_args(tmp_path, synthetic_dir, *short), nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"Resumed from {tmp_path / 'checkpoint' / 'step-4'} at step 4" in result.stdout
-    (branch,) = (tmp_path / "checkpoint" / "branches").iterdir()
+    assert f"Resumed from {ckpt / 'step-4'} at step 4" in result.stdout
+    (branch,) = (ckpt / "branches").iterdir()
     assert sorted(p.name for p in branch.iterdir()) == ["step-4", "step-6"]
+    # ... and so does the rewinding command run again (a restart or a requeue repeats it).
+    assert read_marker(ckpt / "step-6")["branch_from"] == 2
+    keep = "--checkpoint.keep_latest_k=1"  # step-2 itself goes: the branch does not need it
+    result = run_train(_args(tmp_path, synthetic_dir, "--training.steps=8", *rewind, keep), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "already continued from step-2, and step-6 is on that branch" in result.stdout
+    assert f"Resumed from {ckpt / 'step-6'} at step 6" in result.stdout
+    assert len(list((ckpt / "branches").iterdir())) == 1
+    assert [s.step for s in list_steps(ckpt)] == [8]
+    result = run_train(_args(tmp_path, synthetic_dir, "--training.steps=10", *rewind), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resumed from {ckpt / 'step-8'} at step 8" in result.stdout
 
 
 def _plant_nan(step_dir: Path) -> None:
     """Rewrite a step with NaN in model.norm.weight and its checksums re-recorded: a NaN
     that was saved, not a damaged file."""
-    import shutil
-
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
 
     from titan.checkpoint import storage

@@ -43,6 +43,7 @@ import pyarrow as pa
 import torch
 
 from titan.checkpoint import MARKER
+from titan.checkpoint.resume import integrity_problem
 from titan.config import ConfigError, JobConfig
 from titan.convert import (
     DTYPES,
@@ -139,6 +140,9 @@ def _dcp_weights(
             f"{path}: incomplete checkpoint (no {MARKER} marker: its save did not finish); "
             "use another step"
         )
+    problem = integrity_problem(path, "model.")
+    if problem is not None:
+        raise GenerateError(f"{path} is damaged: {problem}; use another step")
     stored = read_dcp_model_metadata(path)
     if not stored:
         raise GenerateError(f"{path}: no model tensors (keys model.*) in this checkpoint")

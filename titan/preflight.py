@@ -76,6 +76,8 @@ def check_inputs(cfg: JobConfig, args: ModelArgs, *, training: bool) -> None:
         )
     full = [s for s in storage.list_steps(folder) if s.complete and s.kind == storage.FULL]
     if c.enable_checkpoint and c.load_step >= 0:
+        if storage.branch_head(folder, c.load_step) is not None:
+            return  # rewound before: the run continues that branch (older steps may be gone)
         if not folder.is_dir():
             raise ConfigError(
                 f"checkpoint.load_step = {c.load_step}: there is no checkpoint folder {folder} "

@@ -154,7 +154,7 @@ def train(run: Run) -> None:
                 run.checkpointer.maybe_save(state.step)  # never a bad step
                 if cfg.validation.enable and state.step % cfg.validation.freq == 0:
                     validate(run)
-            if stop.signals and stop.stop_agreed(run.device):
+            if stop.signals and state.step < t.steps and stop.stop_agreed(run.device):
                 stop_and_save(run, stop.received or "a signal on another rank")
             if prof is not None:
                 prof.step()

@@ -36,6 +36,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from titan.checkpoint import storage
+from titan.checkpoint.errors import CheckpointError
+from titan.checkpoint.resume import integrity_problem
 from titan.config import ConfigError
 from titan.logging import logger
 from titan.models import keymap
@@ -240,6 +242,12 @@ def load_initial(model: nn.Module, value: str, allow: list[str]) -> None:
     """Load the model tensors `plan_initial_load` allows into `model` (a Transformer, FSDP-
     wrapped or not), on every rank; the rest keep their initialization."""
     plan = plan_initial_load(value, model.args, allow)
+    problem = integrity_problem(Path(value), "model.")  # checksums too, the ranks sharing
+    if problem is not None:
+        raise CheckpointError(
+            f"checkpoint.initial_load_path = {value!r} is damaged: {problem}; convert or copy "
+            "it again"
+        )
     ours = get_model_state_dict(model)
     request = {name: ours[name] for name in plan.load}
     dcp.load({"model": request}, checkpoint_id=value)

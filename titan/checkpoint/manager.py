@@ -71,6 +71,10 @@ class Checkpointer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.dp_rank = dp_rank
         self._pending: tuple[int, threading.Event] | None = None  # the save in flight
+        self._saved_step: int | None = None  # the last step saved or being saved
+        self.branch_from: int | None = None
+        """The step this run's line of saves was rewound to with load_step (recorded in
+        every marker it writes, so running the same command again does not rewind twice)."""
         self._async_error: BaseException | None = None
         self._last_save_time = time.monotonic()
         self._pg = None
@@ -117,9 +121,14 @@ class Checkpointer:
     def save(self, step: int, sync: bool = False) -> None:
         """Save `step` now: the last step's save (a model-only export with
         `model_weights_only`) and `sync` saves block until complete; others follow
-        `async_mode`. CheckpointSaveError (one line) when it fails. Its collectives may
-        take job.init_timeout_s, then the training loop's job.collective_timeout_s holds."""
+        `async_mode`. A step already saved (or in flight) is not written again: `sync` waits
+        for it. CheckpointSaveError (one line) when it fails. Its collectives may take
+        job.init_timeout_s, then the training loop's job.collective_timeout_s holds."""
         with timeout_for(*self._timeouts, self.dims):
+            if step == self._saved_step:
+                if sync:
+                    self.wait()
+                return
             self._save(step, sync)
 
     def _save(self, step: int, sync: bool) -> None:
@@ -141,6 +150,7 @@ class Checkpointer:
                 self._finish(step, storage.FULL, None)
             else:
                 self._start_async(step, step_dir)
+            self._saved_step = step
         except CheckpointSaveError:
             raise
         except (Exception, CheckpointException) as e:  # DCP's wraps the writers' errors
@@ -195,7 +205,10 @@ class Checkpointer:
             raise self._save_error(step_dir, RuntimeError(failures[0]))
         if self.rank == 0:
             sums = {name: crc for part in gathered for name, crc in part.items()}
-            storage.complete(step_dir, {"step": step, "kind": kind}, sums)
+            info = {"step": step, "kind": kind}
+            if self.branch_from is not None:
+                info["branch_from"] = self.branch_from
+            storage.complete(step_dir, info, sums)
             for path in storage.purge(self.folder, self.cfg.keep_latest_k):
                 logger.info(
                     f"Removed old checkpoint {path.name} (keep_latest_k = {self.cfg.keep_latest_k})"

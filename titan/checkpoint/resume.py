@@ -32,8 +32,12 @@ if TYPE_CHECKING:
 
 
 def candidates(ckpt: Checkpointer) -> list[storage.StepDir]:
-    """Complete full checkpoints, newest first (or just `load_step`)."""
-    steps = [s for s in storage.list_steps(ckpt.folder) if s.kind == storage.FULL]
+    """Complete full checkpoints, newest first (or just `load_step`); a step whose marker
+    is damaged is one of them, to be refused by `check`."""
+    steps = [
+        s for s in storage.list_steps(ckpt.folder)
+        if s.kind == storage.FULL or s.kind not in storage.KINDS
+    ]  # fmt: skip
     if ckpt.cfg.load_step >= 0:
         chosen = [s for s in steps if s.step == ckpt.cfg.load_step]
         if not chosen:
@@ -47,33 +51,63 @@ def candidates(ckpt: Checkpointer) -> list[storage.StepDir]:
 
 
 def resume(ckpt: Checkpointer, branch: bool) -> bool:
-    """Load the newest usable step; False when there is none to resume from."""
+    """Load the newest usable step; False when there is none to resume from. With `branch`,
+    resuming an older `load_step` starts a branch: once it has loaded, the newer steps
+    are set aside (unless they are that branch's own, from an earlier start)."""
+    rewind = branch and ckpt.cfg.load_step >= 0
+    if rewind and (continued := storage.branch_head(ckpt.folder, ckpt.cfg.load_step)):
+        logger.info(
+            f"checkpoint.load_step = {ckpt.cfg.load_step}: this run already continued from "
+            f"step-{ckpt.cfg.load_step}, and {continued.path.name} is on that branch: resuming "
+            "it (to rewind again, move the newer steps out of the checkpoint folder)"
+        )
+        _load_first_usable(ckpt, [continued], fallback=False)
+        return True
     steps = candidates(ckpt)
     if not steps:
         return False
-    if branch and ckpt.cfg.load_step >= 0:
+    _load_first_usable(ckpt, steps, fallback=ckpt.cfg.fallback_on_corruption and not rewind)
+    if rewind:
         _set_aside_newer(ckpt, ckpt.cfg.load_step)
+        ckpt.branch_from = ckpt.cfg.load_step
+    return True
+
+
+def _load_first_usable(ckpt: Checkpointer, steps: list[storage.StepDir], fallback: bool) -> None:
+    """Load the first of `steps` that is intact; with `fallback`, a damaged one is moved
+    into `<folder>/damaged/` (kept, never loaded or counted again) and the next is tried."""
     problems = []
     for candidate in steps:
         problem = check(ckpt, candidate.path) or load_full(ckpt, candidate.path)
         if problem is None:
-            return True
+            ckpt.branch_from = storage.read_marker(candidate.path).get("branch_from")
+            return
         message = f"checkpoint {candidate.path} is corrupted: {problem}"
-        if not ckpt.cfg.fallback_on_corruption or ckpt.cfg.load_step >= 0:
-            raise CheckpointError(
-                f"{message}; delete it, or set --checkpoint.fallback_on_corruption "
-                "to resume from the previous complete checkpoint"
+        if not fallback:
+            fix = (
+                "choose another --checkpoint.load_step"
+                if ckpt.cfg.load_step >= 0
+                else "delete it, or set --checkpoint.fallback_on_corruption to resume from "
+                "the previous complete checkpoint"
             )
-        logger.warning(f"{message}; falling back to the previous checkpoint")
+            raise CheckpointError(f"{message}; {fix}")
+        aside = None
+        if ckpt.rank == 0:
+            aside = storage.move_aside(candidate.path, "damaged")
+        dist.barrier()
+        logger.warning(
+            f"{message}; falling back to the previous checkpoint"
+            + (f" (moved it to {aside})" if aside is not None else "")
+        )
         problems.append(f"{candidate.path.name}: {problem}")
     raise CheckpointError(
-        f"no complete checkpoint in {ckpt.folder} can be loaded ({'; '.join(problems)}); "
-        "move them away to start afresh"
+        f"no complete checkpoint in {ckpt.folder} can be loaded ({'; '.join(problems)}, "
+        f"moved into {ckpt.folder / 'damaged'}); start afresh, or restore one"
     )
 
 
 def _set_aside_newer(ckpt: Checkpointer, step: int) -> None:
-    """Resuming an older step starts a new branch: the newer steps move aside, so a later
+    """The loaded older step starts a new branch: the newer steps move aside, so a later
     plain resume continues this branch, not the abandoned one."""
     if ckpt.rank == 0:
         moved = storage.set_aside_newer(ckpt.folder, step)
@@ -93,14 +127,19 @@ def _gathered_problem(mine: str | None) -> str | None:
     return next((p for p in everyone if p is not None), None)
 
 
-def _integrity_problem(path: Path) -> str | None:
-    """Files, sizes and checksums of a step directory, the reading shared by the ranks;
-    the first problem any rank found, or None (the same answer on every rank)."""
-    problem = storage.verify(path)
+def integrity_problem(path: Path, prefix: str = "") -> str | None:
+    """Marker, files, sizes and checksums of a complete DCP directory (only the files that
+    hold keys starting with `prefix`, e.g. "model." to read no optimizer state), the
+    reading shared by the ranks when a process group is up; the first problem any rank
+    found, or None (the same answer on every rank)."""
+    group = dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if group else (0, 1)
+    problem = storage.marker_problem(path) or storage.verify(path, prefix)
     if problem is None:
-        recorded = sorted(storage.read_marker(path).get("checksums", {}))
-        problem = storage.verify_checksums(path, recorded[dist.get_rank() :: dist.get_world_size()])
-    return _gathered_problem(problem)
+        files = {".metadata", *storage.data_files(path, prefix)[0]}
+        recorded = sorted(set(storage.read_marker(path).get("checksums", {})) & files)
+        problem = storage.verify_checksums(path, recorded[rank::world])
+    return _gathered_problem(problem) if group else problem
 
 
 def _model_mismatch(model: torch.nn.Module, path: Path) -> str | None:
@@ -117,7 +156,7 @@ def _model_mismatch(model: torch.nn.Module, path: Path) -> str | None:
 def check(ckpt: Checkpointer, path: Path) -> str | None:
     """The integrity problem of a step directory in a few words, or None; CheckpointError
     when the step holds another model (no other step would do better)."""
-    problem = _integrity_problem(path)
+    problem = integrity_problem(path)
     if problem is not None:
         return problem
     mismatch = _model_mismatch(ckpt.model, path)
@@ -237,7 +276,7 @@ def load_weights(ckpt: Checkpointer, path: Path) -> None:
     a conversion), and nothing else: the optimizer's state is never read."""
     if not (path / ".metadata").is_file():
         raise ConfigError(f"{path}: not a DCP checkpoint directory (no .metadata)")
-    problem = _integrity_problem(path)
+    problem = integrity_problem(path, "model.")
     if problem is not None:
         raise CheckpointError(f"checkpoint {path} is corrupted: {problem}")
     mismatch = _model_mismatch(ckpt.model, path)

@@ -24,6 +24,8 @@ from typing import Any
 
 from torch.distributed.checkpoint import FileSystemReader
 
+from titan.logging import logger
+
 MARKER = ".complete"
 """File that makes a step directory count; written last."""
 
@@ -34,8 +36,10 @@ MODEL_ONLY = "model"
 """Model weights only (the final export in `export_dtype`)."""
 CONVERTED = "converted"
 """Model weights converted from a Llama checkpoint by llama_to_dcp.py."""
+KINDS = (FULL, MODEL_ONLY, CONVERTED)
 
-STEP_DIR = re.compile(r"^step-(\d+)$")
+STEP_DIR = re.compile(r"^step-(0|[1-9][0-9]*)$", re.ASCII)
+"""`step-N`, N written as `step_path` writes it (so no two names are one step)."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,21 @@ def write_marker(step_dir: Path, info: dict[str, Any]) -> None:
     os.replace(tmp, step_dir / MARKER)
 
 
+def marker_problem(step_dir: Path) -> str | None:
+    """What is wrong with a complete directory's marker in a few words, or None: titan's
+    own saves always record the kind and every file's checksum."""
+    marker = read_marker(step_dir)
+    kind = marker.get("kind", FULL)
+    if kind not in KINDS:
+        return f"its {MARKER} marker is damaged (unknown kind {str(kind)[:20]!r})"
+    checksums = marker.get("checksums")
+    if kind in (FULL, MODEL_ONLY) and not (isinstance(checksums, dict) and checksums):
+        return f"its {MARKER} marker is damaged or unreadable (no checksums)"
+    if checksums is not None and not isinstance(checksums, dict):
+        return f"its {MARKER} marker is damaged (checksums unreadable)"
+    return None
+
+
 def file_checksum(path: Path) -> str:
     """CRC-32 of a file's bytes, as 8 hex digits."""
     crc = 0
@@ -117,7 +136,7 @@ def verify_checksums(step_dir: Path, names: list[str]) -> str | None:
         path = step_dir / name
         if not path.is_file():
             return f"{name} is missing"
-        if file_checksum(path) != recorded[name]:
+        if file_checksum(path) != recorded.get(name):
             return f"{name} does not match its checksum (damaged on disk)"
     return None
 
@@ -127,20 +146,13 @@ def checkpoint_keys(path: Path) -> dict[str, Any]:
     return dict(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
 
 
-def verify(step_dir: Path) -> str | None:
-    """Check that every file `.metadata` refers to exists and is long enough; return the
-    problem in a few words, or None when the directory looks intact."""
-    if not (step_dir / ".metadata").is_file():
-        return "the .metadata file is missing"
-    try:
-        metadata = FileSystemReader(str(step_dir)).read_metadata()
-    except Exception as e:  # noqa: BLE001 - any unreadable metadata is the same problem
-        return f"the .metadata file is unreadable ({type(e).__name__})"
-    needed: dict[str, int] = {}
-    for info in (metadata.storage_data or {}).values():
-        needed[info.relative_path] = max(
-            needed.get(info.relative_path, 0), info.offset + info.length
-        )
+def verify(step_dir: Path, prefix: str = "") -> str | None:
+    """Check that every file `.metadata` refers to for the keys starting with `prefix`
+    (all by default) exists and is long enough; return the problem in a few words, or
+    None when the directory looks intact."""
+    needed, problem = data_files(step_dir, prefix)
+    if problem is not None:
+        return problem
     for rel, end in sorted(needed.items()):
         path = step_dir / rel
         if not path.is_file():
@@ -148,6 +160,23 @@ def verify(step_dir: Path) -> str | None:
         if path.stat().st_size < end:
             return f"shard {rel} is truncated ({path.stat().st_size} of {end} bytes)"
     return None
+
+
+def data_files(step_dir: Path, prefix: str = "") -> tuple[dict[str, int], str | None]:
+    """(data file -> the bytes `.metadata` says it holds at least, for the keys starting
+    with `prefix`; the problem reading `.metadata`, or None)."""
+    if not (step_dir / ".metadata").is_file():
+        return {}, "the .metadata file is missing"
+    try:
+        metadata = FileSystemReader(str(step_dir)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - any unreadable metadata is the same problem
+        return {}, f"the .metadata file is unreadable ({type(e).__name__})"
+    needed: dict[str, int] = {}
+    for index, info in (metadata.storage_data or {}).items():
+        if index.fqn.startswith(prefix):
+            end = info.offset + info.length
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    return needed, None
 
 
 def settle_incomplete(folder: Path) -> list[tuple[Path, str]]:
@@ -161,7 +190,9 @@ def settle_incomplete(folder: Path) -> list[tuple[Path, str]]:
             continue
         if verify(s.path) is None:
             names = sorted(p.name for p in s.path.glob("*.distcp"))
-            complete(s.path, {"step": s.step, "kind": FULL, "completed_later": True},
+            keys = checkpoint_keys(s.path)
+            kind = FULL if any(k.startswith("optimizer.") for k in keys) else MODEL_ONLY
+            complete(s.path, {"step": s.step, "kind": kind, "completed_later": True},
                      checksums(s.path, names))  # fmt: skip
             done.append((s.path, "completed: its data and .metadata were whole"))
             continue
@@ -170,11 +201,21 @@ def settle_incomplete(folder: Path) -> list[tuple[Path, str]]:
     return done
 
 
+def _unused(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`, ... when it exists (two moves in one second)."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
 def move_aside(step_dir: Path, bucket: str) -> Path:
     """Move a step directory to `<folder>/<bucket>/<name>-<time>` (kept, never a step
     again); returns the new path."""
-    aside = step_dir.parent / bucket / f"{step_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    aside.parent.mkdir(exist_ok=True)
+    bucket_dir = step_dir.parent / bucket
+    bucket_dir.mkdir(exist_ok=True)
+    aside = _unused(bucket_dir / f"{step_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.replace(step_dir, aside)
     return aside
 
@@ -187,21 +228,42 @@ def set_aside_newer(folder: Path, step: int) -> tuple[Path, list[str]] | None:
     if not newer:
         return None
     name = f"after-step-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-    target = folder / "branches" / name
+    target = _unused(folder / "branches" / name)
     target.mkdir(parents=True)
     for s in newer:
         os.replace(s.path, target / s.path.name)
     return target, [s.path.name for s in newer]
 
 
+def branch_head(folder: Path, step: int) -> StepDir | None:
+    """The newest full step of the branch a rewind to `step` started, when that rewind has
+    already happened (its saves record `branch_from`), else None: the same command run
+    again (a restart, a requeue) continues the branch instead of rewinding twice."""
+    newer = [s for s in list_steps(folder) if s.step > step and s.kind == FULL]
+    if newer and read_marker(newer[-1].path).get("branch_from") == step:
+        return newer[-1]
+    return None
+
+
 def purge(folder: Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` complete step directories (keep <= 0: keep all);
-    the newest complete full checkpoint is never deleted. Returns what was removed."""
+    the newest complete full checkpoint is never deleted. Returns what was removed; what
+    could not be removed is logged (and stays a step)."""
     complete = [s for s in list_steps(folder) if s.complete]
     if keep <= 0 or len(complete) <= keep:
         return []
     newest_full = max((s.step for s in complete if s.kind == FULL), default=None)
-    removed = [s.path for s in complete[:-keep] if s.step != newest_full]
-    for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
+    removed = []
+    for s in complete[:-keep]:
+        if s.step == newest_full:
+            continue
+        try:
+            if s.path.is_symlink():
+                s.path.unlink()  # the link only: what it points to is not ours to delete
+            else:
+                (s.path / MARKER).unlink()  # first: a deletion cut short is never complete
+                shutil.rmtree(s.path)
+            removed.append(s.path)
+        except OSError as e:
+            logger.warning(f"Could not remove old checkpoint {s.path} ({e}); remove it by hand")
     return removed

@@ -220,7 +220,7 @@ class Checkpoint:
     exclude_from_loading: list[StateName] = field(default_factory=list)
     """States not to restore on resume: model, optimizer, lr_scheduler, dataloader, train_state."""
     fallback_on_corruption: bool = False
-    """If the newest checkpoint is corrupted, load the previous complete one instead of stopping."""
+    """If the newest checkpoint is corrupted, move it into damaged/ and load the previous one."""
     save_on_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2"]] = field(
         default_factory=lambda: ["SIGTERM", "SIGUSR1"]
     )

@@ -24,6 +24,7 @@ from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from titan.checkpoint import MARKER, read_marker
+from titan.checkpoint.resume import integrity_problem
 from titan.convert import common
 from titan.convert.common import (
     DTYPES,
@@ -169,6 +170,8 @@ def _check_input(input_dir: Path, allow_incomplete: bool) -> None:
             f"{input_dir}: incomplete checkpoint (no {MARKER} marker: its save did not finish); "
             "use another step or pass --allow_incomplete"
         )
+    if not allow_incomplete and (problem := integrity_problem(input_dir, "model.")) is not None:
+        raise ConvertError(f"{input_dir} is damaged: {problem}; use another step")
 
 
 def dcp_to_llama(

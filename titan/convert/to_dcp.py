@@ -135,7 +135,10 @@ def llama_to_dcp(
     params = keymap.meta_params_from_args(out_args) | {"max_seq_len": out_args.max_seq_len}
     (output_dir / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     # the last file written: the directory counts as a conversion only from here on
-    storage.write_marker(
-        output_dir, {"kind": storage.CONVERTED, "source": str(folder), "layout": layout}
+    files = sorted(p.name for p in output_dir.glob("*.distcp"))
+    storage.complete(
+        output_dir,
+        {"kind": storage.CONVERTED, "source": str(folder), "layout": layout},
+        storage.checksums(output_dir, files),
     )
     return summary("llama_to_dcp", names, source.shapes, dtypes, start, output_dir, log)
