@@ -4,8 +4,9 @@ randomly initialized debug model saved as a training step and exported to HF:
 - cached forwards (prefill, single tokens, chunks after a prefill) give the full
   forward's logits, and cached greedy generation equals full recompute token for token;
 - separators open every time bin and are never drawn elsewhere (even when the model
-  prefers them); top_k = 1 and a tiny top_p are greedy; a seed repeats its sample and
-  another seed does not;
+  prefers them); top_k = 1 and a tiny top_p are greedy, top_k keeps exactly k counts when
+  logits tie, and no temperature is too small; a seed repeats its sample and another seed
+  does not;
 - the .npz holds the row's prompt and real continuation, and each sample fed back through
   the Neural Pile schema and `tokenize_row` gives the generated tokens;
 - the HF export and the DCP directory give the same logits;
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +118,21 @@ def test_separators_every_bin_and_nowhere_else(model):
         assert drawn.max() < SEPARATOR, sampling
 
 
+def test_ties_and_tiny_temperatures():
+    # bf16 logits often tie: top_k keeps exactly k counts, and top_k = 1 is greedy
+    logits = torch.full((2000, 256), -5.0)
+    logits[:, [7, 9, 11]] = 3.0
+    generator = torch.Generator().manual_seed(0)
+    assert set(sample_counts(logits, Sampling(1.0, top_k=2), generator).tolist()) <= {7, 9, 11}
+    assert len(set(sample_counts(logits, Sampling(1.0, top_k=2), generator).tolist())) == 2
+    greedy = sample_counts(logits, GREEDY, None)
+    assert torch.equal(sample_counts(logits, Sampling(1.0, top_k=1), generator), greedy)
+    # however small the temperature, only the most likely counts are drawn (no NaN)
+    for temperature in (1e-39, 1e-45):
+        drawn = sample_counts(logits, Sampling(temperature), generator)
+        assert set(drawn.tolist()) <= {7, 9, 11}
+
+
 def test_seeds_and_truncation(model):
     n, bins = 5, 6
     prompt = _prompt(np.zeros((n, 0)))
@@ -185,6 +202,13 @@ def _bad_inputs(files: dict[str, Path], root: Path) -> dict[str, tuple[list[str]
     incomplete = root / "incomplete"
     dcp.save({"model": {"x": torch.zeros(2)}}, checkpoint_id=str(incomplete), no_dist=True)
     ckpt, data = ["--checkpoint", str(files["dcp"])], ["--dataset_path", str(files["data"])]
+    shutil.copytree(files["dcp"].parent.parent, root / "damaged")  # its run folder
+    damaged = root / "damaged" / "checkpoint" / files["dcp"].name
+    shard = bytearray((damaged / "__0_0.distcp").read_bytes())
+    shard[len(shard) // 2] ^= 0x04  # one flipped bit
+    (damaged / "__0_0.distcp").write_bytes(bytes(shard))
+    out_folder = root / "folder.npz"
+    out_folder.mkdir()
     cases = {
         "missing checkpoint": (["--checkpoint", str(root / "nope"), "--neurons", "4"], "nope"),
         "checkpoint folder": (
@@ -209,6 +233,12 @@ def _bad_inputs(files: dict[str, Path], root: Path) -> dict[str, tuple[list[str]
         "not an int": ([*ckpt, "--neurons", "four"], "invalid int value"),
         "unknown option": ([*ckpt, "--neurons", "4", "--tokens", "9"], "unrecognized"),
         "bad device": ([*ckpt, "--neurons", "4", "--device", "tpu"], "--device tpu"),
+        "threads beyond int64": ([*ckpt, *data, "--threads", str(10**20)], "must be between 1"),
+        "seed beyond 64 bits": ([*ckpt, *data, "--seed", str(10**20)], "must fit in 64 bits"),
+        "temperature inf": ([*ckpt, *data, "--temperature", "inf"], "must be finite"),
+        "out a folder": ([*ckpt, *data, "--out", str(out_folder)], "is a folder"),
+        "no room": ([*ckpt, "--neurons", "3", "--bins", str(10**9)], "tokens x 1 samples need"),
+        "damaged": (["--checkpoint", str(damaged), "--neurons", "4"], "is damaged: __0_0"),
     }
     if not torch.cuda.is_available():
         cases["no cuda"] = ([*ckpt, "--neurons", "4", "--device", "cuda"], "not available")

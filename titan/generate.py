@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -58,7 +59,8 @@ from titan.convert.common import first_line
 from titan.data import sources
 from titan.data.tokenizer import SEPARATOR, arrow_row_matrix, tokenize_row
 from titan.logging import init_logger, logger
-from titan.models.llama import FLAVORS, ModelArgs, Transformer, param_shapes
+from titan.memory import gib
+from titan.models.llama import FLAVORS, ModelArgs, Transformer, num_params_from_args, param_shapes
 from titan.plot import plot_samples, samples_title
 from titan.sampling import Sampling, generate_tokens, tokens_to_counts
 
@@ -84,16 +86,52 @@ class LoadedModel:
     """Context length the model was trained with, when the run's config says."""
 
 
+def _available_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on `device` (None where it cannot be told)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(
+    args: ModelArgs, max_len: int, batch: int, dtype: torch.dtype, device: torch.device
+) -> None:
+    """Refuse, before allocating, a generation whose weights, KV cache (every layer's keys
+    and values for `max_len` positions x `batch` samples) and RoPE table cannot fit."""
+    size = dtype.itemsize
+    need = {
+        "weights": num_params_from_args(args) * size,
+        "KV cache": 2 * args.n_layers * batch * args.n_kv_heads * max_len * args.head_dim * size,
+        "RoPE table": 2 * max_len * args.head_dim * 4,  # (with its temporaries)
+    }
+    available = _available_bytes(device)
+    if available is not None and sum(need.values()) > available:
+        parts = ", ".join(f"{k} {gib(v)}" for k, v in need.items())
+        raise GenerateError(
+            f"{max_len:,} tokens x {batch} samples need about {gib(sum(need.values()))} "
+            f"({parts}) but {device} has {gib(available)} available; generate fewer --bins "
+            "or --num_samples"
+        )
+
+
 def load_model(
     path: Path,
     device: torch.device,
     dtype: torch.dtype,
     max_len: int,
     flavor: str | None = None,
+    batch: int = 1,
 ) -> LoadedModel:
     """The model of a DCP directory or a Hugging Face export folder, on `device` in
     `dtype`, with a RoPE table of `max_len` positions (`flavor`: a DCP directory's
-    architecture, when neither its params.json nor its run's config.toml says)."""
+    architecture, when neither its params.json nor its run's config.toml says); refused
+    when it and a KV cache for `batch` samples cannot fit."""
     if not path.is_dir():
         raise GenerateError(f"--checkpoint {path}: no such directory")
     if (path / ".metadata").is_file():
@@ -114,6 +152,7 @@ def load_model(
             f"{path}: vocabulary of {args.vocab_size} tokens; spike-count models have 256"
         )
     args = dataclasses.replace(args, max_seq_len=max_len, attn_impl="sdpa")
+    check_memory(args, max_len, batch, dtype, device)
     with torch.device("meta"):
         model = Transformer(args)
     model.to(dtype).to_empty(device=device)
@@ -292,12 +331,20 @@ def _check(opts: argparse.Namespace) -> None:
         (opts.neurons is None or opts.neurons > 0, f"--neurons {opts.neurons}: must be > 0"),
         (opts.bins > 0, f"--bins {opts.bins}: must be > 0"),
         (opts.num_samples > 0, f"--num_samples {opts.num_samples}: must be > 0"),
-        (opts.threads > 0, f"--threads {opts.threads}: must be > 0"),
+        (
+            0 < opts.threads <= (os.cpu_count() or 1),
+            f"--threads {opts.threads}: must be between 1 and this machine's {os.cpu_count()} CPUs",
+        ),
+        (-(2**63) <= opts.seed < 2**64, f"--seed {opts.seed}: must fit in 64 bits"),
         (opts.prompt_bins >= 0, f"--prompt_bins {opts.prompt_bins}: must be >= 0"),
-        (opts.temperature >= 0, f"--temperature {opts.temperature}: must be >= 0 (0 = greedy)"),
+        (
+            0 <= opts.temperature < math.inf,
+            f"--temperature {opts.temperature}: must be finite and >= 0 (0 = greedy)",
+        ),
         (opts.top_k >= 0, f"--top_k {opts.top_k}: must be >= 0 (0 = all counts)"),
         (0 < opts.top_p <= 1, f"--top_p {opts.top_p}: must be in (0, 1]"),
         (Path(opts.out).suffix == ".npz", f"--out {opts.out}: must end in .npz"),
+        (not Path(opts.out).is_dir(), f"--out {opts.out}: is a folder; name a .npz file"),
         (Path(opts.checkpoint).exists(), f"--checkpoint {opts.checkpoint}: no such directory"),
     ]
     for ok, message in rules:
@@ -316,6 +363,11 @@ def _device(name: str | None) -> torch.device:
         raise GenerateError(f"--device {name}: CUDA is not available here; use --device cpu")
     if device.type not in ("cpu", "cuda"):
         raise GenerateError(f"--device {name}: only cpu and cuda are supported")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise GenerateError(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices "
+            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+        )
     return device
 
 
@@ -342,7 +394,7 @@ def generate(opts: argparse.Namespace) -> dict[str, Any]:
         real = None
     period = n_neurons + 1
     total = (prompt.shape[1] + opts.bins) * period
-    loaded = load_model(Path(opts.checkpoint), device, dtype, total, opts.flavor)
+    loaded = load_model(Path(opts.checkpoint), device, dtype, total, opts.flavor, opts.num_samples)
     logger.info(f"Model: {loaded.origin}, {device}, {str(dtype).removeprefix('torch.')}")
     if loaded.trained_seq_len is not None and total > loaded.trained_seq_len:
         logger.warning(
@@ -407,6 +459,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:  # unreadable files, full disk, permissions
         print(f"error: {first_line(e)}", file=sys.stderr, flush=True)
+        return 1
+    except (torch.OutOfMemoryError, MemoryError) as e:  # beyond what check_memory foresaw
+        print(f"error: out of memory ({first_line(e)}); generate fewer --bins or "
+              "--num_samples", file=sys.stderr, flush=True)  # fmt: skip
         return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)

@@ -23,7 +23,7 @@ class Sampling:
     temperature: float = 1.0
     """Softmax temperature; 0 = greedy (the most likely count)."""
     top_k: int = 0
-    """Keep only the k most likely counts (0 = all)."""
+    """Keep only the k most likely counts (0 = all; 1 = greedy)."""
     top_p: float = 1.0
     """Keep the smallest set of most likely counts whose probability reaches top_p."""
 
@@ -34,12 +34,14 @@ def sample_counts(
     """The next count token (batch,) in 0..254 from logits (batch, vocab): the separator
     (and any token above it) is never drawn."""
     logits = logits[:, :SEPARATOR].float()  # (batch, 255): counts only
-    if sampling.temperature == 0:
+    if sampling.temperature == 0 or sampling.top_k == 1:
         return logits.argmax(dim=-1)
-    logits = logits / sampling.temperature
+    # the most likely count at 0, so no temperature, however small, overflows to inf/NaN
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / sampling.temperature
     if 0 < sampling.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]  # (batch, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        # exactly k counts stay, also when others tie with the k-th (bf16 logits often do)
+        kept, index = torch.topk(logits, sampling.top_k, dim=-1)  # (batch, k) each
+        logits = torch.full_like(logits, -torch.inf).scatter_(-1, index, kept)
     if sampling.top_p < 1:
         ordered, order = logits.sort(dim=-1, descending=True)  # (batch, 255) each
         probs = ordered.softmax(dim=-1)
