@@ -84,8 +84,27 @@ def write_marker(step_dir: Path, info: dict[str, Any]) -> None:
     """Mark `step_dir` complete with `info` (at least "kind"). Written to a temporary name
     and renamed, so a reader sees either no marker or the whole of it."""
     tmp = step_dir / f"{MARKER}.tmp"
-    tmp.write_text(json.dumps(info))
+    with tmp.open("w") as f:
+        f.write(json.dumps(info))
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename makes it count
     os.replace(tmp, step_dir / MARKER)
+    _sync_folder(step_dir)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename inside `folder` durable (a power loss cannot undo it); a file system
+    that cannot sync folders is left to its own guarantees."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def marker_problem(step_dir: Path) -> str | None:
