@@ -217,9 +217,12 @@ class Checkpointer:
     def _save_error(self, step_dir: Path, error: BaseException) -> CheckpointSaveError:
         """One line saying what stopped the save; the previous complete step is untouched."""
         text = " ".join(str(error).split())[:300]
-        free = shutil.disk_usage(self.folder).free if self.folder.exists() else 0
-        complete = [s for s in storage.list_steps(self.folder) if s.complete]
-        need = sum(p.stat().st_size for p in complete[-1].path.iterdir()) if complete else 0
+        try:
+            free = shutil.disk_usage(self.folder).free
+            complete = [s for s in storage.list_steps(self.folder) if s.complete]
+            need = sum(p.stat().st_size for p in complete[-1].path.iterdir()) if complete else 0
+        except OSError:  # the folder is gone, or a purge removed that step meanwhile
+            free, need = 0, 0
         no_space = (
             any(
                 code in text for code in ("No space left", "ENOSPC", "unexpected pos", "Disk quota")
