@@ -190,14 +190,18 @@ def _cached_attention(
     k_cache, v_cache = slot.k, slot.v  # (batch, kv_heads, max_len, head_dim) each
     k_cache[:, :, start_pos:end] = k.transpose(1, 2)  # (batch, kv_heads, seq, head_dim)
     v_cache[:, :, start_pos:end] = v.transpose(1, 2)  # (batch, kv_heads, seq, head_dim)
-    mask = None  # one new token sees every cached position
-    if s > 1:  # a chunk also sees itself causally: query i sees keys 0 .. start_pos + i
+    # One new token sees every cached position. A chunk also sees itself causally (query i
+    # sees keys 0 .. start_pos + i): from position 0 that is plain causal attention, which
+    # needs no (seq, seq) mask, so a long prompt's prefill costs no quadratic memory.
+    mask = None
+    if s > 1 and start_pos > 0:
         mask = torch.ones(s, end, dtype=torch.bool, device=q.device).tril(diagonal=start_pos)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),  # (batch, heads, seq, head_dim)
         k_cache[:, :, :end],  # (batch, kv_heads, start_pos + seq, head_dim)
         v_cache[:, :, :end],  # (batch, kv_heads, start_pos + seq, head_dim)
         attn_mask=mask,
+        is_causal=s > 1 and start_pos == 0,
         enable_gqa=True,
     )  # (batch, heads, seq, head_dim)
     return out.transpose(1, 2).reshape(b, s, -1)  # (batch, seq, heads * head_dim)
