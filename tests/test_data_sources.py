@@ -92,6 +92,20 @@ def test_only_bad_rows_is_a_clear_error(tmp_path):
         next(loader)
 
 
+def test_an_epoch_of_only_bad_rows_for_one_rank_is_not_the_end(tmp_path):
+    # Shuffled, each epoch deals the rows to the ranks afresh: now and then one rank gets
+    # only the bad ones. Usable rows exist, so it goes on to the next epoch.
+    path = save(tmp_path / "half", {"train": table([GOOD[0], BAD["ragged"]] * 4)})
+    cfg = cfg_for(path)
+    cfg.data.shuffle = True
+    for rank in (0, 1):
+        loader = build_dataloader(cfg, rank, 2)
+        for _ in range(400):  # rank 0 met such an epoch at batch 156
+            next(loader)
+        assert loader.state_dict()["epoch"] > 60
+        loader.close()
+
+
 # ----------------------------------------------------------------------------- bad sources
 
 
@@ -244,6 +258,23 @@ def test_files(tmp_path, monkeypatch, streaming, fmt):
         assert loader.reader.units.num_units == 4  # one unit per row group: cheap resume
     with pytest.raises(ConfigError, match="no split 'test'; it has: train"):
         build_dataloader(cfg_for(path, split="test"), 0, 1)
+
+
+def test_a_glob_keeps_the_splits_its_file_names_give(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    data = tmp_path / "data"  # the Neural Pile's layout on the Hub
+    data.mkdir()
+    pq.write_table(table([GOOD[0]] * 3, pa.uint8()), data / "train-00000-of-00001.parquet")
+    pq.write_table(table([GOOD[1]] * 2, pa.uint8()), data / "test-00000-of-00001.parquet")
+    path = str(data / "*.parquet")
+    for split, row in (("train", GOOD[0]), ("test", GOOD[1])):
+        loader = build_dataloader(cfg_for(path, split=split, seq_len=1), 0, 1, infinite=False)
+        got = tokens_of(loader)
+        expected = tokenize_row(np.array(row)).tolist()
+        assert got[: len(expected)] == expected, split  # never the other split's rows
+    (data / "extra.parquet").write_bytes((data / "test-00000-of-00001.parquet").read_bytes())
+    with pytest.raises(ConfigError, match="matches files of the splits test, train and files"):
+        build_dataloader(cfg_for(path), 0, 1)
 
 
 # ----------------------------------------------------------------------------- prepare_dataset

@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import glob
 import itertools
+import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +53,8 @@ class Source:
     """Hub id, folder, file or glob."""
     builder: str | None = None
     """For 'files': the `datasets` builder (parquet or arrow); None lets `datasets` infer it."""
+    splits: dict[str, list[str]] | None = None
+    """For a glob: its files by split (see `glob_splits`)."""
 
 
 @contextlib.contextmanager
@@ -130,13 +134,49 @@ def describe_path(p: Path) -> str:
     return "a folder" if files else "an empty folder"
 
 
+_SPLIT_WORD = re.compile(
+    r"(?:^|[/_.-])(train|training|test|testing|validation|valid|val|dev|eval)(?=[/_.-]|$)"
+)
+_SPLIT_NAMES = {"training": "train", "testing": "test", "valid": "validation",
+                "val": "validation", "dev": "validation", "eval": "validation"}  # fmt: skip
+
+
+def glob_splits(pattern: str, files: list[str]) -> dict[str, list[str]]:
+    """The files a glob matched, by split, named as `datasets` names a folder's splits:
+    by a word such as train / test / validation in the path below the pattern's fixed
+    folder (`data/train-00001.parquet`, `test/part-0.arrow`). With no such word anywhere,
+    every file is `train`; a mix of files with and without one is refused (a pattern that
+    took both splits would otherwise train on the held-out rows)."""
+    fixed = re.split(r"[*?\[]", pattern, maxsplit=1)[0]  # up to the first wildcard
+    base = Path(fixed) if fixed.endswith(os.sep) else Path(fixed).parent
+    by_split: dict[str, list[str]] = {}
+    unnamed = []
+    for f in files:
+        words = _SPLIT_WORD.findall(Path(f).relative_to(base).as_posix())
+        if words:
+            split = _SPLIT_NAMES.get(words[-1], words[-1])
+            by_split.setdefault(split, []).append(f)
+        else:
+            unnamed.append(f)
+    if not by_split:
+        return {"train": files}
+    if unnamed:
+        raise ConfigError(
+            f"training.dataset_path = {pattern!r} matches files of the splits "
+            f"{', '.join(sorted(by_split))} and files of no split (e.g. {unnamed[0]}); "
+            "narrow the pattern, or point at the folder and let its file names give the splits"
+        )
+    return by_split
+
+
 def _resolve_path(path: str) -> Source:
     p = Path(path).expanduser()
     if any(c in path for c in "*?["):
         files = sorted(glob.glob(str(p), recursive=True))
         if not files:
             raise ConfigError(f"training.dataset_path = {path!r}: no file matches this pattern")
-        return Source(path, "files", str(p), _FILE_BUILDERS.get(Path(files[0]).suffix))
+        builder = _FILE_BUILDERS.get(Path(files[0]).suffix)
+        return Source(path, "files", str(p), builder, glob_splits(str(p), files))
     if p.is_file():
         if p.suffix == ".arrow" and (p.parent / "state.json").is_file():
             return Source(str(p.parent), "disk", str(p.parent))  # a file of a save_to_disk folder
@@ -174,7 +214,7 @@ def _load(src: Source, streaming: bool) -> Any:
                 return datasets.load_from_disk(src.location)
             if src.kind == "files" and src.builder is not None:
                 return datasets.load_dataset(
-                    src.builder, data_files=src.location, streaming=streaming
+                    src.builder, data_files=src.splits or src.location, streaming=streaming
                 )
             return datasets.load_dataset(src.location, streaming=streaming)
     except ConfigError:
