@@ -119,6 +119,16 @@ def test_resume_gives_the_uninterrupted_batches(data_dir, mode, k):
         assert torch.equal(x, rx) and torch.equal(y, ry)
 
 
+def test_iterating_after_close_goes_on(data_dir):
+    cfg = make_cfg(data_dir, "map")
+    reference = take(build_dataloader(cfg, 0, 2), 8)
+    loader = build_dataloader(cfg, 0, 2)
+    take(loader, 5)  # (more are prefetched)
+    loader.close()
+    for (x, y), (rx, ry) in zip(take(loader, 3), reference[5:], strict=True):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_state_is_small(data_dir, mode):
     loader = build_dataloader(make_cfg(data_dir, mode), 0, 2)
@@ -221,6 +231,23 @@ def test_reshard_neither_repeats_nor_skips(data_dir, mode, worlds, caplog):
             records.append((e, rid, start, None))
     check_each_token_once(records, all_row_ids(data_dir, mode), last_epoch)
     assert "resharded the loader state" in caplog.text
+
+
+def test_reshard_after_the_ranks_drifted_epochs_apart(data_dir):
+    # Ranks drift apart (rows differ in length): old rank 0 is two epochs ahead. A new rank
+    # whose units old rank 0 already read in an epoch reads nothing there, and goes on.
+    cfg = make_cfg(data_dir, "map")
+    ahead, behind = build_dataloader(cfg, 0, 2), build_dataloader(cfg, 1, 2)
+    while ahead.state_dict()["epoch"] < 2:
+        next(ahead)
+    take(behind, 1)
+    olds = [ahead.state_dict(), behind.state_dict()]
+    ahead.close()
+    behind.close()
+    for rank in range(4):
+        new = restored(cfg, {"resharded_from": olds}, rank, 4)
+        take(new, 200)
+        new.close()
 
 
 def test_reshard_then_exact_resume(data_dir):

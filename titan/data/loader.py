@@ -112,11 +112,13 @@ class SpikeDataLoader:
         return inputs, labels
 
     def close(self) -> None:
-        """Stop the background thread (the loader can still be restored and iterated)."""
+        """Stop the background thread; iterating again goes on after the last batch handed
+        out (prefetched ones are read again), and the loader can still be restored."""
         if self._thread is not None:
             self._stop_event.set()
             self._thread.join()
             self._thread = None
+            self._start = Position.from_state(self._consumed)
 
     def __del__(self) -> None:
         # the thread holds the reader, not the loader, so an unused loader is collected

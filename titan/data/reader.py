@@ -166,6 +166,8 @@ class RowReader:
         self.layers: list[dict] = []
         self.bad_rows = 0
         self.rows_read = 0
+        self.trained_before = False
+        """Restored from a saved position: the data served this run before."""
         self._order_cache: tuple[int, np.ndarray] | None = None
 
     def start(self) -> Position:
@@ -199,6 +201,7 @@ class RowReader:
                 "{'resharded_from': [states of all old ranks]}"
             )
         self.layers = list(state["layers"])
+        self.trained_before = True
         return Position.from_state(state)
 
     def reshard(self, olds: list[dict[str, Any]]) -> Position:
@@ -212,6 +215,7 @@ class RowReader:
         for s in sorted(olds, key=lambda s: -len(s["layers"])):
             layers += [layer for layer in s["layers"] if layer not in layers]
         self.layers = layers + [{"dp_world": eff, "positions": positions}]
+        self.trained_before = True
         epoch = min(p["epoch"] for p in positions)
         owned = range(self.rank, self.units.num_units, self.world)
         looked = [self.lookup(epoch, g) for g in owned]
@@ -282,13 +286,14 @@ class RowReader:
             resuming = epoch == start.epoch
             first = start.unit if resuming else self.rank
             order = self.order(epoch)
-            rows = tokens = bad = filtered = 0
+            rows = tokens = bad = filtered = consumed = 0
             for g in range(first, self.units.num_units, self.world):
                 if resuming and g == start.unit and start.inside_unit:
                     row, offset, unit_state = start.row, start.offset, start.unit_state
                 else:
                     done, partial = self.lookup(epoch, g)
                     if done:
+                        consumed += 1
                         continue
                     row, offset, unit_state = partial or (0, 0, None)
                 unit = int(order[g])
@@ -311,7 +316,13 @@ class RowReader:
                 f"{tokens:,} tokens, {bad} bad rows skipped"
                 + (f", {filtered} rows filtered out by data.source_datasets" if filtered else "")
             )
-            if rows == 0 and not resuming:
+            # A whole epoch without a row (none of them read under an earlier layout) ends
+            # the run when no later epoch can do better: without shuffling this rank gets
+            # the same units every epoch; with it, only when the data never served a row
+            # here (once it did, usable rows exist, and one epoch can hand this rank only
+            # bad or filtered ones).
+            hopeless = not self.shuffle or (self.rows_read == 0 and not self.trained_before)
+            if rows == 0 and not resuming and consumed == 0 and hopeless:
                 raise ConfigError(
                     f"{self.label}: data-parallel rank {self.dp_rank} of {self.dp_world} found no "
                     f"usable row in a whole epoch ({bad} bad, {filtered} filtered out by "
