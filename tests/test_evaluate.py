@@ -141,6 +141,9 @@ def test_evaluation_on_one_and_two_ranks_matches_a_hand_computation(trained, syn
     weighted = sum(r["loss"] * r["tokens"] for r in one["by_source"].values())
     assert math.isclose(weighted / one["tokens"], one["loss"], rel_tol=1e-9)
     assert sum(r["tokens"] for r in one["by_source"].values()) == one["tokens"]
+    counts = sum(r["loss_counts"] * r["count_tokens"] for r in one["by_source"].values())
+    assert math.isclose(counts / one["count_tokens"], one["loss_counts"], rel_tol=1e-9)
+    assert sum(r["count_tokens"] for r in one["by_source"].values()) == one["count_tokens"]
     assert _digest(step_dir) == before  # nothing in the checkpoint changed
 
     # The default output lies beside the step directory, not in it.
@@ -161,6 +164,12 @@ def test_evaluation_bad_inputs(trained, synthetic_dir, tmp_path):
     run = _evaluate(wrong, 1)
     assert run["rc"] == 2 and run["err"].count("\n") == 1, run["err"]
     assert "check model.flavor" in run["err"]
+    folder = _args(tmp_path, synthetic_dir, f"--eval.checkpoint={step_dir}",
+                   f"--eval.output={tmp_path}")  # fmt: skip
+    run = _evaluate(folder, 1)
+    assert run["rc"] == 2 and run["err"].count("\n") == 1, run["err"]
+    assert f"eval.output {tmp_path} is a folder" in run["err"]
+    assert "Loaded the model weights" not in run["out"]  # refused before any work
     result = run_train(_args(tmp_path, synthetic_dir, "--validation.enable",
                              "--validation.split=train"), timeout=120)  # fmt: skip
     assert result.returncode == 2
@@ -193,6 +202,34 @@ def test_validation_survives_kill9_and_resume(tmp_path, synthetic_dir):
     assert sorted(val) == list(range(5, 41, 5)) and all(math.isfinite(v) for v in val.values())
     val_resumed = {r["step"]: r["val_loss"] for r in read_metrics(resumed) if "val_loss" in r}
     assert val_resumed == val  # the same held-out windows, the same weights
+
+
+def test_row_lengths_and_null_sources(tmp_path):
+    import pyarrow as pa
+
+    from titan.data.held_out import NO_SOURCE, _row_lengths
+
+    kind = pa.list_(pa.list_(pa.uint8()))
+    good, ragged = [[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 5]]
+    column = pa.chunked_array(
+        [pa.array([good, ragged, None, []], kind), pa.array([[], ragged], kind),
+         pa.array([good, [[1], None]], kind)]
+    )  # fmt: skip
+    lengths, usable = _row_lengths(column)
+    assert usable.tolist() == [True, False, False, False, False, False, True, False]
+    assert lengths.tolist() == [9, 0, 0, 0, 0, 0, 9, 0]
+
+    import datasets
+
+    from titan.config import load_config
+    from titan.data.held_out import HeldOut
+
+    rows = {"spike_counts": [good, good], "source_dataset": ["lab-a", None]}
+    data = tmp_path / "nulls"
+    split = datasets.Dataset.from_dict(rows)
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(data))
+    held = HeldOut.open(load_config(_args(tmp_path, data, "--training.dataset=custom")), "test")
+    assert held.source_names == [NO_SOURCE, "lab-a"]
 
 
 def test_a_row_with_bad_counts_is_left_out_of_the_losses(synthetic_dir, tmp_path, caplog):

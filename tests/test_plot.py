@@ -51,18 +51,21 @@ def test_chart_of_a_real_run_with_validation(tmp_path, synthetic_dir, capsys):
     with (tmp_path / "metrics.jsonl").open("a") as f:
         for rec in [vals[0], resumed, *vals[1:]]:
             f.write(json.dumps(rec) + "\n")
+        f.write('{"step": 14, "val_loss": 1.0, "val_loss_by_source": [1.0]}\n')  # not a dict
         f.write('{"step": 14, "lo')  # a line cut short by a crash
+    with (tmp_path / "metrics.jsonl").open("ab") as f:
+        f.write(b'\n{"step": 16, "lo\xff\xfe')  # a torn write: not even UTF-8
 
     train, val, bad = read_metrics(tmp_path / "metrics.jsonl")
-    assert sorted(train) == [1, 2, 4, 6, 8, 10, 12] and sorted(val) == [4, 8, 12]
-    assert train[4]["loss"] == 9.5 and bad == 1
+    assert sorted(train) == [1, 2, 4, 6, 8, 10, 12] and sorted(val) == [4, 8, 12, 14]
+    assert train[4]["loss"] == 9.5 and bad == 2
     assert _legends(train, val) == [
         ["training loss", "validation loss", "validation: a", "validation: b"],
         ["learning rate"],
         ["tokens/s per device"],
     ]
     assert main([str(tmp_path)]) == 0
-    assert "7 training and 3 validation records (skipped 1 unreadable lines)" in (
+    assert "7 training and 4 validation records (skipped 2 unreadable lines)" in (
         capsys.readouterr().out
     )
     assert (tmp_path / "metrics.png").read_bytes()[:8] == PNG

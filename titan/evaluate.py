@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 from titan.cli import run_command
-from titan.config import JobConfig
+from titan.config import ConfigError, JobConfig
 from titan.data.held_out import IGNORE, HeldOut
 from titan.data.tokenizer import SEPARATOR
 from titan.distributed import ParallelDims, env_rank
@@ -44,10 +46,8 @@ def evaluate(
     """Loss sums over this evaluation's windows, reduced over the ranks (float64, so the
     order of the sums does not show), as `summarize` reports them."""
     device = next(model.parameters()).device
-    n_sources = len(data.source_names)
-    loss = torch.zeros(n_sources, dtype=torch.float64, device=device)  # per source
-    tokens = torch.zeros(n_sources, dtype=torch.float64, device=device)
-    counts = torch.zeros(2, dtype=torch.float64, device=device)  # count labels: loss, tokens
+    # per source: loss and labels over all labels, then over the spike-count labels only
+    sums = torch.zeros(4, len(data.source_names), dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
     for inputs, labels, source in data.batches(
@@ -60,69 +60,52 @@ def evaluate(
         ).double()  # (batch * seq,), 0 where ignored
         # masks by multiplication, not indexing: no host sync per batch on a GPU
         valid = (labels != IGNORE).double()
-        row = source.clamp_min(0)  # padding's -1 adds zeros to source 0
-        loss.index_add_(0, row, ce)
-        tokens.index_add_(0, row, valid)
         is_count = valid * (labels != SEPARATOR)
-        counts += torch.stack([(ce * is_count).sum(), is_count.sum()])
+        row = source.clamp_min(0)  # padding's -1 adds zeros to source 0
+        sums.index_add_(1, row, torch.stack([ce, valid, ce * is_count, is_count]))
     model.train(was_training)
-    totals = torch.cat([loss, tokens, counts])
-    dist.all_reduce(totals)
-    loss, tokens, counts = totals[:n_sources], totals[n_sources : 2 * n_sources], totals[-2:]
-    return summarize(
-        float(loss.sum()),
-        float(tokens.sum()),
-        float(counts[0]),
-        float(counts[1]),
-        {n: (float(loss[i]), float(tokens[i])) for i, n in enumerate(data.source_names)},
-    )
+    dist.all_reduce(sums)
+    by_source = {n: sums[:, i].tolist() for i, n in enumerate(data.source_names)}
+    return summarize(sums.sum(dim=1).tolist(), by_source)
 
 
-def summarize(
-    loss: float,
-    tokens: float,
-    count_loss: float,
-    count_tokens: float,
-    by_source: dict[str, tuple[float, float]],
-) -> dict[str, Any]:
-    """Mean losses (nats) and bits per token from sums of losses and label counts."""
+def _means(loss: float, tokens: float, count_loss: float, count_tokens: float) -> dict[str, Any]:
+    """Mean losses (nats) and bits per token, over all labels and the spike counts only."""
 
     def mean(total: float, n: float) -> float:
         return total / n if n else math.nan
 
-    result = {
+    return {
         "loss": mean(loss, tokens),
         "bits_per_token": mean(loss, tokens) / math.log(2),
         "tokens": int(tokens),
         "loss_counts": mean(count_loss, count_tokens),
         "bits_per_token_counts": mean(count_loss, count_tokens) / math.log(2),
         "count_tokens": int(count_tokens),
-        "by_source": {  # sources this evaluation reached
-            name: {"loss": mean(s, n), "bits_per_token": mean(s, n) / math.log(2), "tokens": int(n)}
-            for name, (s, n) in by_source.items()
-            if n > 0
-        },
     }
-    return result
+
+
+def summarize(totals: list[float], by_source: dict[str, list[float]]) -> dict[str, Any]:
+    """The results from sums (loss, labels, loss on count labels, count labels), in all
+    and per source (the sources this evaluation reached)."""
+    return _means(*totals) | {
+        "by_source": {name: _means(*s) for name, s in by_source.items() if s[1] > 0}
+    }
 
 
 def results_table(result: dict[str, Any]) -> str:
-    rows = [
-        ("all labels", result["tokens"], result["loss"], result["bits_per_token"]),
-        ("spike counts only", result["count_tokens"], result["loss_counts"],
-         result["bits_per_token_counts"]),
-    ]  # fmt: skip
-    rows += [
-        (f"source {name}", r["tokens"], r["loss"], r["bits_per_token"])
-        for name, r in result["by_source"].items()
-    ]
+    """All labels and the spike counts only, in all and per source."""
+    keys = ("tokens", "loss", "bits_per_token", "loss_counts", "bits_per_token_counts")
+    rows = [("all sources", *(result[k] for k in keys))]
+    rows += [(f"source {name}", *(r[k] for k in keys)) for name, r in result["by_source"].items()]
     return tabulate(
         rows,
-        headers=["", "tokens", "loss (nats)", "bits/token"],
+        headers=["", "tokens", "loss (nats)", "bits/token", "spike counts only: loss",
+                 "bits/token"],
         floatfmt=".4f",
         intfmt=",",
         tablefmt="simple_outline",
-    )
+    )  # fmt: skip
 
 
 def results_path(cfg: JobConfig, step_dir: Path) -> Path:
@@ -130,7 +113,30 @@ def results_path(cfg: JobConfig, step_dir: Path) -> Path:
     directory itself is never written)."""
     if cfg.eval.output:
         return Path(cfg.eval.output)
+    step_dir = step_dir.resolve()  # (a name, also for `--eval.checkpoint .`)
     return step_dir.parent / f"{step_dir.name}.eval-{cfg.eval.split}.json"
+
+
+def check_output(out: Path, key: str) -> None:
+    """Refuse, before any work, a results path that cannot be written as a file."""
+    if out.is_dir():
+        raise ConfigError(f"{key} {out} is a folder; name a .json file")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"{key} {out}: {parent} is a file, not a folder")
+
+
+def write_results(out: Path, result: dict[str, Any]) -> None:
+    """The results JSON, whole or not at all (a temporary file renamed into place)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def run_evaluation(cfg: JobConfig) -> dict[str, Any]:
@@ -140,6 +146,8 @@ def run_evaluation(cfg: JobConfig) -> dict[str, Any]:
         path = (
             Path(cfg.eval.checkpoint) if cfg.eval.checkpoint else run.checkpointer.newest_weights()
         )
+        out = results_path(cfg, path)
+        check_output(out, "eval.output" if cfg.eval.output else "the results file")
         run.checkpointer.load_weights(path)
         data = HeldOut.open(cfg, cfg.eval.split)
         batch = cfg.eval.batch_size if cfg.eval.batch_size > 0 else cfg.training.batch_size
@@ -156,11 +164,7 @@ def run_evaluation(cfg: JobConfig) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - begin, 2),
     }
     if run.rank == 0:
-        out = results_path(cfg, path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(out)
+        write_results(out, result)
         whole = (
             "the whole split"
             if n_windows == data.num_windows

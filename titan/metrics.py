@@ -89,7 +89,7 @@ class MetricsLogger:
         path = self.dump_folder / "metrics.jsonl"
         self._jsonl.close()
         kept = []
-        for line in path.read_text().splitlines():
+        for line in path.read_bytes().decode(errors="replace").splitlines():
             try:
                 if json.loads(line)["step"] <= step:
                     kept.append(line)

@@ -37,7 +37,7 @@ def read_metrics(path: Path) -> tuple[dict[int, dict], dict[int, dict], int]:
     """(training records by step, validation records by step, unreadable lines) of a
     metrics.jsonl; a later record of a step replaces an earlier one of the same kind."""
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_bytes().decode(errors="replace").splitlines()  # a torn write, say
     except FileNotFoundError:
         raise PlotError(f"{path}: no such file (is this a run's output folder?)") from None
     train: dict[int, dict] = {}
@@ -70,7 +70,9 @@ def _series(
     in step order, where it is a finite number."""
     steps, values = [], []
     for step, rec in sorted(records.items()):
-        value = rec.get(key) if source is None else (rec.get(key) or {}).get(source)
+        value = rec.get(key)
+        if source is not None:
+            value = value.get(source) if isinstance(value, dict) else None
         if isinstance(value, (int, float)) and math.isfinite(value):
             steps.append(step)
             values.append(float(value))
@@ -101,7 +103,8 @@ def build_figure(train: dict[int, dict], val: dict[int, dict], title: str) -> Fi
         (ax_loss, _series(train, "loss"), "-", "tab:blue", "training loss"),
         (ax_loss, _series(val, "val_loss"), "o-", "tab:red", "validation loss"),
     ]
-    sources = sorted({s for rec in val.values() for s in rec.get("val_loss_by_source") or {}})
+    by_source = [rec.get("val_loss_by_source") for rec in val.values()]
+    sources = sorted({str(s) for d in by_source if isinstance(d, dict) for s in d})
     if len(sources) == 1:  # the same line as the validation loss
         sources = []
     for i, source in enumerate(sources):

@@ -151,9 +151,11 @@ def train(run: Run) -> None:
             if bad.record(state.step, loss, grad_norm):
                 if state.step % cfg.metrics.log_freq == 0 or state.step in (1, t.steps):
                     metrics.log(state.step, loss, grad_norm, lr, {"skipped_steps": bad.skipped})
-                run.checkpointer.maybe_save(state.step)  # never a bad step
+                # validation first: a kill between the two then loses no validation record
+                # (the resumed run starts after the saved step)
                 if cfg.validation.enable and state.step % cfg.validation.freq == 0:
                     validate(run)
+                run.checkpointer.maybe_save(state.step)  # never a bad step
             if stop.signals and state.step < t.steps and stop.stop_agreed(run.device):
                 stop_and_save(run, stop.received or "a signal on another rank")
             if prof is not None:

@@ -37,6 +37,8 @@ from titan.logging import logger
 
 IGNORE = -100
 """Label of padding (PyTorch's cross-entropy ignore_index)."""
+NO_SOURCE = "(no source_dataset)"
+"""The source of rows whose source_dataset is null."""
 
 
 def _row_lengths(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -48,13 +50,14 @@ def _row_lengths(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
         bins = pc.list_value_length(chunk.flatten()).fill_null(-1).to_numpy(zero_copy_only=False)
         ok = neurons > 0
         first = np.zeros(len(neurons), dtype=np.int64)
-        if len(bins):
-            # each row's segment of the per-neuron bin counts (rows without neurons are
-            # masked out by `ok`, whatever their segment)
-            starts = np.minimum(np.cumsum(neurons) - neurons, len(bins) - 1)
-            first = bins[starts]
+        if len(bins) and ok.any():
+            # each row's segment of the per-neuron bin counts: the rows with neurons start
+            # segments, and the rows without add none, so each segment is exactly one row's
+            starts = (np.cumsum(neurons) - neurons)[ok]
             same = np.minimum.reduceat(bins, starts) == np.maximum.reduceat(bins, starts)
-            ok &= same & (first > 0)
+            first[ok] = bins[starts]
+            ok[ok] = same
+            ok &= first > 0
         lengths.append(np.where(ok, first * (neurons + 1), 0))
         usable.append(ok)
     return np.concatenate(lengths).astype(np.int64), np.concatenate(usable)
@@ -87,7 +90,8 @@ class HeldOut:
         table = ds.with_format("arrow")
         lengths, usable = _row_lengths(table[sources.COLUMN])
         if sources.SOURCE_COLUMN in ds.column_names:
-            names_per_row = table[sources.SOURCE_COLUMN].to_numpy(zero_copy_only=False)
+            column = pc.fill_null(table[sources.SOURCE_COLUMN], NO_SOURCE)
+            names_per_row = column.to_numpy(zero_copy_only=False)
         else:
             names_per_row = np.array(["all"] * len(ds), dtype=object)
         if keep:
