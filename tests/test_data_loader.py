@@ -307,6 +307,11 @@ def test_state_checks(data_dir):
     state = loader.state_dict()
     with pytest.raises(ValueError, match="resharded_from"):
         build_dataloader(cfg, 1, 2).load_state_dict(state)
+    four = [build_dataloader(cfg, r, 4).state_dict() for r in range(4)]
+    for olds in (four[:2], [four[1], four[0], four[2], four[3]]):  # partial; out of order
+        with pytest.raises(ValueError, match="needs the states of ranks 0..") as e:
+            build_dataloader(cfg, 0, 3).load_state_dict({"resharded_from": olds})
+        assert "\n" not in str(e.value)
     other = make_cfg(data_dir, "map")
     other.training.seed = 8
     with pytest.raises(ConfigError, match="exclude_from_loading"):

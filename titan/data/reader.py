@@ -244,7 +244,7 @@ class RowReader:
                 )
         worlds = {s["dp_world"] for s in states}
         if len(states) > 1 and (
-            len(worlds) != 1 or sorted(s["dp_rank"] for s in states) != list(range(len(states)))
+            worlds != {len(states)} or [s["dp_rank"] for s in states] != list(range(len(states)))
         ):
             raise ValueError(
                 f"resharded_from needs the states of ranks 0..{len(states) - 1} of one run, got "
