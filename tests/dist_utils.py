@@ -12,7 +12,14 @@ from typing import Any
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from titan.distributed import free_port
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a test's process group or services)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, out: str, fn: Callable, args: tuple) -> None:

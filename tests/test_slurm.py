@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pytest
 from conftest import read_metrics, worker_pids
+from dist_utils import free_port
 
 from titan.checkpoint import list_steps
-from titan.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_DIR = ROOT / "slurm"

@@ -156,12 +156,15 @@ def init_distributed(timeout_s: int = 1800) -> tuple[torch.device, int, int]:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:  # a plain `python train.py`
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
+        store = _attempt_store(world_size, timedelta(seconds=timeout_s))
+        if store is None and world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+            # A plain `python train.py`, a world of one: an in-memory store. torch's TCP
+            # store runs a server thread that, now and then, aborts the interpreter's exit
+            # ("terminate called without an active exception", exit 134 after a clean run).
+            store = dist.HashStore()
         dist.init_process_group(
             backend=backend,
-            store=_attempt_store(world_size, timedelta(seconds=timeout_s)),
+            store=store,
             rank=rank,
             world_size=world_size,
             timeout=timedelta(seconds=timeout_s),
@@ -219,12 +222,3 @@ def _attempt_store(world_size: int, timeout: timedelta) -> dist.Store | None:
         timeout=timeout,
     )
     return dist.PrefixStore(f"titan/attempt_{restart_count()}", store)
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now (for a single-process group or a test's store)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
