@@ -50,7 +50,7 @@ def test_list_steps_markers_and_kinds(tmp_path):
     assert marker["step"] == 2 and marker["kind"] == storage.FULL
     assert sorted(marker["checksums"]) == [".metadata", "__0_0.distcp"]
     assert storage.read_marker(steps[2].path) == {}
-    assert not list(steps[0].path.glob("*.tmp"))  # the marker was renamed into place
+    assert not list(steps[0].path.glob(".*.tmp*"))  # the marker was renamed into place
     assert storage.list_steps(tmp_path / "missing") == []
 
 

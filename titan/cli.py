@@ -28,6 +28,7 @@ import torch.distributed as dist
 from titan.checkpoint import CheckpointError, CheckpointSaveError
 from titan.config import ConfigError, JobConfig, format_help, load_config
 from titan.distributed import env_rank, restart_count, status_file
+from titan.files import written_atomically
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_SAVE_FAILED, EXIT_STUCK = 0, 2, 3, 4, 5
 EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: try again later
@@ -63,9 +64,8 @@ def _finish(code: int, message: str) -> int:
         print(f"{prefix}: {message}", file=sys.stderr, flush=True)
     path = status_file()
     if path is not None:  # every rank: the launcher may stop the others once one has ended
-        own = Path(f"{path}.{rank}")
-        own.write_text(json.dumps({"exit_code": code, "message": message}) + "\n")
-        own.replace(path)
+        with written_atomically(Path(path)) as tmp:
+            tmp.write_text(json.dumps({"exit_code": code, "message": message}) + "\n")
     return code
 
 

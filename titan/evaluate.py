@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from titan.config import ConfigError, JobConfig
 from titan.data.held_out import IGNORE, HeldOut
 from titan.data.tokenizer import SEPARATOR
 from titan.distributed import ParallelDims, env_rank
+from titan.files import written_atomically
 from titan.logging import init_logger, logger
 from titan.run import build_run
 
@@ -126,19 +125,6 @@ def check_output(out: Path, key: str) -> None:
         raise ConfigError(f"{key} {out}: {parent} is a file, not a folder")
 
 
-def write_results(out: Path, result: dict[str, Any]) -> None:
-    """The results JSON, whole or not at all (a temporary file renamed into place)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run_evaluation(cfg: JobConfig) -> dict[str, Any]:
     """Everything `evaluate.py` does; returns the results (on every rank)."""
     begin = time.perf_counter()
@@ -164,7 +150,9 @@ def run_evaluation(cfg: JobConfig) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - begin, 2),
     }
     if run.rank == 0:
-        write_results(out, result)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with written_atomically(out) as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
         whole = (
             "the whole split"
             if n_windows == data.num_windows

@@ -58,6 +58,7 @@ from titan.convert import (
 from titan.convert.common import first_line
 from titan.data import sources
 from titan.data.tokenizer import SEPARATOR, arrow_row_matrix, tokenize_row
+from titan.files import written_atomically
 from titan.logging import init_logger, logger
 from titan.memory import gib
 from titan.models.llama import FLAVORS, ModelArgs, Transformer, num_params_from_args, param_shapes
@@ -243,20 +244,13 @@ def save(
     failure leaves neither; returns the PNG's path."""
     png = out.with_suffix(".png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_npz = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp_png = png.with_name(f".{png.name}.tmp-{os.getpid()}")
     arrays = {"spike_counts_prompt": prompt, "spike_counts_generated": generated}
     if real is not None:
         arrays["spike_counts_real"] = real
-    try:
+    with written_atomically(out) as tmp_npz, written_atomically(png) as tmp_png:
         with open(tmp_npz, "wb") as f:
             np.savez_compressed(f, **arrays, metadata=np.array(json.dumps(metadata)))
         plot_samples(tmp_png, prompt, generated, real, samples_title(metadata))
-        os.replace(tmp_npz, out)
-        os.replace(tmp_png, png)
-    finally:
-        tmp_npz.unlink(missing_ok=True)
-        tmp_png.unlink(missing_ok=True)
     return png
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from titan.files import written_atomically
 from titan.logging import logger
 
 # Dense bf16 peak TFLOP/s (datasheets) by device name substring; first match wins.
@@ -95,9 +96,8 @@ class MetricsLogger:
                     kept.append(line)
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a line cut short by a kill
-        tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        tmp.replace(path)
+        with written_atomically(path) as tmp:
+            tmp.write_text("".join(f"{line}\n" for line in kept))
         self._jsonl = path.open("a", buffering=1)
 
     def record_start(self, step: int) -> None:

@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import matplotlib
 import numpy as np
+
+from titan.files import written_atomically
 
 matplotlib.use("Agg")  # files only, no display
 
@@ -144,12 +145,10 @@ def save_png(fig: Figure, out: Path) -> None:
     """Write the figure to a temporary name, then rename it: never a half-written PNG."""
     import matplotlib.pyplot as plt
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, out)
+        with written_atomically(out) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(fig)
 
 

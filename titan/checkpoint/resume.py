@@ -134,9 +134,10 @@ def integrity_problem(path: Path, prefix: str = "") -> str | None:
     found, or None (the same answer on every rank)."""
     group = dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if group else (0, 1)
-    problem = storage.marker_problem(path) or storage.verify(path, prefix)
+    needed, problem = storage.data_files(path, prefix)
+    problem = storage.marker_problem(path) or problem or storage.size_problem(path, needed)
     if problem is None:
-        files = {".metadata", *storage.data_files(path, prefix)[0]}
+        files = {".metadata", *needed}
         recorded = sorted(set(storage.read_marker(path).get("checksums", {})) & files)
         problem = storage.verify_checksums(path, recorded[rank::world])
     return _gathered_problem(problem) if group else problem

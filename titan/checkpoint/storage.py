@@ -24,6 +24,7 @@ from typing import Any
 
 from torch.distributed.checkpoint import FileSystemReader
 
+from titan.files import written_atomically
 from titan.logging import logger
 
 MARKER = ".complete"
@@ -83,28 +84,8 @@ def read_marker(step_dir: Path) -> dict[str, Any]:
 def write_marker(step_dir: Path, info: dict[str, Any]) -> None:
     """Mark `step_dir` complete with `info` (at least "kind"). Written to a temporary name
     and renamed, so a reader sees either no marker or the whole of it."""
-    tmp = step_dir / f"{MARKER}.tmp"
-    with tmp.open("w") as f:
-        f.write(json.dumps(info))
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename makes it count
-    os.replace(tmp, step_dir / MARKER)
-    _sync_folder(step_dir)
-
-
-def _sync_folder(folder: Path) -> None:
-    """Make a rename inside `folder` durable (a power loss cannot undo it); a file system
-    that cannot sync folders is left to its own guarantees."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with written_atomically(step_dir / MARKER, durable=True) as tmp:
+        tmp.write_text(json.dumps(info))
 
 
 def marker_problem(step_dir: Path) -> str | None:
@@ -170,8 +151,11 @@ def verify(step_dir: Path, prefix: str = "") -> str | None:
     (all by default) exists and is long enough; return the problem in a few words, or
     None when the directory looks intact."""
     needed, problem = data_files(step_dir, prefix)
-    if problem is not None:
-        return problem
+    return problem or size_problem(step_dir, needed)
+
+
+def size_problem(step_dir: Path, needed: dict[str, int]) -> str | None:
+    """The first of `data_files`' files that is missing or shorter than `.metadata` says."""
     for rel, end in sorted(needed.items()):
         path = step_dir / rel
         if not path.is_file():

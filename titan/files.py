@@ -1,0 +1,49 @@
+"""Files written whole or not at all.
+
+    with written_atomically(out) as tmp:   # a temporary name beside `out`
+        tmp.write_text(...)                # or fig.savefig(tmp), np.savez(tmp, ...)
+    # `out` now holds all of it; had the block failed, `out` would be as it was
+
+A reader never sees a half-written file: the block writes a temporary file in the same
+folder, renamed over `out` only when the block succeeds, and removed otherwise. With
+`durable`, the data is synced before the rename and the rename after it, so not even a
+power loss can leave `out` naming data that never reached the disk (checkpoint markers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def written_atomically(out: Path, durable: bool = False) -> Iterator[Path]:
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        if durable:
+            with tmp.open("rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, out)
+        if durable:
+            _sync_folder(out.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename inside `folder` durable; a file system that cannot sync folders is
+    left to its own guarantees."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
