@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -93,6 +94,17 @@ def _ended_for_good() -> tuple[int, str] | None:
     return previous
 
 
+def _wait_for_status(message: str, timeout_s: float = 30.0) -> None:
+    """Wait (at most `timeout_s`) until rank 0 has written `message` to the status file,
+    which it does after printing it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = read_status(status_file())
+        if status is not None and status[1] == message:
+            return
+        time.sleep(0.05)
+
+
 def run_command(prog: str, argv: list[str], body: Callable[[JobConfig], None]) -> int:
     """Parse the recipe and overrides, run `body(cfg)`, and return the exit status; the
     known endings print one line."""
@@ -101,8 +113,12 @@ def run_command(prog: str, argv: list[str], body: Callable[[JobConfig], None]) -
         return EXIT_OK
     if (previous := _ended_for_good()) is not None:
         code, message = previous
-        message = message.split(NOT_RETRIED)[0]
-        return _finish(code, f"{message}{NOT_RETRIED} torchrun restart {restart_count()})")
+        message = (
+            f"{message.split(NOT_RETRIED)[0]}{NOT_RETRIED} torchrun restart {restart_count()})"
+        )
+        if env_rank()[0] != 0:  # torchrun stops the others once one has ended: rank 0 first
+            _wait_for_status(message)
+        return _finish(code, message)
     abandon = False  # a stuck peer: tearing the group down could wait for it too
     try:
         cfg = load_config(argv)
