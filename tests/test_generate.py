@@ -7,8 +7,9 @@ randomly initialized debug model saved as a training step and exported to HF:
   prefers them); top_k = 1 and a tiny top_p are greedy, top_k keeps exactly k counts when
   logits tie, and no temperature is too small; a seed repeats its sample and another seed
   does not;
-- the .npz holds the row's prompt and real continuation, and each sample fed back through
-  the Neural Pile schema and `tokenize_row` gives the generated tokens;
+- the .npz holds the row's prompt and real continuation (clipped to 254 as the model saw
+  them), and each sample fed back through the Neural Pile schema and `tokenize_row` gives
+  the generated tokens;
 - the HF export and the DCP directory give the same logits;
 - every bad input is one `error:` line, and a failure leaves no output.
 """
@@ -178,6 +179,18 @@ def test_npz_round_trips_to_the_neural_pile_schema(model, files, tmp_path, capsy
     for i in range(2):
         counts, why = arrow_row_matrix(spikes[i : i + 1])
         assert why == "" and np.array_equal(tokenize_row(counts), tokens[i])
+
+
+def test_a_stored_255_is_read_as_the_254_the_model_saw(tmp_path):
+    import datasets
+
+    counts = [[0, 255, 3], [255, 254, 1]]  # (neurons, bins), 255 is clipped by the tokenizer
+    split = datasets.Dataset.from_dict({"spike_counts": [counts]})
+    datasets.DatasetDict({"test": split}).save_to_disk(str(tmp_path / "d"))
+    row = read_row(None, str(tmp_path / "d"), "test", 0)
+    assert row.counts.dtype == np.uint8
+    assert row.counts.tolist() == [[0, 254, 3], [254, 254, 1]]
+    assert np.array_equal(tokenize_row(row.counts), tokenize_row(np.array(counts)))
 
 
 def test_unconditional_from_the_hf_export(files, tmp_path, capsys):

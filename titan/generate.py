@@ -13,7 +13,8 @@ row's next `--bins` bins (as many as it has) for comparison; unconditional gener
 (`--neurons N`) starts from the separator alone. The separator 255 is forced at the start
 of every time bin (every n_neurons + 1 tokens) and never sampled anywhere else.
 
-The `.npz` holds uint8 counts, each a (neurons, time bins) matrix as in the Neural Pile:
+The `.npz` holds uint8 counts, each a (neurons, time bins) matrix as in the Neural Pile,
+clipped to 254 as the tokenizer clips them (a stored 255 is read as 254):
 - `spike_counts_generated`: (num_samples, neurons, bins);
 - `spike_counts_prompt`: (neurons, prompt_bins), the prompt all samples share (0 bins
   when unconditional);
@@ -57,7 +58,7 @@ from titan.convert import (
 )
 from titan.convert.common import first_line
 from titan.data import sources
-from titan.data.tokenizer import SEPARATOR, arrow_row_matrix, tokenize_row
+from titan.data.tokenizer import MAX_COUNT, SEPARATOR, arrow_row_matrix, tokenize_row
 from titan.files import written_atomically
 from titan.logging import init_logger, logger
 from titan.memory import gib
@@ -203,7 +204,7 @@ class Row:
     """One dataset row to prompt with."""
 
     counts: np.ndarray
-    """(n_neurons, n_time_bins) uint8."""
+    """(n_neurons, n_time_bins) uint8, clipped to `MAX_COUNT` as the tokenizer does."""
     ids: dict[str, str]
     """The row's string columns (subject_id, session_id, ...)."""
     label: str
@@ -227,7 +228,10 @@ def read_row(dataset: str | None, dataset_path: str | None, split: str, row: int
     if counts is None:
         raise GenerateError(f"row {row} of the {split} split of {src.label}: {why}")
     ids = {c: str(table.column(c)[0].as_py()) for c in ID_COLUMNS if c in table.column_names}
-    return Row(np.ascontiguousarray(counts, dtype=np.uint8), ids, src.label)
+    # counts as the model sees them (the tokenizer clips 255 to 254), so that the prompt,
+    # the real continuation and the samples compare like with like
+    clipped = np.minimum(counts, MAX_COUNT).astype(np.uint8, copy=False)
+    return Row(np.ascontiguousarray(clipped), ids, src.label)
 
 
 # ----------------------------------------------------------------------------- output
