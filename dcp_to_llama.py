@@ -11,7 +11,7 @@ import sys
 
 from titan.checkpoint import MARKER
 from titan.convert import dcp_to_llama
-from titan.convert.cli import parser, run, size
+from titan.convert.cli import at_least, parser, run, size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
         "Export the model weights of a DCP step directory (full training "
         "checkpoint or model-only export) to Meta and/or Hugging Face layout.",
         input_help="DCP step directory (…/step-N)",
-        flavor_help="architecture, if neither params.json nor the run's config.toml says",
+        flavor_help="architecture, if neither params.json nor the run's config.toml says "
+        "(refused when it disagrees with them)",
     )
     p.add_argument(
         "--format",
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--max_seq_len",
-        type=int,
+        type=at_least(1),
         default=None,
         help="max_position_embeddings in config.json (default: the run's seq_len, else "
         "131072; with scaled RoPE, raised above its original context as transformers wants)",

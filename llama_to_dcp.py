@@ -11,7 +11,7 @@ lives in titan/convert/.
 import sys
 
 from titan.convert import llama_to_dcp
-from titan.convert.cli import parser, run
+from titan.convert.cli import at_least, parser, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--vocab_size",
-        type=int,
+        type=at_least(256),
         default=256,
         help="target vocabulary; embedding and output are dropped when the source's "
         "differs (default 256, spike tokens)",

@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -394,9 +395,15 @@ def test_push_to_hub_up_to_the_upload_call(dcp_dir, tmp_path, capsys, monkeypatc
         calls["upload"] = kwargs
         calls["files"] = sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())
 
+    public = {"someone/public-one"}
+
+    def repo_info(self, repo_id, **kwargs):
+        return SimpleNamespace(private=repo_id not in public)
+
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", repo_info)
     argv = ["--input_dir", str(dcp_dir), "--output_dir", str(tmp_path / "o"),
             "--hf_repo_name", "someone/tiny-neuro", "--push_to_hub", "--private"]  # fmt: skip
     out = _ok(dcp_to_llama_main(argv), capsys)
@@ -406,9 +413,25 @@ def test_push_to_hub_up_to_the_upload_call(dcp_dir, tmp_path, capsys, monkeypatc
     )
     assert calls["upload"]["repo_id"] == "someone/tiny-neuro"
     assert calls["files"] == ["README.md", "config.json", "model.safetensors"]
+    # an earlier push's weights with other names (more shards, original/) are removed
+    assert {"*.safetensors", "original/*"} <= set(calls["upload"]["delete_patterns"])
     assert "pushed to https://huggingface.co/someone/tiny-neuro" in out
     card = (tmp_path / "o" / "README.md").read_text()
     assert "# someone/tiny-neuro" in card and "library_name: transformers" in card
+
+    # --private never uploads into an existing public repo; a malformed name is refused
+    # before anything is created
+    for name, words in [
+        ("someone/public-one", "exists and is public"),
+        ("a/b/c", "is not a Hub repo id"),
+    ]:
+        calls.clear()
+        argv = ["--input_dir", str(dcp_dir), "--output_dir", str(tmp_path / name),
+                "--hf_repo_name", name, "--push_to_hub", "--private"]  # fmt: skip
+        assert dcp_to_llama_main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+        assert "upload" not in calls and not (tmp_path / name).exists()
 
 
 def _cli(script: str, *argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -486,6 +509,25 @@ def _bad_llama_inputs(root: Path, hf_dir: Path) -> dict[str, tuple[list[str], st
     out_busy = root / "busy"
     out_busy.mkdir()
     (out_busy / "notes.txt").write_text("mine")
+    malformed = {}
+    for name, change in {
+        "no_heads": {"num_attention_heads": 0},
+        "rope_string": {"rope_scaling": "llama3", "rope_parameters": None},
+        "vocab_null": {"vocab_size": None},
+        "eps_text": {"rms_norm_eps": "1e-5"},
+    }.items():
+        folder = malformed[name] = copy(name)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(config | change))
+    listed_map = copy("listed_map")
+    (listed_map / "model.safetensors.index.json").write_text('{"weight_map": ["a"]}')
+    # an HF repo whose Meta weights sit in original/: writing there would destroy them
+    nested = root / "nested"
+    (nested / "original").mkdir(parents=True)
+    (nested / "original" / "params.json").write_text(
+        json.dumps(keymap.meta_params_from_args(META_ARGS))
+    )
+    torch.save(Transformer(META_ARGS).state_dict(), nested / "original" / "consolidated.00.pth")
 
     def argv(inp: Path, *extra: str, out: Path = root / "out") -> list[str]:
         return ["--input_dir", str(inp), "--output_dir", str(out), *extra]
@@ -503,6 +545,16 @@ def _bad_llama_inputs(root: Path, hf_dir: Path) -> dict[str, tuple[list[str], st
         "output not empty": (argv(hf_dir, out=out_busy), "--overwrite"),
         "foreign files": (argv(hf_dir, "--overwrite", out=out_busy), "did not write"),
         "output is the input": (argv(hf_dir, "--overwrite", out=hf_dir), "overwrite the input"),
+        "output inside the input": (argv(hf_dir, out=hf_dir / "dcp"), "inside the input"),
+        "output is the found source": (
+            argv(nested, "--source_format", "meta", "--overwrite", out=nested / "original"),
+            "overwrite the input",
+        ),
+        "zero heads": (argv(malformed["no_heads"]), "num_attention_heads is 0"),
+        "rope_scaling not a mapping": (argv(malformed["rope_string"]), "rope_scaling is 'llama3'"),
+        "vocab_size null": (argv(malformed["vocab_null"]), "vocab_size is None"),
+        "norm eps as text": (argv(malformed["eps_text"]), "norm_eps is '1e-5'"),
+        "weight_map a list": (argv(listed_map), "weight_map is not a mapping"),
     }
 
 
@@ -527,9 +579,16 @@ def _bad_dcp_inputs(root: Path, dcp_dir: Path) -> dict[str, tuple[list[str], str
     (optim_only / ".complete").write_text('{"kind": "converted"}')
     steps = root / "checkpoint"
     (steps / "step-10").mkdir(parents=True)
+    flipped = copy("flipped")  # complete, with one flipped bit in a weight
+    shard = max(flipped.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    trained = root / "run" / "checkpoint" / "step-5"  # a training checkpoint, as output
+    _training_checkpoint(trained, single_file=True)
 
-    def argv(inp: Path, *extra: str) -> list[str]:
-        return ["--input_dir", str(inp), "--output_dir", str(root / "out"), *extra]
+    def argv(inp: Path, *extra: str, out: Path = root / "out") -> list[str]:
+        return ["--input_dir", str(inp), "--output_dir", str(out), *extra]
 
     return {
         "missing input": (argv(root / "nope"), "no such directory"),
@@ -537,8 +596,20 @@ def _bad_dcp_inputs(root: Path, dcp_dir: Path) -> dict[str, tuple[list[str], str
         "unreadable metadata": (argv(garbage), "the .metadata file is unreadable"),
         "incomplete": (argv(incomplete), "incomplete checkpoint"),
         "unknown architecture": (argv(no_arch), "pass --flavor"),
-        "shape mismatch": (argv(dcp_dir, "--flavor", "debugmodel"), "implies"),
+        "--flavor against params.json": (
+            argv(dcp_dir, "--flavor", "debugmodel"),
+            "--flavor debugmodel disagrees with params.json",
+        ),
         "truncated data": (argv(truncated), "shard __0_0.distcp is truncated"),
+        "damaged, --allow_incomplete": (
+            argv(flipped, "--allow_incomplete"),
+            "does not match its checksum",
+        ),
+        "--overwrite of a training step": (
+            argv(dcp_dir, "--overwrite", out=trained),
+            "a full checkpoint, which --overwrite never replaces",
+        ),
+        "output inside the input": (argv(dcp_dir, out=dcp_dir / "export"), "inside the input"),
         "no model tensors": (argv(optim_only), "no model tensors"),
         "push without repo": (argv(dcp_dir, "--push_to_hub"), "--hf_repo_name"),
         "push meta only": (
@@ -560,6 +631,44 @@ def test_every_bad_input_fails_with_one_line(hf_dir, dcp_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: "), (name, err)
         assert words in err[0], (name, err[0])
+
+
+def test_out_of_range_numbers_are_refused_by_the_parser(tmp_path):
+    for script, option, value in [
+        ("dcp_to_llama.py", "--max_seq_len", "-5"),
+        ("dcp_to_llama.py", "--max_seq_len", "0"),
+        ("llama_to_dcp.py", "--vocab_size", "12"),
+    ]:
+        result = _cli(script, "--input_dir", "in", "--output_dir", "out", option, value)
+        assert result.returncode == 2 and f"argument {option}: {value} is below" in result.stderr
+
+
+def test_a_full_disk_is_a_write_failure_in_one_line(hf_dir, dcp_dir, tmp_path):
+    """A file-size limit makes writes fail as a full disk does (EFBIG instead of ENOSPC):
+    exit 1 (not a bad input), one line naming the output folder."""
+    import resource
+
+    def run(script: str, *argv: str) -> subprocess.CompletedProcess:
+        limit = (64 << 10, resource.RLIM_INFINITY)
+        return subprocess.run(
+            [sys.executable, str(ROOT / script), *argv],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            timeout=120,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, limit),
+        )
+
+    for script, inp, extra in [
+        ("llama_to_dcp.py", hf_dir, []),
+        ("dcp_to_llama.py", dcp_dir, ["--format", "meta"]),
+        ("dcp_to_llama.py", dcp_dir, ["--format", "hf"]),
+    ]:
+        out = tmp_path / f"{script}-{'-'.join(extra)}"
+        result = run(script, "--input_dir", str(inp), "--output_dir", str(out), *extra)
+        assert result.returncode == 1, result.stderr
+        _one_line_error(result, "error: ")
+        assert f"writing {out} failed" in result.stderr, result.stderr
 
 
 def test_overwrite(dcp_dir, tmp_path, capsys):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -62,14 +63,31 @@ def listing(names: list[str], most: int = 3) -> str:
     return ", ".join(names[:most]) + more
 
 
-def first_line(e: BaseException) -> str:
-    """'ErrorType: first line of its message', looking inside DCP's wrapped failures."""
-    failures = getattr(e, "failures", None)  # DCP's CheckpointException: {rank: (error, tb)}
+def unwrapped(e: BaseException) -> BaseException:
+    """The first error inside DCP's CheckpointException ({rank: (error, tb)}), else `e`."""
+    failures = getattr(e, "failures", None)
     if isinstance(e, CheckpointException) and failures:
         inner = next(iter(failures.values()))
-        return first_line(inner[0] if isinstance(inner, tuple) else inner)
+        return unwrapped(inner[0] if isinstance(inner, tuple) else inner)
+    return e
+
+
+def first_line(e: BaseException) -> str:
+    """'ErrorType: first line of its message', looking inside DCP's wrapped failures."""
+    e = unwrapped(e)
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def write_error(folder: Path, e: BaseException) -> OSError:
+    """A failed write into `folder` (torch's writers raise RuntimeError, e.g. 'unexpected
+    pos' when the disk is full) as an OSError whose message names the folder and the
+    space left there."""
+    try:
+        free = f"; {shutil.disk_usage(folder).free / 2**30:.2f} GiB free there"
+    except OSError:
+        free = ""
+    return OSError(f"writing {folder} failed ({first_line(e)}){free}")
 
 
 def gb(nbytes: int) -> str:

@@ -23,7 +23,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from titan.checkpoint import MARKER, read_marker
+from titan.checkpoint import MARKER, read_marker, storage
 from titan.checkpoint.resume import integrity_problem
 from titan.convert import common
 from titan.convert.common import (
@@ -109,34 +109,52 @@ def _dcp_step(step_dir: Path) -> int | None:
     return step
 
 
+def _numerics(args: ModelArgs) -> tuple:
+    """What decides the computation of a model: tensor shapes, norm eps and RoPE."""
+    rope = (args.rope_theta, args.use_scaled_rope)
+    if args.use_scaled_rope:
+        rope += (
+            args.rope_scale_factor,
+            args.rope_low_freq_factor,
+            args.rope_high_freq_factor,
+            args.rope_original_context,
+        )
+    return param_shapes(args), args.norm_eps, rope
+
+
 def dcp_model_args(
     folder: Path, stored: Stored, flavor: str | None, max_seq_len: int | None, job: dict | None
 ) -> tuple[ModelArgs, str]:
-    """(architecture of a DCP directory, where it comes from): --flavor, else its
-    params.json (converted directories), else the run's config.toml; checked against the
-    stored shapes."""
+    """(architecture of a DCP directory, where it comes from): its params.json (converted
+    directories), else the run's config.toml, else --flavor; checked against the stored
+    shapes. A --flavor that disagrees with params.json or config.toml is refused."""
     shape = stored.get("tok_embeddings.weight", stored.get("output.weight", ((0,), None)))[0]
     vocab = shape[0]
     job_seq = (job or {}).get("training", {}).get("seq_len")
-    seq = max_seq_len or job_seq or 131072
-    if flavor is not None:
-        args, origin = build_model_args(flavor, vocab, seq), f"--flavor {flavor}"
-    elif (folder / "params.json").is_file():
+    seq = max_seq_len if max_seq_len is not None else job_seq or 131072
+    if (folder / "params.json").is_file():
         params = read_json(folder / "params.json")
         try:
             args = keymap.args_from_meta_params(params, vocab_size=vocab)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
             raise ConvertError(f"{folder / 'params.json'}: {first_line(e)}") from None
-        if max_seq_len:
+        if max_seq_len is not None:
             args = dataclasses.replace(args, max_seq_len=max_seq_len)
         origin = "params.json"
     elif job is not None and job["model"].get("flavor") in FLAVORS:
         args = build_model_args(job["model"]["flavor"], vocab, seq)
         origin = f"the run's config.toml (flavor {job['model']['flavor']})"
+    elif flavor is not None:
+        args, origin = build_model_args(flavor, vocab, seq), f"--flavor {flavor}"
     else:
         raise ConvertError(
             f"{folder}: cannot tell the model architecture (no params.json here and no "
             f"config.toml of the run above it); pass --flavor ({', '.join(FLAVORS)})"
+        )
+    if flavor is not None and _numerics(build_model_args(flavor, vocab, seq)) != _numerics(args):
+        raise ConvertError(
+            f"--flavor {flavor} disagrees with {origin} ({describe(args)}); drop --flavor: "
+            f"{origin} says what the checkpoint holds"
         )
     expected = param_shapes(args)
     for name, (shape, _) in stored.items():
@@ -165,12 +183,16 @@ def _check_input(input_dir: Path, allow_incomplete: bool) -> None:
             f"; it holds step directories: pass one, e.g. {input_dir / steps[-1]}" if steps else ""
         )
         raise ConvertError(f"{input_dir}: not a DCP checkpoint directory (no .metadata){hint}")
-    if not (input_dir / MARKER).is_file() and not allow_incomplete:
+    if (input_dir / MARKER).is_file():
+        problem = integrity_problem(input_dir, "model.")
+    elif allow_incomplete:  # no checksums to compare: at least every shard is whole
+        problem = storage.verify(input_dir, "model.")
+    else:
         raise ConvertError(
             f"{input_dir}: incomplete checkpoint (no {MARKER} marker: its save did not finish); "
             "use another step or pass --allow_incomplete"
         )
-    if not allow_incomplete and (problem := integrity_problem(input_dir, "model.")) is not None:
+    if problem is not None:
         raise ConvertError(f"{input_dir} is damaged: {problem}; use another step")
 
 

@@ -81,7 +81,13 @@ def create_hub_repo(repo_name: str, private: bool) -> tuple[Any, str]:
     written, so that a missing token or network fails fast and leaves nothing behind.
     ConvertError on any failure."""
     from huggingface_hub import HfApi, get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    try:
+        validate_repo_id(repo_name)
+    except HFValidationError as e:
+        reason = str(e).splitlines()[0].split(". Use")[0]  # drop advice about repo_type
+        raise ConvertError(f"--hf_repo_name {repo_name!r} is not a Hub repo id: {reason}") from None
     token = get_token()
     if not token:
         raise ConvertError(
@@ -90,11 +96,22 @@ def create_hub_repo(repo_name: str, private: bool) -> tuple[Any, str]:
     api = HfApi(token=token)
     try:
         repo = api.create_repo(repo_name, private=private, exist_ok=True, repo_type="model")
+        repo_id = getattr(repo, "repo_id", repo_name)
+        # create_repo leaves an existing repo as it is, public or not
+        public = private and not api.repo_info(repo_id, repo_type="model").private
     except Exception as e:  # network, auth and HTTP errors have many types
         raise TransferError(
             f"--push_to_hub: cannot create the Hub repo {repo_name}: {first_line(e)}"
         ) from None
-    return api, getattr(repo, "repo_id", repo_name)
+    if public:
+        raise ConvertError(
+            f"--private: the Hub repo {repo_id} exists and is public; make it private in its "
+            "settings on the Hub, or push without --private"
+        )
+    return api, repo_id
+
+
+_WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json", "original/*")
 
 
 def upload_to_hub(api: Any, folder: Path, repo_id: str, log: Log = print_line) -> None:
@@ -106,6 +123,9 @@ def upload_to_hub(api: Any, folder: Path, repo_id: str, log: Log = print_line) -
             repo_id=repo_id,
             repo_type="model",
             commit_message="Upload model exported by titan's dcp_to_llama.py",
+            # weights of an earlier push that this export does not overwrite (another
+            # shard count, a Meta copy) would otherwise stay beside the new ones
+            delete_patterns=[*_WEIGHT_FILES],
         )
     except Exception as e:  # network, auth and HTTP errors have many types
         raise TransferError(f"--push_to_hub: upload to {repo_id} failed: {first_line(e)}") from None

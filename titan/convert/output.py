@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from titan.checkpoint import MARKER
+from titan.checkpoint import MARKER, storage
 from titan.convert.common import ConvertError, first_line, listing
 
 PARTIAL = ".partial"
@@ -47,19 +47,38 @@ def _partial(folder: Path) -> str | None:
     return None
 
 
+def _training_step(folder: Path) -> str | None:
+    """What makes `folder` a training run's checkpoint, in words; None if it is not one."""
+    if (folder / MARKER).is_file():
+        kind = storage.read_marker(folder).get("kind")
+        return None if kind == storage.CONVERTED else f"a {kind or 'training'} checkpoint"
+    if storage.STEP_DIR.match(folder.name) and (folder / ".metadata").is_file():
+        return "a training checkpoint step"
+    return None
+
+
 def check_output(folder: Path, overwrite: bool, inputs: list[Path]) -> None:
-    """Refuse (ConvertError) an output folder that is an input or inside one, that is not
-    a directory, or that is not empty, unless `overwrite`, which replaces only files these
-    tools write. Creates and removes nothing."""
-    resolved = folder.resolve()
+    """Refuse (ConvertError) an output folder that is an input, inside one or above one,
+    that is not a directory, or that is not empty, unless `overwrite`, which replaces only
+    files these tools write, and never a training checkpoint. Creates and removes nothing."""
+    resolved, inputs = folder.resolve(), [inp.resolve() for inp in inputs]
     for inp in inputs:
-        inp = inp.resolve()
-        if resolved == inp or resolved in inp.parents:
+        if inp.is_relative_to(resolved):
             raise ConvertError(f"--output_dir {folder} would overwrite the input {inp}")
+    for inp in inputs:
+        if resolved.is_relative_to(inp):
+            raise ConvertError(
+                f"--output_dir {folder} is inside the input {inp}; choose a folder outside it"
+            )
     if folder.exists() and not folder.is_dir():
         raise ConvertError(f"--output_dir {folder} exists and is not a directory")
     if not folder.is_dir() or not any(folder.iterdir()):
         return
+    if overwrite and (step := _training_step(folder)):
+        raise ConvertError(
+            f"--output_dir {folder} is {step}, which --overwrite never replaces; "
+            "choose another directory"
+        )
     if not overwrite:
         if partial := _partial(folder):
             raise ConvertError(

@@ -115,6 +115,10 @@ class HFSource:
         index = folder / "model.safetensors.index.json"
         if index.is_file():
             weight_map = read_json(index).get("weight_map", {})
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(f, str) for f in weight_map.values()
+            ):
+                raise ConvertError(f"{index}: weight_map is not a mapping of names to files")
             files = sorted({folder / f for f in weight_map.values()})
         else:
             files = sorted(folder.glob("*.safetensors"))

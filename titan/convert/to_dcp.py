@@ -32,9 +32,12 @@ from titan.convert.common import (
     print_line,
     quiet_dcp,
     summary,
+    unwrapped,
+    write_error,
 )
 from titan.convert.output import prepare_output
 from titan.convert.sources import HFSource, MetaSource, detect_layout
+from titan.files import written_atomically
 from titan.models import keymap
 from titan.models.llama import FLAVORS, ModelArgs, param_shapes
 
@@ -108,7 +111,7 @@ def llama_to_dcp(
     out_dtype = None if dtype == "auto" else DTYPES[dtype]
     dtypes = {n: out_dtype or source.dtypes[n] for n in names}
     total_bytes = sum(nbytes(source.shapes[n], dtypes[n]) for n in names)
-    prepare_output(output_dir, overwrite, [input_dir])
+    prepare_output(output_dir, overwrite, [input_dir, folder])
 
     progress = Progress(len(names), total_bytes, log)
 
@@ -128,12 +131,15 @@ def llama_to_dcp(
             dcp.save(
                 plan, storage_writer=writer, planner=_StreamingSavePlanner(produce), no_dist=True
             )
-    except CheckpointException as e:  # wraps errors raised while producing tensors
-        raise ConvertError(first_line(e)) from None
+    except CheckpointException as e:  # wraps errors producing tensors and writing them
+        if isinstance(unwrapped(e), ConvertError):
+            raise ConvertError(first_line(e)) from None
+        raise write_error(output_dir, e) from None
     finally:
         source.close()
     params = keymap.meta_params_from_args(out_args) | {"max_seq_len": out_args.max_seq_len}
-    (output_dir / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+    with written_atomically(output_dir / "params.json", durable=True) as tmp:
+        tmp.write_text(json.dumps(params, indent=2) + "\n")  # on disk before the marker
     # the last file written: the directory counts as a conversion only from here on
     files = sorted(p.name for p in output_dir.glob("*.distcp"))
     storage.complete(

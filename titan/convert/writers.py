@@ -4,14 +4,17 @@ safetensors shards (headers known up front, data appended in order) and Meta's
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import mmap
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from titan.convert.common import ST_NAMES, RemappedMap, byte_groups, nbytes
+from titan.convert.common import ST_NAMES, RemappedMap, byte_groups, nbytes, write_error
 
 Entry = tuple[str, tuple[int, ...], torch.dtype]  # (name, shape, dtype)
 
@@ -60,13 +63,20 @@ class SafetensorsShardWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         index, (expected, shape, dtype) = next(self._order)
         assert (name, tuple(tensor.shape), tensor.dtype) == (expected, shape, dtype), name
-        if self._file is None:
-            self._open(index)
-        self._file.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
-        self._remaining -= 1
-        if self._remaining == 0:
-            self._file.close()
-            self._file = None
+        try:
+            if self._file is None:
+                self._open(index)
+            self._file.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+            self._remaining -= 1
+            if self._remaining == 0:
+                self._file.close()
+                self._file = None
+        except OSError as e:  # a full disk, mostly
+            if self._file is not None:
+                with contextlib.suppress(OSError):  # its buffer cannot be written either
+                    self._file.close()
+                self._file = None
+            raise write_error(self.files[index].parent, e) from None
 
     def write_index(self) -> None:
         if len(self.files) > 1:
@@ -79,6 +89,18 @@ class SafetensorsShardWriter:
             self._file.close()
 
 
+def _reserve(path: Path) -> None:
+    """Allocate the disk blocks of a file laid out with holes, so that a full disk is an
+    OSError here and not a SIGBUS while its memory map is filled; a file system that
+    cannot allocate ahead is left as it is."""
+    with path.open("rb+") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, path.stat().st_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise write_error(path.parent, e) from None
+
+
 class MetaCheckpointWriter:
     """Writes Meta's `consolidated.00.pth` without holding the model in memory: the file
     is laid out with `torch.serialization.skip_data` (storages left unwritten), then
@@ -88,8 +110,12 @@ class MetaCheckpointWriter:
         self.path = path
         # torch.empty reserves address space only; skip_data never touches the bytes.
         skeleton = {name: torch.empty(shape, dtype=dtype) for name, shape, dtype in entries}
-        with torch.serialization.skip_data():
-            torch.save(skeleton, path)
+        try:
+            with torch.serialization.skip_data():
+                torch.save(skeleton, path)
+        except RuntimeError as e:  # torch's zip writer: 'unexpected pos' on a full disk
+            raise write_error(path.parent, e) from None
+        _reserve(path)
         self._map = RemappedMap(self._open_map)
 
     def _open_map(self) -> dict[str, torch.Tensor]:

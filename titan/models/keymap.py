@@ -200,6 +200,29 @@ def hf_config_from_args(args: ModelArgs, dtype: str = "bfloat16") -> dict:
     }
 
 
+def _checked(args: ModelArgs, file: str) -> ModelArgs:
+    """`args` if every field read from `file` has a usable type and value; else ValueError
+    naming the first one that does not."""
+    counts = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of")
+    for field in (*counts, "max_seq_len", "rope_original_context"):
+        value = getattr(args, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{file}: {field} is {value!r}; a positive integer is needed")
+    reals = ("norm_eps", "rope_theta", "rope_scale_factor", "rope_low_freq_factor")
+    for field in (*reals, "rope_high_freq_factor", "ffn_dim_multiplier"):
+        value = getattr(args, field)
+        if field == "ffn_dim_multiplier" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ValueError(f"{file}: {field} is {value!r}; a positive number is needed")
+    if args.dim % args.n_heads or args.n_heads % args.n_kv_heads:
+        raise ValueError(
+            f"{file}: {args.n_heads} heads ({args.n_kv_heads} kv) do not divide dim {args.dim} "
+            "(or the kv heads do not divide the heads)"
+        )
+    return args
+
+
 def args_from_hf_config(cfg: Mapping) -> ModelArgs:
     """`ModelArgs` from an HF Llama `config.json` (old `rope_scaling` or new
     `rope_parameters` spelling). Raises ValueError for what our model cannot represent."""
@@ -209,6 +232,9 @@ def args_from_hf_config(cfg: Mapping) -> ModelArgs:
         if cfg.get(key, ok) != ok:
             raise ValueError(f"config.json has {key} = {cfg[key]!r}; Llama-3 needs {ok!r}")
     dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    for key, value in (("hidden_size", dim), ("num_attention_heads", n_heads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"config.json: {key} is {value!r}; a positive integer is needed")
     if cfg.get("head_dim") not in (None, dim // n_heads):
         raise ValueError(f"config.json has head_dim {cfg['head_dim']} != hidden/heads")
     params = cfg.get("rope_parameters") or {}
@@ -217,6 +243,8 @@ def args_from_hf_config(cfg: Mapping) -> ModelArgs:
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
     scaling = params if params.get("rope_type") not in (None, "default") else None
     scaling = scaling or cfg.get("rope_scaling") or None
+    if scaling is not None and not isinstance(scaling, Mapping):
+        raise ValueError(f"config.json: rope_scaling is {scaling!r}; a mapping is needed")
     multiple_of, mult = ffn_params_for_hidden(dim, cfg["intermediate_size"])
     args = ModelArgs(
         dim=dim,
@@ -242,7 +270,7 @@ def args_from_hf_config(cfg: Mapping) -> ModelArgs:
             rope_high_freq_factor=float(scaling["high_freq_factor"]),
             rope_original_context=int(scaling["original_max_position_embeddings"]),
         )
-    return args
+    return _checked(args, "config.json")
 
 
 # Optional params.json keys for RoPE scaling (written only when not Llama-3.1's values).
@@ -293,4 +321,4 @@ def args_from_meta_params(
         max_seq_len=params.get("max_seq_len", max_seq_len),
     )
     extras = {f: params[k] for k, f in _META_ROPE_KEYS.items() if params.get(k) is not None}
-    return dataclasses.replace(args, **extras)
+    return _checked(dataclasses.replace(args, **extras), "params.json")
