@@ -103,6 +103,21 @@ def test_every_recipe_loads():
         (["--activation_checkpoint.mode=fulll"], "(did you mean 'full'?)"),
         (["--float8.enable_float8_linear"], "float8 training is not implemented"),
         (["--job.config_file=/nonexistent.toml"], "no such file"),
+        (["--job.dryrun"], "unknown config key 'job.dryrun' (did you mean 'job.dry_run'?)"),
+        (["--optimizer.beta1=2"], "optimizer.beta1 = 2.0: must be in [0, 1)"),
+        (["--optimizer.eps=-1"], "optimizer.eps = -1.0: must be a positive finite number"),
+        (["--optimizer.lr=inf"], "optimizer.lr = inf: must be a positive finite number"),
+        (["--optimizer.weight_decay=-1"], "optimizer.weight_decay = -1.0: must be a finite"),
+        (["--training.max_norm=nan"], "training.max_norm = nan: must be a number, not NaN"),
+        (["--training.seed=-1"], "training.seed = -1: must be in 0 .. 2**63 - 1"),
+        (["--checkpoint.load_step=-7"], "checkpoint.load_step = -7: must be -1 (the newest)"),
+        (["--activation_checkpoint.selective_ac_option=²"], "must be 'attn', 'op' or a"),
+        (["--activation_checkpoint.memory_headroom=1"], "memory_headroom = 1.0: must be in"),
+        (["--activation_checkpoint.memory_limit_gib=inf"], "memory_limit_gib = inf: must be"),
+        (
+            ["--validation.enable", "--training.steps=100"],
+            "validation.freq = 500 exceeds training.steps = 100: validation would never run",
+        ),
     ],
 )
 def test_bad_input_is_a_config_error(argv, message):
@@ -115,6 +130,9 @@ def test_wrong_type_in_toml(tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text('[training]\nbatch_size = "four"\n')
     with pytest.raises(ConfigError, match="training.batch_size = 'four': expected an integer"):
+        load_config(["--job.config_file", str(recipe)])
+    recipe.write_bytes(b'[job]\ndescription = "caf\xe9"\n')  # Latin-1, not UTF-8
+    with pytest.raises(ConfigError, match="r.toml: not UTF-8 text"):
         load_config(["--job.config_file", str(recipe)])
 
 
@@ -152,6 +170,9 @@ def test_help_lists_every_key_with_its_docstring():
     assert result.returncode == 0
     assert "--training.seq_len (int, default 2048)" in result.stdout
     assert "Tokens per sequence" in result.stdout
+    launched = run_train(["--help"], nproc=2, launcher="titan.launch", timeout=120)
+    assert launched.returncode == 0, launched.stderr  # the launcher's check lets --help through
+    assert "--training.seq_len (int, default 2048)" in launched.stdout
 
 
 def test_gpt_neuro_recipe_dry_run(tmp_path):

@@ -14,11 +14,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import run_train
 from datasets import Dataset, DatasetDict, NamedSplit
 from datasets.table import InMemoryTable
 
 from titan.config import ConfigError, JobConfig
-from titan.data import build_dataloader, prepare_dataset, tokenize_row
+from titan.data import build_dataloader, prepare_dataset, synthetic, tokenize_row
 
 GOOD = [[[1, 2, 3], [4, 5, 6]], [[7, 8, 9, 10]]]
 BAD = {
@@ -85,11 +86,13 @@ def test_bad_rows_are_skipped_and_counted(tmp_path, streaming, caplog):
         assert reason in caplog.text
 
 
-def test_only_bad_rows_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_only_bad_rows_is_a_clear_error_after_one_epoch(tmp_path, streaming):
     path = save(tmp_path / "allbad", {"train": table([BAD["ragged"], BAD["no neurons"]])})
-    loader = build_dataloader(cfg_for(path), 0, 1)
-    with pytest.raises(ConfigError, match="no usable row in a whole epoch"):
+    loader = build_dataloader(cfg_for(path, streaming=streaming), 0, 1)
+    with pytest.raises(ConfigError, match=r"no usable row in a whole epoch \(2 bad"):
         next(loader)
+    assert loader.bad_rows == 2  # a fresh start stops after its first epoch, not its second
 
 
 def test_an_epoch_of_only_bad_rows_for_one_rank_is_not_the_end(tmp_path):
@@ -104,6 +107,28 @@ def test_an_epoch_of_only_bad_rows_for_one_rank_is_not_the_end(tmp_path):
             next(loader)
         assert loader.state_dict()["epoch"] > 60
         loader.close()
+
+
+def test_a_data_error_of_one_rank_is_named(tmp_path):
+    """Streamed with a filter, the kept source lies in the first row group only, which
+    goes to rank 0: rank 1 alone finds no row. Rank 0 then fails in a collective (its
+    traceback), and the launcher still ends with the line that says why."""
+    data = tmp_path / "one_source.parquet"
+    rows = table([[[i % 200, 1, 2]] for i in range(32)], sources=["a"] * 4 + ["b"] * 28)
+    pq.write_table(rows, data, row_group_size=4)
+    result = run_train(
+        ["--job.config_file=train_configs/debug_model.toml", f"--job.dump_folder={tmp_path}",
+         "--training.dataset=custom", f"--training.dataset_path={data}", "--data.streaming",
+         "--data.no_shuffle", "--data.source_datasets=a", "--training.seq_len=16",
+         "--training.batch_size=1", "--training.steps=3", "--checkpoint.no_enable_checkpoint",
+         "--model.attn_impl=sdpa"],
+        nproc=2,
+        launcher="titan.launch",
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "rank 1 of 2 found no usable row" in last, last
 
 
 # ----------------------------------------------------------------------------- bad sources
@@ -169,6 +194,11 @@ def test_source_filter(tmp_path):
     with pytest.raises(ConfigError) as e:
         build_dataloader(cfg, 0, 1)
     assert "no row has source_dataset in ['c']; it has: a, b" in one_line(e)
+    nulls = save(tmp_path / "nulls", {"train": table(GOOD, sources=["a", None])})
+    cfg.training.dataset_path = nulls
+    with pytest.raises(ConfigError) as e:
+        build_dataloader(cfg, 0, 1)
+    assert "it has: a, (no source_dataset)" in one_line(e)
     nosrc = save(tmp_path / "nosrc", {"train": table(GOOD)})
     cfg.training.dataset_path = nosrc
     with pytest.raises(ConfigError, match="no column 'source_dataset'"):
@@ -285,16 +315,21 @@ def test_prepare_generates_synthetic_once(tmp_path, monkeypatch, caplog):
     cfg = cfg_for(None, dataset="synthetic")
     cfg.data.synthetic_rows = 6
     prepare_dataset(cfg)
-    out = tmp_path / "data_cache" / "synthetic"
+    out = tmp_path / "data_cache" / "synthetic-6rows-seed0"
     assert (out / "dataset_dict.json").is_file()
     stamp = (out / "train" / "state.json").stat().st_mtime_ns
     prepare_dataset(cfg)  # idempotent: nothing rewritten
     assert (out / "train" / "state.json").stat().st_mtime_ns == stamp
     x, y = next(build_dataloader(cfg, 0, 1))
     assert x.shape == (1, 4)
+    # another size (a recipe with more rows) gets its own folder, never the first one
     cfg.data.synthetic_rows = 7
     prepare_dataset(cfg)
-    assert "not the configured 7 rows" in caplog.text
+    assert synthetic.read_params(tmp_path / "data_cache" / "synthetic-7rows-seed0")["rows"] == 7
+    # a dataset_path generated with other settings is used as it is, with a warning
+    cfg.training.dataset_path, cfg.data.synthetic_rows = str(out), 8
+    prepare_dataset(cfg)
+    assert "not the configured 8 rows" in caplog.text
 
 
 def test_prepare_is_atomic(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from datasets import load_from_disk
 
 from titan.data.synthetic import generate, main, read_params
@@ -87,3 +88,13 @@ def test_command_line(tmp_path, capsys):
     )
     assert proc.returncode == 0, proc.stderr
     assert len(load_from_disk(str(tmp_path / "m"))["train"]) == 2
+    for bad, words in [
+        (["--rows", "0"], "--rows 0: must be at least 1"),
+        (["--sources", "0"], "--sources 0: must be at least 1"),
+        (["--seed", "-3"], "--seed -3: must be >= 0"),
+        (["--neurons", "4", "2"], "--neurons 4 2: need 1 <= MIN <= MAX"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(["--out", str(tmp_path / "never"), *bad])
+        assert e.value.code == 2 and words in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()

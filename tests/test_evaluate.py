@@ -158,6 +158,12 @@ def test_evaluation_bad_inputs(trained, synthetic_dir, tmp_path):
     run = _evaluate(_args(tmp_path, synthetic_dir), 1)
     assert run["rc"] == 2 and run["err"].count("\n") == 1, run["err"]
     assert "no complete checkpoint in" in run["err"] and "--eval.checkpoint" in run["err"]
+    assert not (tmp_path / "checkpoint").exists()  # evaluation creates no folder
+    out = tmp_path / "dry" / "results.json"
+    run = _evaluate(_args(trained, synthetic_dir, "--job.dry_run", f"--eval.output={out}"), 1)
+    assert run["rc"] == 0, run["err"]
+    assert f"dry run: would evaluate {trained / 'checkpoint' / 'step-6'}" in run["out"]
+    assert not out.parent.exists() and "Loaded the model weights" not in run["out"]
     step_dir = trained / "checkpoint" / "step-6"
     wrong = _args(tmp_path, synthetic_dir, f"--eval.checkpoint={step_dir}",
                   "--training.vocab_size=512")  # fmt: skip

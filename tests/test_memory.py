@@ -18,6 +18,9 @@ import ctypes
 import dataclasses
 import gc
 import os
+import re
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -25,7 +28,9 @@ import torch
 from conftest import ROOT, TRAIN_ENV, run_train
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from titan.memory import POLICIES, GiB, activation_bytes, plan_policies
+from titan.config import load_config
+from titan.distributed import ParallelDims
+from titan.memory import POLICIES, GiB, activation_bytes, plan_memory, plan_policies
 from titan.models.llama import Transformer, build_model_args
 from titan.parallelize import apply_ac
 
@@ -151,9 +156,6 @@ RECIPES = ["primate_8b_131k", "synthetic_8b_131k", "synthetic_primate_8b_131k",
 
 
 def test_8b_recipes_dry_run_plans_for_three_gpus():
-    import subprocess
-    import sys
-
     for recipe in RECIPES:
         result = subprocess.run(
             [
@@ -175,6 +177,68 @@ def test_8b_recipes_dry_run_plans_for_three_gpus():
             assert "world 64" in line and "blocks: " in line, line
         assert "activations kept (all blocks)" in result.stdout
     assert os.environ.get("WORLD_SIZE") is None  # the tests' own environment is untouched
+
+
+def _dry_run(*overrides: str, world: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in TRAIN_ENV.items() if k != "WORLD_SIZE"}
+    return subprocess.run(
+        [sys.executable, "train.py", "--job.dry_run", *overrides],
+        cwd=ROOT,
+        env=env if world is None else {**env, "WORLD_SIZE": world},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_dry_run_plans_as_a_start_there_would():
+    """A GPU named in plan_for gets the run's parameter dtype and memory_limit_gib; this
+    machine's plan that cannot fit under `auto` is refused as a start is; the world size
+    comes from a valid WORLD_SIZE."""
+    recipe = "--job.config_file=train_configs/primate_8b_131k.toml"
+
+    def plan(*overrides: str) -> str:
+        result = _dry_run(recipe, "--job.plan_for=h100-80gb", *overrides, world="8")
+        assert result.returncode == 0, result.stderr
+        return next(x for x in result.stdout.splitlines() if "memory plan for h100-80gb" in x)
+
+    bf16, fp32 = plan(), plan("--training.mixed_precision_param=float32")
+    total = re.compile(r": ([\d.]+) GiB estimated of ([\d.]+) GiB usable \(([\d.]+) GiB total")
+    (b_est, b_usable, b_total), (f_est, _, _) = (total.search(x).groups() for x in (bf16, fp32))
+    assert float(f_est) > float(b_est) and float(b_total) > 79
+    limited = total.search(plan("--activation_checkpoint.memory_limit_gib=10")).groups()
+    assert float(limited[2]) == 10.0
+
+    debug = "--job.config_file=train_configs/debug_model.toml"
+    tiny = ("--activation_checkpoint.mode=auto", "--activation_checkpoint.memory_limit_gib=0.08")
+    for result, words in [
+        (_dry_run(debug, *tiny), "needs about"),
+        (_dry_run(debug, world="abc"), "WORLD_SIZE = 'abc': must be a positive integer"),
+        (_dry_run(debug, world="0"), "WORLD_SIZE = '0': must be a positive integer"),
+        (
+            _dry_run(debug, "--training.data_parallel_replicate_degree=2"),
+            "needs the world size: run the dry run as WORLD_SIZE=N",
+        ),
+    ]:
+        assert result.returncode == 2, result.stdout[-2000:]
+        err = result.stderr.strip()
+        assert "\n" not in err and words in err and "Traceback" not in result.stdout, err
+
+
+def test_advice_for_a_huge_batch_comes_at_once():
+    """The largest micro-batch that fits is found by bisection, not by trying each."""
+    cfg = load_config(["--job.config_file=train_configs/debug_model.toml"])
+    cfg.training.batch_size = 10**9
+    cfg.activation_checkpoint.mode = "auto"
+    args = build_model_args("debugmodel", 256, cfg.training.seq_len)
+    dims = ParallelDims.from_config(cfg, 1, "cpu")
+    plan = plan_memory(cfg, args, dims, 2 * GiB, torch.float32)
+    assert not plan.fits
+    fitting = int(re.search(r"training.batch_size = (\d+)", plan.advice).group(1))
+    cfg.training.batch_size = fitting
+    assert plan_memory(cfg, args, dims, 2 * GiB, torch.float32).fits
+    cfg.training.batch_size = fitting + 1
+    assert not plan_memory(cfg, args, dims, 2 * GiB, torch.float32).fits
 
 
 def test_auto_plan_that_cannot_fit_stops_with_one_line(tmp_path, synthetic_dir):

@@ -103,17 +103,26 @@ class ParallelDims:
 
 
 def env_rank() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) without it."""
-    return (
-        int(os.environ.get("RANK", 0)),
-        int(os.environ.get("LOCAL_RANK", 0)),
-        int(os.environ.get("WORLD_SIZE", 1)),
-    )
+    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) without it
+    (or for a value that is not a number: `launched_world_size` reports a bad WORLD_SIZE)."""
+
+    def number(name: str, default: int) -> int:
+        try:
+            return int(os.environ.get(name, default))
+        except ValueError:
+            return default
+
+    return number("RANK", 0), number("LOCAL_RANK", 0), number("WORLD_SIZE", 1)
 
 
 def launched_world_size() -> int | None:
     """WORLD_SIZE when a launcher (torchrun, or the user for a dry run) set it, else None."""
-    return int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
+    if "WORLD_SIZE" not in os.environ:
+        return None
+    text = os.environ["WORLD_SIZE"]
+    if not (text.strip().isascii() and text.strip().isdigit() and int(text) > 0):
+        raise ConfigError(f"WORLD_SIZE = {text!r}: must be a positive integer (the ranks)")
+    return int(text)
 
 
 def local_world_size() -> int:

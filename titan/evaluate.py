@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tabulate import tabulate
 
+from titan.checkpoint.resume import newest_weights
 from titan.cli import run_command
 from titan.config import ConfigError, JobConfig
 from titan.data.held_out import IGNORE, HeldOut
@@ -35,6 +37,8 @@ from titan.data.tokenizer import SEPARATOR
 from titan.distributed import ParallelDims, env_rank
 from titan.files import written_atomically
 from titan.logging import init_logger, logger
+from titan.models.llama import build_model_args
+from titan.preflight import check_inputs, checkpoint_folder
 from titan.run import build_run
 
 
@@ -123,17 +127,37 @@ def check_output(out: Path, key: str) -> None:
     parent = next((p for p in out.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise ConfigError(f"{key} {out}: {parent} is a file, not a folder")
+    if parent is not None and not os.access(parent, os.W_OK):
+        raise ConfigError(f"{key} {out}: {parent} cannot be written; choose --eval.output")
+
+
+def planned(cfg: JobConfig) -> tuple[Path, Path]:
+    """(the checkpoint to evaluate, the results file), both checked before any work."""
+    if cfg.eval.checkpoint:
+        path = Path(cfg.eval.checkpoint)
+    else:
+        path = newest_weights(checkpoint_folder(cfg), cfg.checkpoint.load_step)
+    out = results_path(cfg, path)
+    check_output(out, "eval.output" if cfg.eval.output else "the results file")
+    return path, out
+
+
+def _write(out: Path, result: dict[str, Any]) -> None:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with written_atomically(out) as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write the results file {out} ({e.strerror}); the table above has them"
+        ) from None
 
 
 def run_evaluation(cfg: JobConfig) -> dict[str, Any]:
     """Everything `evaluate.py` does; returns the results (on every rank)."""
     begin = time.perf_counter()
+    path, out = planned(cfg)
     with build_run(cfg, train=False) as run:
-        path = (
-            Path(cfg.eval.checkpoint) if cfg.eval.checkpoint else run.checkpointer.newest_weights()
-        )
-        out = results_path(cfg, path)
-        check_output(out, "eval.output" if cfg.eval.output else "the results file")
         run.checkpointer.load_weights(path)
         data = HeldOut.open(cfg, cfg.eval.split)
         batch = cfg.eval.batch_size if cfg.eval.batch_size > 0 else cfg.training.batch_size
@@ -150,23 +174,29 @@ def run_evaluation(cfg: JobConfig) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - begin, 2),
     }
     if run.rank == 0:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with written_atomically(out) as tmp:
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
         whole = (
             "the whole split"
             if n_windows == data.num_windows
             else f"{n_windows} of {data.num_windows} windows"
         )
-        logger.info(
+        logger.info(  # first, so that a failed write loses nothing
             f"Evaluated {path} on {data.label} ({whole}, {result['tokens']:,} labels) in "
-            f"{result['seconds']:.1f} s:\n{results_table(result)}\nResults: {out}"
+            f"{result['seconds']:.1f} s:\n{results_table(result)}"
         )
+        _write(out, result)
+        logger.info(f"Results: {out}")
     return result
 
 
 def _evaluate(cfg: JobConfig) -> None:
     init_logger(env_rank()[0])
+    if cfg.job.dry_run:  # the checks of a real start; nothing is loaded or written
+        t = cfg.training
+        args = build_model_args(cfg.model.flavor, t.vocab_size, t.seq_len)
+        check_inputs(cfg, args, training=False)
+        path, out = planned(cfg)
+        logger.info(f"dry run: would evaluate {path} on the {cfg.eval.split} split and write {out}")
+        return
     run_evaluation(cfg)
 
 

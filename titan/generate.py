@@ -216,8 +216,12 @@ def read_row(dataset: str | None, dataset_path: str | None, split: str, row: int
     cfg = JobConfig()
     cfg.training.dataset = dataset or "dataset_path"
     cfg.training.dataset_path = dataset_path
-    src = sources.resolve_source(cfg)
-    ds = sources.open_split(src, split, False, [], extra_columns=ID_COLUMNS)
+    try:
+        src = sources.resolve_source(cfg)
+        ds = sources.open_split(src, split, False, [], extra_columns=ID_COLUMNS)
+    except ConfigError as e:  # it names the training keys: name this command's options
+        text = str(e).replace("training.dataset_path", "--dataset_path")
+        raise GenerateError(text.replace("training.dataset", "--dataset")) from None
     if not 0 <= row < len(ds):
         raise GenerateError(
             f"--row {row}: out of range; the {split} split of {src.label} has {len(ds)} rows"

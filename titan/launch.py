@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if Path(args.training_script).name in SCRIPTS:
+    wants_help = {"--help", "-h"} & set(args.training_script_args)
+    if Path(args.training_script).name in SCRIPTS and not wants_help:
         try:
             _precheck(args.training_script, args.training_script_args, _world(args))
         except ConfigError as e:
@@ -108,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
             if status is None or status[0] == EXIT_OK or status[0] not in codes:
                 print(e.format_msg(), file=sys.stderr, flush=True)  # a crash titan did not report
                 return 1
+            first = e.failures.get(0)  # keyed by global rank
+            if first is not None and first.exitcode != status[0]:
+                # another rank ended alone (e.g. its share of the data is empty) and rank 0,
+                # which prints the line, failed otherwise: say why the run ended
+                print(f"error: {status[1]}", file=sys.stderr, flush=True)
             return status[0]
         except SignalException as e:
             status = read_status(status_path)

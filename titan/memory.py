@@ -64,7 +64,7 @@ def gpu_capacity(name: str) -> int:
     key = name.strip().lower()
     if key in GPUS:
         return int(GPUS[key] * GiB)
-    if key.endswith("gib") and key[:-3].replace(".", "", 1).isdigit():
+    if key.endswith("gib") and key[:-3].replace(".", "", 1).isdigit() and float(key[:-3]) > 0:
         return int(float(key[:-3]) * GiB)
     raise ConfigError(
         f"job.plan_for: unknown GPU {name!r}; use one of {', '.join(GPUS)} or a size like 80gib"
@@ -307,8 +307,13 @@ def _advice(
         return plan_memory(c, args, d, capacity, dtype, advise=False).fits
 
     options = []
-    smaller = range(t.batch_size - 1, 0, -1)
-    batch = next((b for b in smaller if fits(b, t.seq_len, dims.dp_shard)), 0)
+    batch, too_big = 0, t.batch_size  # bisection: `batch` fits (or is 0), `too_big` does not
+    while too_big - batch > 1:
+        middle = (batch + too_big) // 2
+        if fits(middle, t.seq_len, dims.dp_shard):
+            batch = middle
+        else:
+            too_big = middle
     if batch:
         options.append(f"training.batch_size = {batch}")
     elif t.batch_size == 1:
@@ -323,6 +328,16 @@ def _advice(
     if shard <= 4096:
         options.append(f"{shard} ranks per replica (training.data_parallel_shard_degree)")
     return " or ".join(options) if options else "no smaller batch or more ranks would fit"
+
+
+def refusal(cfg: JobConfig, plan: MemoryPlan, label: str) -> str:
+    """Why a run does not fit on `label` (a plan that does not fit) and what would."""
+    t = cfg.training
+    return (
+        f"training.seq_len = {t.seq_len} with batch_size {t.batch_size} needs about "
+        f"{gib(plan.total)} per rank but {label} has {gib(plan.usable)} usable; "
+        f"would fit with: {plan.advice}"
+    )
 
 
 def gib(nbytes: int) -> str:

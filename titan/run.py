@@ -36,8 +36,8 @@ from titan.memory import (
     activation_dtype,
     device_capacity,
     format_plan,
-    gib,
     plan_memory,
+    refusal,
 )
 from titan.metrics import MetricsLogger
 from titan.models.llama import ModelArgs, Transformer, build_model_args, flops_per_token, num_params
@@ -198,11 +198,7 @@ def build_model(
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else "this CPU"
     logger.info(format_plan(memory, label))
     if not memory.fits:
-        message = (
-            f"training.seq_len = {t.seq_len} with batch_size {t.batch_size} needs about "
-            f"{gib(memory.total)} per rank but {label} has {gib(memory.usable)} usable; "
-            f"would fit with: {memory.advice}"
-        )
+        message = refusal(cfg, memory, label)
         if cfg.activation_checkpoint.mode == "auto":
             raise ConfigError(message)
         logger.warning(message + " (training anyway: the estimate may be pessimistic)")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from titan.cli import StoppedOnSignal, TrainingDiverged, run_command
-from titan.config import JobConfig
+from titan.config import ConfigError, JobConfig
 from titan.distributed import (
     ParallelDims,
     env_rank,
@@ -35,12 +35,14 @@ from titan.evaluate import evaluate
 from titan.lifecycle import StepWatch, StopSignals
 from titan.logging import init_logger, logger
 from titan.memory import (
+    GiB,
     activation_dtype,
     device_capacity,
     format_plan,
     gib,
     gpu_capacity,
     plan_memory,
+    refusal,
 )
 from titan.metrics import peak_memory_gib
 from titan.models.llama import build_model_args, flops_per_token
@@ -247,11 +249,18 @@ def dry_run(cfg: JobConfig) -> None:
     """Resolve the plan (model on the meta device, mesh, batch, attention kernel, memory
     per GPU) without a process group, after the checks of a real start that write nothing.
     The world size comes from WORLD_SIZE, else from the recipe's explicit degrees."""
+    world = launched_world_size()  # checked first: env_rank() trusts what torchrun sets
     rank, t = env_rank()[0], cfg.training
-    world = launched_world_size()
     if world is None:  # the recipe's explicit degrees, else a single process
-        explicit = t.data_parallel_shard_degree > 0
-        world = t.data_parallel_replicate_degree * t.data_parallel_shard_degree if explicit else 1
+        if t.data_parallel_shard_degree > 0:
+            world = t.data_parallel_replicate_degree * t.data_parallel_shard_degree
+        elif t.data_parallel_replicate_degree > 1:
+            raise ConfigError(
+                f"training.data_parallel_replicate_degree = {t.data_parallel_replicate_degree} "
+                "needs the world size: run the dry run as WORLD_SIZE=N python train.py ..."
+            )
+        else:
+            world = 1
     init_logger(rank)
     check_dry_run(cfg)  # what a real start would refuse (writes nothing)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -259,21 +268,27 @@ def dry_run(cfg: JobConfig) -> None:
     args = build_model_args(cfg.model.flavor, t.vocab_size, t.seq_len)
     kernel = resolve_attention(cfg, args, device, measure_auto=False)
     args = dataclasses.replace(args, attn_impl=kernel.impl)
-    # Plans for the GPUs asked for, else for this machine's device.
-    targets = [(name, gpu_capacity(name), torch.bfloat16) for name in cfg.job.plan_for]
+    # Plans for the GPUs asked for (capped at memory_limit_gib, as a start there would),
+    # else for this machine's device, which a real start would refuse when it cannot fit.
+    limit = int(cfg.activation_checkpoint.memory_limit_gib * GiB)
+    gpu_dtype = activation_dtype(cfg, "cuda")
+    targets = [
+        (name, min(gpu_capacity(name), limit or gpu_capacity(name)), gpu_dtype)
+        for name in cfg.job.plan_for
+    ]
     if not targets:
         label = torch.cuda.get_device_name(device) if device.type == "cuda" else "this CPU"
         targets = [(label, device_capacity(cfg, device, 1), activation_dtype(cfg, device.type))]
-    plans = [
-        format_plan(plan_memory(cfg, args, dims, capacity, dtype), f"{label}, world {world}")
-        for label, capacity, dtype in targets
-    ]
+    plans = [(label, plan_memory(cfg, args, dims, c, dtype)) for label, c, dtype in targets]
+    here_label, here = plans[0]
+    if not cfg.job.plan_for and not here.fits and cfg.activation_checkpoint.mode == "auto":
+        raise ConfigError(refusal(cfg, here, here_label))
     logger.info(
         "dry run: the resolved plan and config follow; nothing is trained\n"
         + plan_table(cfg, args, dims, kernel, None)
         + f"\nFLOPs per token: {flops_per_token(args, t.seq_len, causal=False):.4g} "
         f"(causal-aware {flops_per_token(args, t.seq_len, causal=True):.4g})\n"
-        + "\n".join(plans)
+        + "\n".join(format_plan(plan, f"{label}, world {world}") for label, plan in plans)
         + "\n"
         + cfg.to_json()
     )

@@ -83,8 +83,6 @@ class Checkpointer:
             # while training runs FSDP's. Two threads issuing collectives on one gloo group
             # interleave their messages and abort the job, so saves get their own group.
             self._pg = dist.new_group(backend="gloo")
-        if self.enabled and self.rank == 0:
-            self.folder.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ saving
 
@@ -286,7 +284,8 @@ class Checkpointer:
         model from `initial_load_path`; returns True when a run was resumed. With
         `branch`, resuming an older `load_step` sets the newer steps aside."""
         if self.enabled:
-            if self.rank == 0:
+            if self.rank == 0:  # (here, not earlier: evaluation never creates the folder)
+                self.folder.mkdir(parents=True, exist_ok=True)
                 for path, what in storage.settle_incomplete(self.folder):
                     logger.warning(f"Checkpoint {path.name} had no marker: {what}")
             dist.barrier()
@@ -295,10 +294,6 @@ class Checkpointer:
         if self.cfg.initial_load_path:
             load_initial(self.model, self.cfg.initial_load_path, self.cfg.initial_load_allow)
         return False
-
-    def newest_weights(self) -> Path:
-        """The step directory evaluation reads by default (see `resume.newest_weights`)."""
-        return resume.newest_weights(self)
 
     def load_weights(self, path: Path) -> None:
         """Every model weight of a DCP directory, never the optimizer's state."""

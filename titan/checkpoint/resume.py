@@ -252,21 +252,22 @@ def _log_layout_change(saved: dict[str, int], state: Any, saved_world: int) -> N
         logger.warning(f"Resuming with another layout: {', '.join(changes)}")
 
 
-def newest_weights(ckpt: Checkpointer) -> Path:
-    """The step directory evaluation reads by default: `load_step`, else the newest
-    complete step with model weights (a full save or a model-only export)."""
-    steps = [s for s in storage.list_steps(ckpt.folder) if s.complete]
-    if ckpt.cfg.load_step >= 0:
-        steps = [s for s in steps if s.step == ckpt.cfg.load_step]
+def newest_weights(folder: Path, load_step: int) -> Path:
+    """The step directory of checkpoint folder `folder` that evaluation reads by default:
+    `load_step` (when >= 0), else the newest complete step with model weights (a full save
+    or a model-only export)."""
+    steps = [s for s in storage.list_steps(folder) if s.complete]
+    if load_step >= 0:
+        steps = [s for s in steps if s.step == load_step]
         if not steps:
             raise ConfigError(
-                f"checkpoint.load_step = {ckpt.cfg.load_step}: no complete checkpoint of "
-                f"that step in {ckpt.folder}"
+                f"checkpoint.load_step = {load_step}: no complete checkpoint of that step in "
+                f"{folder}"
             )
     steps = [s for s in steps if s.kind in (storage.FULL, storage.MODEL_ONLY)]
     if not steps:
         raise ConfigError(
-            f"no complete checkpoint in {ckpt.folder}; train first, or name one with "
+            f"no complete checkpoint in {folder}; train first, or name one with "
             "--eval.checkpoint PATH"
         )
     return steps[-1].path

@@ -152,22 +152,29 @@ def _coerce(key: str, value: Any, tp: Any, from_cli: bool) -> Any:
     raise AssertionError(f"unsupported config type {tp} for {key}")
 
 
-def _set(cfg: JobConfig, dotted: str, value: Any, from_cli: bool) -> None:
+def _field_type(dotted: str) -> Any:
+    """The declared type of `section.key`; ConfigError naming an unknown section or key
+    (with the closest existing one)."""
     section, _, key = dotted.partition(".")
     if section not in SECTIONS:
         raise ConfigError(
             f"unknown config section '{section}'{_suggest(section, list(SECTIONS))}; "
             f"sections are: {', '.join(SECTIONS)}"
         )
-    obj = getattr(cfg, section)
-    types_ = _field_types(type(obj))
+    types_ = _field_types(SECTIONS[section])
     if key not in types_:
         close = difflib.get_close_matches(key, list(types_), n=1, cutoff=0.6)
         hint = f" (did you mean '{section}.{close[0]}'?)" if close else ""
         raise ConfigError(
             f"unknown config key '{dotted}'{hint}; [{section}] has: {', '.join(types_)}"
         )
-    setattr(obj, key, _coerce(dotted, value, types_[key], from_cli))
+    return types_[key]
+
+
+def _set(cfg: JobConfig, dotted: str, value: Any, from_cli: bool) -> None:
+    tp = _field_type(dotted)
+    section, _, key = dotted.partition(".")
+    setattr(getattr(cfg, section), key, _coerce(dotted, value, tp, from_cli))
 
 
 def _load_toml(path: str) -> dict[str, Any]:
@@ -179,6 +186,10 @@ def _load_toml(path: str) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text (TOML files are UTF-8)") from None
+    except OSError as e:
+        raise ConfigError(f"job.config_file = {path!r}: cannot read it ({e.strerror})") from None
 
 
 def _parse_cli(argv: list[str]) -> list[tuple[str, Any]]:
@@ -212,6 +223,7 @@ def _parse_cli(argv: list[str]) -> list[tuple[str, Any]]:
             pairs.append((f"{section}.{key}", argv[i + 1]))
             i += 2
         else:
+            _field_type(f"{section}.{key}")  # a misspelled flag: say that, not "needs a value"
             raise ConfigError(f"--{name} needs a value (--{name}=VALUE)")
     return pairs
 
@@ -273,6 +285,11 @@ def check_combinations(cfg: JobConfig) -> None:
         raise ConfigError(
             f"validation.split = {cfg.validation.split!r} is the split training reads "
             "(data.split); validate on the other one"
+        )
+    if cfg.validation.enable and cfg.validation.freq > cfg.training.steps:
+        raise ConfigError(
+            f"validation.freq = {cfg.validation.freq} exceeds training.steps = "
+            f"{cfg.training.steps}: validation would never run; lower validation.freq"
         )
     if cfg.profiling.enable_profiling and cfg.profiling.profile_freq > cfg.training.steps:
         raise ConfigError(

@@ -3,7 +3,9 @@ allowed values and a docstring (the string under it, which `--help` shows).
 
 Allowed values live on the field: `typing.Literal[...]` for a fixed set of strings and
 `Annotated[int, Rule(...)]` for ranges, checked whenever a value is set from a recipe or
-the command line (`titan.config.loading`). Checks that relate several fields live in
+the command line (`titan.config.loading`). A rule that uses a module (e.g. `math`) is a
+module-level alias: `typing.get_type_hints` evaluates a class's annotations with the class
+namespace as globals. Checks that relate several fields live in
 `titan.config.loading.check_combinations`.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -26,8 +29,11 @@ class Rule:
 
 PositiveInt = Annotated[int, Rule(lambda v: v > 0, "a positive integer")]
 NonNegativeInt = Annotated[int, Rule(lambda v: v >= 0, ">= 0")]
-PositiveFloat = Annotated[float, Rule(lambda v: v > 0, "positive")]
+PositiveFloat = Annotated[float, Rule(lambda v: 0 < v < math.inf, "a positive finite number")]
+NonNegativeFloat = Annotated[float, Rule(lambda v: 0 <= v < math.inf, "a finite number >= 0")]
 Fraction = Annotated[float, Rule(lambda v: 0 <= v <= 1, "in [0, 1]")]
+Beta = Annotated[float, Rule(lambda v: 0 <= v < 1, "in [0, 1)")]
+ClipNorm = Annotated[float, Rule(lambda v: not math.isnan(v), "a number, not NaN")]
 Dtype = Literal["float32", "bfloat16"]
 
 AttnImpl = Literal["auto", "sdpa", "sdpa_cudnn", "sdpa_flash", "flash4", "flash3", "flash2"]
@@ -93,13 +99,13 @@ class Optimizer:
     """Optimizer; only AdamW is implemented."""
     lr: PositiveFloat = 3e-4
     """Peak learning rate, reached at the end of warmup."""
-    beta1: float = 0.9
+    beta1: Beta = 0.9
     """AdamW beta1."""
-    beta2: float = 0.95
+    beta2: Beta = 0.95
     """AdamW beta2."""
-    eps: float = 1e-8
+    eps: PositiveFloat = 1e-8
     """AdamW epsilon."""
-    weight_decay: float = 0.1
+    weight_decay: NonNegativeFloat = 0.1
     """Decoupled weight decay on matrices (not on norms)."""
     fused: bool = True
     """Use the fused AdamW kernel when the device supports it."""
@@ -129,7 +135,7 @@ class Training:
     """Vocabulary size; 256 for spike-count tokens."""
     warmup_steps: NonNegativeInt = 200
     """Linear learning-rate warmup steps."""
-    max_norm: float = 1.0
+    max_norm: ClipNorm = 1.0
     """Clip the global gradient norm to this value (<= 0 disables clipping)."""
     steps: PositiveInt = 10000
     """Total optimizer steps."""
@@ -147,7 +153,7 @@ class Training:
     """Dataset: primate, rodent, synthetic, or a name used with dataset_path."""
     dataset_path: str | None = None
     """Local directory, parquet/arrow files or Hub id to read instead of the named dataset."""
-    seed: int = 0
+    seed: Annotated[int, Rule(lambda v: 0 <= v < 2**63, "in 0 .. 2**63 - 1")] = 0
     """Seed for initialization, data order and dropout-free randomness."""
     deterministic: bool = False
     """Ask PyTorch for deterministic kernels (slower)."""
@@ -206,7 +212,7 @@ class Checkpoint:
     """disabled, async or async_with_pinned_mem (training continues while a save is written)."""
     keep_latest_k: NonNegativeInt = 3
     """Keep this many newest complete step directories (0 = keep all)."""
-    load_step: int = -1
+    load_step: Annotated[int, Rule(lambda v: v >= -1, "-1 (the newest) or a step >= 0")] = -1
     """Step to resume from; -1 = the newest complete one."""
     initial_load_path: str | None = None
     """DCP directory to initialize model weights from when the run has no checkpoint yet."""
@@ -235,15 +241,15 @@ class ActivationCheckpoint:
     selective_ac_option: Annotated[
         str,
         Rule(
-            lambda v: v in ("op", "attn") or (v.isdigit() and int(v) > 0),
+            lambda v: v in ("op", "attn") or (v.isascii() and v.isdigit() and int(v) > 0),
             "'attn', 'op' or a positive integer N (checkpoint every N-th block)",
         ),
     ] = "2"
     """For selective: 'attn' (keep attention outputs, recompute the rest), 'op' (keep matmul
     and attention outputs) or N (recompute every N-th block)."""
-    memory_headroom: Fraction = 0.1
+    memory_headroom: Annotated[float, Rule(lambda v: 0 <= v < 1, "in [0, 1)")] = 0.1
     """Share of device memory the auto plan leaves free (CUDA context, NCCL, fragmentation)."""
-    memory_limit_gib: Annotated[float, Rule(lambda v: v >= 0, ">= 0")] = 0.0
+    memory_limit_gib: NonNegativeFloat = 0.0
     """Plan for this much memory per rank instead of the device's (0 = the device's)."""
 
 
@@ -275,7 +281,9 @@ class Eval:
     """Batches per rank (-1: the whole split once)."""
     max_tokens: EvalAmount = -1
     """Label tokens over all ranks (-1: no limit)."""
-    batch_size: EvalAmount = -1
+    batch_size: Annotated[
+        int, Rule(lambda v: v == -1 or v > 0, "-1 (training.batch_size) or a positive integer")
+    ] = -1
     """Windows per batch on each rank (-1: training.batch_size)."""
     output: str | None = None
     """Results JSON (default: beside the checkpoint, <step directory>.eval-<split>.json)."""

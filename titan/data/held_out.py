@@ -37,8 +37,7 @@ from titan.logging import logger
 
 IGNORE = -100
 """Label of padding (PyTorch's cross-entropy ignore_index)."""
-NO_SOURCE = "(no source_dataset)"
-"""The source of rows whose source_dataset is null."""
+NO_SOURCE = sources.NO_SOURCE
 
 
 def _row_lengths(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:

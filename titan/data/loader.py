@@ -293,7 +293,7 @@ def build_dataloader(
 
 def prepare_dataset(cfg: JobConfig) -> None:
     """Make the dataset ready before any rank builds a loader (call it on rank 0, then a
-    barrier): generate the synthetic dataset if it is missing (into `data_cache/synthetic`,
+    barrier): generate the synthetic dataset if it is missing (into `data_cache/synthetic-...`,
     or into `training.dataset_path` only with `data.generate_synthetic`), and check that the
     source exists and has the split and the `spike_counts` column (`ConfigError` otherwise)."""
     from titan.data import synthetic

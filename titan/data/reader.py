@@ -282,8 +282,9 @@ class RowReader:
         first token to use (its offset counts the tokens already consumed). Epoch-end lines
         are appended to `messages`."""
         epoch = start.epoch
+        fresh = start == self.start() and not self.trained_before
         while True:
-            resuming = epoch == start.epoch
+            resuming = epoch == start.epoch and not fresh  # its epoch began in an earlier run
             first = start.unit if resuming else self.rank
             order = self.order(epoch)
             rows = tokens = bad = filtered = consumed = 0

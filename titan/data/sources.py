@@ -3,8 +3,9 @@ Face dataset split, opened map-style (memory-mapped Arrow) or for streaming, and
 
 - `primate`, `rodent`: the Hub datasets `eminorhan/neural-pile-{primate,rodent}` (read from
   the local HF cache when `HF_HUB_OFFLINE=1`); `training.dataset_path` overrides the id.
-- `synthetic`: the folder written by `titan.data.synthetic`: `data_cache/synthetic` (relative
-  to the working directory, generated on first use), or `training.dataset_path`, which must
+- `synthetic`: the folder written by `titan.data.synthetic`: `data_cache/synthetic-<rows>rows-
+  seed<seed>` (relative to the working directory, generated on first use, one per
+  `data.synthetic_rows` and `training.seed`), or `training.dataset_path`, which must
   then be such a folder (it holds the generator's params file), or not exist yet with
   `data.generate_synthetic` set. A dataset path is read, never generated into, otherwise.
 - `training.dataset_path`: a `save_to_disk` folder (a DatasetDict, or a single Dataset that
@@ -34,10 +35,12 @@ from titan.data.tokenizer import is_spike_matrix_type
 
 HUB_IDS = {"primate": "eminorhan/neural-pile-primate", "rodent": "eminorhan/neural-pile-rodent"}
 """Named datasets and their Hub ids."""
-SYNTHETIC_DIR = Path("data_cache") / "synthetic"
-"""Default folder of the synthetic dataset, relative to the working directory."""
+DATA_CACHE = Path("data_cache")
+"""Folder of generated datasets, relative to the working directory."""
 COLUMN = "spike_counts"
 SOURCE_COLUMN = "source_dataset"
+NO_SOURCE = "(no source_dataset)"
+"""How messages and results name the source of rows whose source_dataset is null."""
 _FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
 
 
@@ -72,8 +75,11 @@ def quiet_datasets() -> Iterator[None]:
 
 
 def synthetic_path(cfg: JobConfig) -> Path:
-    """Folder of the synthetic dataset for this config."""
-    return Path(cfg.training.dataset_path or SYNTHETIC_DIR).expanduser()
+    """Folder of the synthetic dataset for this config: `training.dataset_path`, else one
+    per size and seed under `data_cache/` (recipes with other sizes never share one)."""
+    if cfg.training.dataset_path:
+        return Path(cfg.training.dataset_path).expanduser()
+    return DATA_CACHE / f"synthetic-{cfg.data.synthetic_rows}rows-seed{cfg.training.seed}"
 
 
 def resolve_source(cfg: JobConfig) -> Source:
@@ -309,4 +315,5 @@ def source_values(ds: Any) -> list[str]:
     """Distinct `source_dataset` values of a map-style split (for messages)."""
     import pyarrow.compute as pc
 
-    return sorted(pc.unique(ds.with_format("arrow")[SOURCE_COLUMN]).to_pylist())
+    values = pc.unique(ds.with_format("arrow")[SOURCE_COLUMN]).to_pylist()
+    return sorted(str(v) for v in values if v is not None) + [NO_SOURCE] * (None in values)

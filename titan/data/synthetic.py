@@ -266,6 +266,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     a = p.parse_args(argv)
+    positive = {"--rows": a.rows, "--subjects": a.subjects, "--sources": a.sources}
+    positive |= {
+        "--max-values": a.max_values,
+        "--test-rows": 1 if a.test_rows is None else a.test_rows,
+    }
+    for flag, value in positive.items():
+        if value < 1:
+            p.error(f"{flag} {value}: must be at least 1")
+    for flag, (low, high) in (("--neurons", a.neurons), ("--bins", a.bins)):
+        if not 1 <= low <= high:
+            p.error(f"{flag} {low} {high}: need 1 <= MIN <= MAX")
+    if a.seed < 0:
+        p.error(f"--seed {a.seed}: must be >= 0")
+    if not 0 <= a.refractory <= 1:
+        p.error(f"--refractory {a.refractory}: must be in [0, 1]")
     out = Path(a.out)
     if out.exists() and not a.overwrite:
         print(f"{out} exists; keeping it (pass --overwrite to replace it)")

@@ -30,6 +30,8 @@ def tokenize_row(spike_counts: np.ndarray) -> np.ndarray:
         raise ValueError(f"spike_counts must be 2-D (n_neurons, n_time_bins), got {counts.shape}")
     if counts.dtype != np.uint8 and counts.size and (counts.min() < 0 or counts.max() > 255):
         raise ValueError("spike_counts must hold integers in 0..255")
+    if counts.dtype.kind in "iu" and np.iinfo(counts.dtype).max < MAX_COUNT:
+        counts = counts.astype(np.uint8)  # int8 (0..127 here): the clip below needs 254
     n_neurons, n_bins = counts.shape
     out = np.empty((n_bins, n_neurons + 1), dtype=np.uint8)  # (time, 1 + neurons)
     out[:, 0] = SEPARATOR
