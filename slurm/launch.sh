@@ -46,6 +46,8 @@ cd "$titan_dir"
 # Site file: sbatch options already took effect at submission; here it sets the run's
 # environment and may define titan_site_setup (module loads, containers, ...).
 site_env=${TITAN_SITE_ENV:-$titan_dir/slurm/site.env}
+# Module and conda scripts often read unset variables: no `set -u` while they run.
+set +u
 if [[ -f "$site_env" ]]; then
     # shellcheck source=/dev/null  # checked on its own: slurm/site.env.example
     source "$site_env"
@@ -55,6 +57,7 @@ fi
 if declare -F titan_site_setup >/dev/null; then
     titan_site_setup
 fi
+set -u
 
 if [[ "$recipe" == *.toml ]]; then
     config=$recipe
@@ -149,24 +152,26 @@ echo "titan: rendezvous $head_node:$port, python $python, max restarts" \
 
 # The recipe and overrides, checked once here: a mistake is one line and exit status 2,
 # before srun starts anything on any node.
-TITAN_CHECK_ONLY=1 "${cmd_prefix[@]}" "$python" -m titan.launch \
+# (${a[@]+"${a[@]}"}: an empty array under `set -u` on bash before 4.4)
+TITAN_CHECK_ONLY=1 ${cmd_prefix[@]+"${cmd_prefix[@]}"} "$python" -m titan.launch \
     --nnodes="$nnodes" --nproc_per_node="$ranks" train.py --job.config_file "$config" "$@"
 
 signal_seen=""
 srun_pid=""
 # shellcheck disable=SC2317  # called by the traps below
-forward() {  # a trapped signal: pass it on to the job step
+forward() {  # a trapped signal: ask the job step to save and stop
     signal_seen=$1
     if [[ -n "$srun_pid" ]]; then
-        kill -s "$1" "$srun_pid" 2>/dev/null || true
+        # always as USR1: srun answers TERM by killing its tasks, but forwards USR1
+        kill -s USR1 "$srun_pid" 2>/dev/null || true
     fi
 }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 
 srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --cpus-per-task="$cpus" \
-    --kill-on-bad-exit=1 "${srun_args[@]}" \
-    "${cmd_prefix[@]}" "$python" -m titan.launch \
+    --kill-on-bad-exit=1 ${srun_args[@]+"${srun_args[@]}"} \
+    ${cmd_prefix[@]+"${cmd_prefix[@]}"} "$python" -m titan.launch \
     --nnodes="$nnodes" --nproc_per_node="$ranks" \
     --rdzv_backend=c10d --rdzv_endpoint="$head_node:$port" --rdzv_id="$SLURM_JOB_ID" \
     --max_restarts="${TITAN_MAX_RESTARTS:-3}" \
@@ -174,10 +179,17 @@ srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --cpus-per-task="$
     train.py --job.config_file "$config" "$@" &
 srun_pid=$!
 rc=0
-while true; do  # `wait` returns early whenever a trapped signal arrives
+while kill -0 "$srun_pid" 2>/dev/null; do  # `wait` returns early on a trapped signal
     wait "$srun_pid" && rc=0 || rc=$?
-    kill -0 "$srun_pid" 2>/dev/null || break
 done
+# srun may have ended just as a signal cut a `wait` short: its status is still kept
+# (127: the last `wait` already returned it)
+if wait "$srun_pid" 2>/dev/null; then
+    rc=0
+else
+    last=$?
+    [[ $last -eq 127 ]] || rc=$last
+fi
 
 if [[ $rc -eq 75 ]]; then
     echo "titan: the run stopped on ${signal_seen:-a signal} after saving a checkpoint"

@@ -41,6 +41,7 @@ from conftest import (
 )
 
 from titan.checkpoint import list_steps, read_marker, verify
+from titan.config import ConfigError
 
 STEPS = 40
 
@@ -116,6 +117,12 @@ def test_one_run_per_folder_and_stale_locks(tmp_path, synthetic_dir):
     err = second.stderr.strip()
     assert err.startswith(f"error: job.dump_folder = '{tmp_path}' is in use by a live run (host ")
     assert "\n" not in err
+    # another dump folder, but the live run's checkpoint folder named by its absolute path
+    elsewhere = tmp_path / "elsewhere"
+    third = run_train(_args(elsewhere, synthetic_dir, f"--checkpoint.folder={tmp_path}/checkpoint"),
+                      nproc=1, timeout=120)  # fmt: skip
+    assert third.returncode == 2, third.stderr[-2000:]
+    assert f"checkpoint.folder = '{tmp_path}/checkpoint' is in use by a live run" in third.stderr
     assert all(read_marker(p) == marker for p, marker in before.items())  # untouched
     os.killpg(first.pid, signal.SIGKILL)  # the agent; its workers die with it
     first.wait()
@@ -128,6 +135,75 @@ def test_one_run_per_folder_and_stale_locks(tmp_path, synthetic_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Taking over the run folder's lock" in result.stdout and "is gone" in result.stdout
     assert not (tmp_path / ".lock").exists()  # released at the end
+
+
+def test_a_signal_during_set_up_ends_with_75_and_nothing_saved(tmp_path, synthetic_dir):
+    """Caught from the start: the signals land while the model is being built (the
+    attention kernel is chosen first), and a second one is ignored as well."""
+    proc = subprocess.Popen(
+        train_command(1) + _args(tmp_path, synthetic_dir),
+        cwd=ROOT,
+        env=TRAIN_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "Attention kernel" in line:
+            proc.send_signal(signal.SIGUSR1)
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = "".join(seen) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 75, out[-3000:]
+    assert "stopped: SIGUSR1 during set-up, before step 1: nothing new to save" in out, out
+    assert "SIGTERM received again" in out
+    assert not list((tmp_path / "checkpoint").glob("step-*")) and logged_step(tmp_path) == 0
+
+
+def test_lock_is_written_whole_and_judges_its_owner(tmp_path, caplog):
+    from titan.lifecycle import RunLock
+
+    lock, path = RunLock(tmp_path), tmp_path / ".lock"
+
+    def holder(**changes) -> None:
+        path.write_text(json.dumps({**lock.me, "started": "earlier", **changes}))
+
+    def taken(why: str) -> None:
+        caplog.clear()
+        lock.acquire()
+        assert json.loads(path.read_text()) == lock.me and why in caplog.text, caplog.text
+        lock.release()
+        assert not path.exists()
+
+    path.write_text("")  # unreadable (being written by hand?), refreshed now: left alone
+    with pytest.raises(ConfigError, match="has an unreadable lock file"):
+        lock.acquire()
+    old = time.time() - 2 * RunLock.STALE_AFTER_S
+    os.utime(path, (old, old))
+    taken("it is unreadable and has not been refreshed for 10 minutes")
+    holder(process_start="1")  # this very pid, but a process that started at another time
+    taken("its pid now names a newer process")
+    holder(boot_id="an-earlier-boot")
+    taken("its host has rebooted since")
+    holder(pid=1, pid_namespace="pid:[1]")  # another container: its pid cannot be checked
+    with pytest.raises(ConfigError, match="is in use by a live run"):
+        lock.acquire()
+    holder(host="another-node", pid=1)
+    with pytest.raises(ConfigError, match=r"in use by a live run \(host another-node, pid 1"):
+        lock.acquire()
+    os.utime(path, (old, old))
+    taken("it has not been refreshed for 10 minutes")
+    assert not list(tmp_path.glob(".lock.*"))  # no temporary file left behind
+
+    # Two runs judged the same lock stale; the first took it and wrote its own: the
+    # second finds a lock other than the one it judged and leaves it in place.
+    judged = {**lock.me, "host": "another-node", "pid": 1}
+    newer = {**lock.me, "host": "a-third-node", "pid": 2}
+    path.write_text(json.dumps(newer))
+    assert not lock._take_over(judged)
+    assert json.loads(path.read_text()) == newer and not list(tmp_path.glob(".lock.*"))
 
 
 def test_rewind_continues_the_chosen_branch(tmp_path, synthetic_dir):

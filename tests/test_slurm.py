@@ -479,6 +479,33 @@ def test_warning_signal_saves_requeues_and_finishes(
     assert f"step-{steps}" in after.read_text().split(), after.read_text()
 
 
+def test_lock_of_a_job_slurm_no_longer_runs_is_taken_over(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """A killed job's lock on another node, refreshed a moment ago, would block the next
+    job of a chain for minutes; Slurm says the job is over, so it is taken over at once."""
+    import json
+    import sys
+
+    owner = {"host": "another-node", "pid": 1, "slurm_job": "424242", "started": "earlier"}
+    (tmp_path / ".lock").write_text(json.dumps(owner))
+    code = (
+        "import sys; from pathlib import Path; from titan.logging import init_logger; "
+        "from titan.lifecycle import RunLock; init_logger(0); RunLock(Path(sys.argv[1])).acquire()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        cwd=ROOT,
+        env=slurm_cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "its Slurm job 424242 is no longer known to Slurm" in result.stdout + result.stderr
+    assert json.loads((tmp_path / ".lock").read_text())["slurm_job"] is None
+
+
 def test_killed_ranks_are_restarted(
     slurm_cluster: SlurmCluster, synthetic_dir: Path, tmp_path: Path
 ) -> None:

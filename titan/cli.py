@@ -84,12 +84,13 @@ def read_status(path: str | Path | None) -> tuple[int, str] | None:
 
 def _ended_for_good() -> tuple[int, str] | None:
     """After a torchrun restart: the previous attempt's ending when a restart cannot change
-    it (bad input, a diverged run); the same steps would only be redone to end the same
-    way. Storage failures and stuck ranks are retried."""
+    it (bad input, a diverged run; the same steps would only be redone to end the same
+    way) or must not (a stop signal that reached only the workers: the run was asked to
+    stop). Storage failures and stuck ranks are retried."""
     if restart_count() == 0:
         return None
     previous = read_status(status_file())
-    if previous is None or previous[0] not in (EXIT_BAD_INPUT, EXIT_DIVERGED):
+    if previous is None or previous[0] not in (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_STOPPED):
         return None
     return previous
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +66,9 @@ class Run:
     metrics: MetricsLogger | None = None
     held_out: HeldOut | None = None
     """The validation split's windows (when validation is on)."""
-    lock: RunLock | None = None
-    """Rank 0's hold on the dump folder (training only)."""
+    locks: list[RunLock] = field(default_factory=list)
+    """Rank 0's hold on the dump folder, and on the checkpoint folder when it lies outside
+    (training only)."""
 
     def close(self, failed: bool = False) -> None:
         """Release what the run holds; safe to call on a partly built run, and twice."""
@@ -79,9 +80,8 @@ class Run:
                 self.dataloader.close()
             if self.metrics is not None:
                 self.metrics.close()
-            if self.lock is not None:
-                self.lock.release()
-                self.lock = None
+            while self.locks:
+                self.locks.pop().release()
 
     def __enter__(self) -> Run:
         return self
@@ -148,8 +148,17 @@ def build_run(cfg: JobConfig, *, train: bool = True) -> Run:
 
 
 def _take_folder(run: Run) -> None:
-    run.lock = RunLock(Path(run.cfg.job.dump_folder))
-    run.lock.acquire()
+    """Lock the dump folder and the checkpoint folder: an absolute `checkpoint.folder`
+    (e.g. on a scratch file system) may be another run's, whatever the dump folders."""
+    dump = Path(run.cfg.job.dump_folder)
+    folders = [(dump, "job.dump_folder")]
+    checkpoints = dump / run.cfg.checkpoint.folder
+    if run.cfg.checkpoint.enable_checkpoint and checkpoints.resolve() != dump.resolve():
+        folders.append((checkpoints, "checkpoint.folder"))
+    for folder, key in folders:
+        lock = RunLock(folder, key)
+        lock.acquire()
+        run.locks.append(lock)
 
 
 def _log_start(cfg: JobConfig) -> None:

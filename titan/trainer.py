@@ -124,7 +124,7 @@ def next_micro_batches(data: Iterator, n: int) -> tuple[list, float]:
     return batches, time.perf_counter() - begin
 
 
-def train(run: Run) -> None:
+def train(run: Run, stop: StopSignals) -> None:
     """Steps from `train_state.step` to `training.steps`: fetch, step, log, checkpoint;
     a stop signal ends the loop with a complete checkpoint (StoppedOnSignal)."""
     cfg, dims, state, metrics = run.cfg, run.dims, run.train_state, run.metrics
@@ -134,7 +134,7 @@ def train(run: Run) -> None:
     data, watch, bad = iter(run.dataloader), StepWatch(), BadSteps(t.max_consecutive_bad_steps)
     first_step = state.step + 1
     metrics.record_start(state.step)
-    with StopSignals(cfg.checkpoint.save_on_signals) as stop, maybe_profile(cfg, run.rank) as prof:
+    with maybe_profile(cfg, run.rank) as prof:
         while state.step < t.steps:
             watch.start(state.step + 1)
             batches, wait_s = next_micro_batches(data, accum)
@@ -235,14 +235,19 @@ def log_memory(run: Run) -> None:
 
 
 def setup_and_train(cfg: JobConfig) -> None:
-    with build_run(cfg) as run:
-        if run.train_state.step >= cfg.training.steps:
-            logger.info(
-                f"Already trained {run.train_state.step} of {cfg.training.steps} steps: "
-                "nothing to do"
-            )
+    # The stop signals are caught from the start: a signal during set-up (a long checkpoint
+    # load, say) must not kill the ranks, and the teardown runs with them still caught.
+    with StopSignals(cfg.checkpoint.save_on_signals) as stop, build_run(cfg) as run:
+        step = run.train_state.step
+        if step >= cfg.training.steps:
+            logger.info(f"Already trained {step} of {cfg.training.steps} steps: nothing to do")
             return
-        train(run)
+        if stop.signals and stop.stop_agreed(run.device):
+            raise StoppedOnSignal(
+                f"{stop.received or 'a signal on another rank'} during set-up, before step "
+                f"{step + 1}: nothing new to save; run the same command again to continue"
+            )
+        train(run, stop)
 
 
 def dry_run(cfg: JobConfig) -> None:
