@@ -45,7 +45,7 @@ StateName = Literal["model", "optimizer", "lr_scheduler", "dataloader", "train_s
 class Job:
     config_file: str | None = None
     """TOML recipe to load (command-line values override it)."""
-    dump_folder: str = "./outputs"
+    dump_folder: Annotated[str, Rule(lambda v: v.strip() != "", "a folder path")] = "./outputs"
     """Folder for everything the run writes: checkpoints, metrics, config, traces."""
     description: str = ""
     """Free text describing the run (logged and saved with the config)."""
@@ -198,7 +198,7 @@ class Experimental:
 class Checkpoint:
     enable_checkpoint: bool = False
     """Save and resume DCP checkpoints."""
-    folder: str = "checkpoint"
+    folder: Annotated[str, Rule(lambda v: v.strip() != "", "a folder path")] = "checkpoint"
     """Checkpoint folder, under the dump folder."""
     interval_type: Literal["steps", "seconds"] = "steps"
     """Unit of the save interval: steps or seconds."""
