@@ -201,6 +201,19 @@ def test_incomplete_corrupt_retention_and_reshard(tmp_path, synthetic_dir, refer
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "at step 14" in result.stdout and "not loaded: dataloader" in result.stdout
+    # The same option again (a requeue of the same command): only once per line of saves.
+    result = run_train(
+        _args(
+            tmp_path,
+            synthetic_dir,
+            "--training.steps=16",
+            "--checkpoint.exclude_from_loading=dataloader",
+        ),
+        nproc=1,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "this run's line of saves began; step-15 is loaded whole" in result.stdout
+    assert "at step 15" in result.stdout and "not loaded" not in result.stdout
 
 
 def _initial_load(source: str) -> tuple[str, dict[str, bool]]:

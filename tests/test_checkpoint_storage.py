@@ -112,6 +112,20 @@ def test_saves_without_a_marker_are_completed_or_moved_aside(tmp_path):
     assert aside.name.startswith("step-6-") and (aside / "__0_0.distcp").is_file()
 
 
+def test_a_step_completed_later_stays_on_its_branch(tmp_path):
+    """A rewind to step 50 saved step-60 (its marker says so); step-70's marker was lost to a
+    kill. Completed later, step-70 is on the same branch: a rerun of the rewind continues
+    from it instead of rewinding again."""
+    _save(tmp_path, 50)
+    path = _save(tmp_path, 60, kind=None)
+    sums = storage.checksums(path, storage.rank_files(path, 0))
+    storage.complete(path, {"step": 60, "kind": storage.FULL, "branch_from": 50}, sums)
+    _save(tmp_path, 70, kind=None)
+    storage.settle_incomplete(tmp_path)
+    assert storage.read_marker(tmp_path / "step-70")["branch_from"] == 50
+    assert storage.branch_head(tmp_path, 50).step == 70
+
+
 def test_newer_steps_are_set_aside_for_a_branch(tmp_path):
     for step in (2, 4, 6):
         _save(tmp_path, step)

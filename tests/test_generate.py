@@ -242,6 +242,10 @@ def _bad_inputs(files: dict[str, Path], root: Path) -> dict[str, tuple[list[str]
         "temperature": ([*ckpt, *data, "--temperature", "-1"], "--temperature -1.0"),
         "top_k": ([*ckpt, *data, "--top_k", "-2"], "--top_k -2"),
         "both prompts": ([*ckpt, *data, "--neurons", "4"], "not both"),
+        "row options without a row": (
+            [*ckpt, "--neurons", "4", "--row", "2", "--prompt_bins", "5"],
+            "--row, --prompt_bins choose a dataset row, which --neurons",
+        ),
         "no prompt": (ckpt, "nothing to generate"),
         "not an int": ([*ckpt, "--neurons", "four"], "invalid int value"),
         "unknown option": ([*ckpt, "--neurons", "4", "--tokens", "9"], "unrecognized"),

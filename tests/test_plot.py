@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import read_metrics as read_records
 from conftest import run_train
 
@@ -97,3 +98,20 @@ def test_chart_without_validation_and_bad_inputs(tmp_path, capsys):
     _one_error_line(capsys, "no training or validation records")
     assert main([]) == 2
     _one_error_line(capsys, "output_dir")
+
+
+def test_non_finite_numbers_are_written_as_null(tmp_path, capsys):
+    """metrics.jsonl and results files stay strict JSON (jq, JavaScript), and the chart
+    skips what was not a number."""
+    from titan.files import json_text
+
+    rec = {"step": 2, "val_loss": float("nan"), "val_loss_by_source": {"a": float("inf")}}
+    line = json_text(rec)
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c}")) == {
+        "step": 2, "val_loss": None, "val_loss_by_source": {"a": None}
+    }  # fmt: skip
+    run = tmp_path / "run"
+    run.mkdir()
+    train = json_text({"step": 1, "loss": 3.0, "lr": 1e-3, "tokens_per_s": 1.0})
+    (run / "metrics.jsonl").write_text(f"{train}\n{line}\n")
+    assert main([str(run)]) == 0, capsys.readouterr().err

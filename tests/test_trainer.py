@@ -21,6 +21,8 @@ import torch
 from conftest import ROOT, TRAIN_ENV, read_metrics, run_train, train_command
 from dist_utils import run_ranks
 
+from titan.checkpoint import list_steps
+
 SEQ, GLOBAL_BATCH, STEPS = 32, 4, 10
 
 
@@ -252,3 +254,44 @@ def test_debug_recipe_trains_on_two_ranks(tmp_path, synthetic_dir):
     assert {m.properties.dtype for m in export.values()} == {torch.bfloat16}
     assert (tmp_path / "config.toml").is_file()
     assert "Finished: 40 steps" in result.stdout
+    # The same command again (a requeue, say): the final export means the run is over;
+    # resuming step-20 would redo 20 steps and set the export aside.
+    again = run_train(
+        [
+            "--job.config_file=train_configs/debug_model.toml",
+            f"--job.dump_folder={tmp_path}",
+            f"--training.dataset_path={synthetic_dir}",
+            "--training.steps=40",
+            "--training.seq_len=256",
+            "--checkpoint.interval=20",
+            "--checkpoint.model_weights_only",
+            "--checkpoint.export_dtype=bfloat16",
+        ],
+        nproc=1,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "is this run's final model-only export" in again.stdout
+    assert "Already trained 40 of 40 steps: nothing to do" in again.stdout
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["step-20", "step-40"]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, *range(5, 41, 5)]
+
+
+def test_saves_every_n_seconds_on_two_ranks(tmp_path, synthetic_dir):
+    """interval_type = seconds: rank 0's clock decides for all (a flag broadcast on the
+    model's device), so both ranks save the same steps."""
+    result = run_train(
+        [
+            "--job.config_file=train_configs/debug_model.toml",
+            f"--job.dump_folder={tmp_path}",
+            f"--training.dataset_path={synthetic_dir}",
+            "--training.steps=60",
+            "--training.seq_len=64",
+            "--checkpoint.interval_type=seconds",
+            "--checkpoint.interval=1",
+            "--checkpoint.keep_latest_k=0",
+        ],
+        nproc=2,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = [s.step for s in list_steps(tmp_path / "checkpoint") if s.complete]
+    assert saved[-1] == 60 and len(saved) >= 2, saved  # at least one save before the last

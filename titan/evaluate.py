@@ -16,7 +16,6 @@ go to the console as a table and to a JSON file beside the checkpoint.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -35,7 +34,7 @@ from titan.config import ConfigError, JobConfig
 from titan.data.held_out import IGNORE, HeldOut
 from titan.data.tokenizer import SEPARATOR
 from titan.distributed import ParallelDims, env_rank
-from titan.files import written_atomically
+from titan.files import json_text, written_atomically
 from titan.logging import init_logger, logger
 from titan.models.llama import build_model_args
 from titan.preflight import check_inputs, checkpoint_folder
@@ -146,7 +145,7 @@ def _write(out: Path, result: dict[str, Any]) -> None:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with written_atomically(out) as tmp:
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            tmp.write_text(json_text(result, indent=2) + "\n")
     except OSError as e:
         raise ConfigError(
             f"cannot write the results file {out} ({e.strerror}); the table above has them"

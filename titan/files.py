@@ -13,10 +13,13 @@ power loss can leave `out` naming data that never reached the disk (checkpoint m
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -32,6 +35,22 @@ def written_atomically(out: Path, durable: bool = False) -> Iterator[Path]:
             _sync_folder(out.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def json_text(obj: Any, **kwargs: Any) -> str:
+    """`json.dumps(obj)` with NaN and infinities written as null: Python would write bare
+    `NaN`, which strict JSON readers (jq, JavaScript, Go) reject."""
+
+    def strict(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: strict(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [strict(v) for v in x]
+        return x
+
+    return json.dumps(strict(obj), allow_nan=False, **kwargs)
 
 
 def _sync_folder(folder: Path) -> None:

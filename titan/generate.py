@@ -102,16 +102,26 @@ def _available_bytes(device: torch.device) -> int | None:
 
 
 def check_memory(
-    args: ModelArgs, max_len: int, batch: int, dtype: torch.dtype, device: torch.device
+    args: ModelArgs,
+    max_len: int,
+    batch: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    prompt_len: int = 0,
 ) -> None:
     """Refuse, before allocating, a generation whose weights, KV cache (every layer's keys
-    and values for `max_len` positions x `batch` samples) and RoPE table cannot fit."""
+    and values for `max_len` positions x `batch` samples), RoPE table and one pass over
+    the `prompt_len`-token prompt cannot fit."""
     size = dtype.itemsize
     need = {
         "weights": num_params_from_args(args) * size,
         "KV cache": 2 * args.n_layers * batch * args.n_kv_heads * max_len * args.head_dim * size,
         "RoPE table": 2 * max_len * args.head_dim * 4,  # (with its temporaries)
-    }
+        # one block's largest activations (the SwiGLU hidden states, a few residual-width
+        # tensors) and the prompt's logits
+        "prompt pass": prompt_len * ((3 * args.ffn_hidden_dim + 6 * args.dim) * size
+                                     + args.vocab_size * 4),
+    }  # fmt: skip
     available = _available_bytes(device)
     if available is not None and sum(need.values()) > available:
         parts = ", ".join(f"{k} {gib(v)}" for k, v in need.items())
@@ -129,11 +139,13 @@ def load_model(
     max_len: int,
     flavor: str | None = None,
     batch: int = 1,
+    prompt_len: int = 0,
 ) -> LoadedModel:
     """The model of a DCP directory or a Hugging Face export folder, on `device` in
     `dtype`, with a RoPE table of `max_len` positions (`flavor`: a DCP directory's
     architecture, when neither its params.json nor its run's config.toml says); refused
-    when it and a KV cache for `batch` samples cannot fit."""
+    when it, a KV cache for `batch` samples and a pass over a `prompt_len`-token prompt
+    cannot fit."""
     if not path.is_dir():
         raise GenerateError(f"--checkpoint {path}: no such directory")
     if (path / ".metadata").is_file():
@@ -154,7 +166,7 @@ def load_model(
             f"{path}: vocabulary of {args.vocab_size} tokens; spike-count models have 256"
         )
     args = dataclasses.replace(args, max_seq_len=max_len, attn_impl="sdpa")
-    check_memory(args, max_len, batch, dtype, device)
+    check_memory(args, max_len, batch, dtype, device, prompt_len)
     with torch.device("meta"):
         model = Transformer(args)
     model.to(dtype).to_empty(device=device)
@@ -281,10 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("prompt: a dataset row (conditional) or --neurons (unconditional)")
     g.add_argument("--dataset", default=None, help="primate, rodent or synthetic")
     g.add_argument("--dataset_path", default=None, help="local dataset or Hub id to read instead")
-    g.add_argument("--split", default="test", help="split to read the row from (default test)")
-    g.add_argument("--row", type=int, default=0, help="row index in the split (default 0)")
+    g.add_argument("--split", default=None, help="split to read the row from (default test)")
+    g.add_argument("--row", type=int, default=None, help="row index in the split (default 0)")
     g.add_argument(
-        "--prompt_bins", type=int, default=20, help="time bins of the row given as the prompt"
+        "--prompt_bins",
+        type=int,
+        default=None,
+        help="time bins of the row given as the prompt (default 20)",
     )
     g.add_argument("--neurons", type=int, default=None, help="unconditional: number of neurons")
     s = p.add_argument_group("sampling")
@@ -329,6 +344,15 @@ def _check(opts: argparse.Namespace) -> None:
             "nothing to generate from: give a dataset row (--dataset or --dataset_path, with "
             "--split and --row) or --neurons N for unconditional generation"
         )
+    row_options = {"--split": opts.split, "--row": opts.row, "--prompt_bins": opts.prompt_bins}
+    if opts.neurons is not None and (given := [k for k, v in row_options.items() if v is not None]):
+        raise GenerateError(
+            f"{', '.join(given)} choose a dataset row, which --neurons (unconditional) has none "
+            "of; drop them, or give --dataset/--dataset_path instead of --neurons"
+        )
+    opts.split = "test" if opts.split is None else opts.split
+    opts.row = 0 if opts.row is None else opts.row
+    opts.prompt_bins = 20 if opts.prompt_bins is None else opts.prompt_bins
     rules = [
         (opts.neurons is None or opts.neurons > 0, f"--neurons {opts.neurons}: must be > 0"),
         (opts.bins > 0, f"--bins {opts.bins}: must be > 0"),
@@ -396,7 +420,10 @@ def generate(opts: argparse.Namespace) -> dict[str, Any]:
         real = None
     period = n_neurons + 1
     total = (prompt.shape[1] + opts.bins) * period
-    loaded = load_model(Path(opts.checkpoint), device, dtype, total, opts.flavor, opts.num_samples)
+    prompt_len = prompt.shape[1] * period + 1
+    loaded = load_model(
+        Path(opts.checkpoint), device, dtype, total, opts.flavor, opts.num_samples, prompt_len
+    )
     logger.info(f"Model: {loaded.origin}, {device}, {str(dtype).removeprefix('torch.')}")
     if loaded.trained_seq_len is not None and total > loaded.trained_seq_len:
         logger.warning(
@@ -408,15 +435,23 @@ def generate(opts: argparse.Namespace) -> dict[str, Any]:
     prompt_tokens = np.concatenate([tokenize_row(prompt), [SEPARATOR]])
     generator = torch.Generator(device=device).manual_seed(opts.seed)
     start = time.perf_counter()
-    tokens = generate_tokens(
-        loaded.model,
-        torch.from_numpy(prompt_tokens.astype(np.int64)),
-        n_neurons,
-        opts.bins,
-        opts.num_samples,
-        sampling,
-        generator,
-    )
+    try:
+        tokens = generate_tokens(
+            loaded.model,
+            torch.from_numpy(prompt_tokens.astype(np.int64)),
+            n_neurons,
+            opts.bins,
+            opts.num_samples,
+            sampling,
+            generator,
+        )
+    except RuntimeError as e:
+        if "probability tensor contains" not in str(e):
+            raise
+        raise GenerateError(
+            f"{opts.checkpoint}: the model's next-count probabilities are not finite (NaN or "
+            "inf logits: a diverged checkpoint?); use an earlier step"
+        ) from None
     seconds = time.perf_counter() - start
     new_tokens = opts.num_samples * (total - prompt_tokens.size + 1)
     logger.info(

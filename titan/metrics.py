@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from titan.files import written_atomically
+from titan.files import json_text, written_atomically
 from titan.logging import logger
 
 # Dense bf16 peak TFLOP/s (datasheets) by device name substring; first match wins.
@@ -99,6 +99,11 @@ class MetricsLogger:
         with written_atomically(path) as tmp:
             tmp.write_text("".join(f"{line}\n" for line in kept))
         self._jsonl = path.open("a", buffering=1)
+        if self._tb is not None:  # TensorBoard drops the redone steps' old scalars too
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb.close()
+            self._tb = SummaryWriter(str(self.dump_folder / self.tb_folder), purge_step=step + 1)
 
     def record_start(self, step: int) -> None:
         """Start the clocks (after set-up and any resume) at optimizer step `step`."""
@@ -167,7 +172,7 @@ class MetricsLogger:
         """The console line, the metrics.jsonl record and its numbers in TensorBoard (a dict
         of numbers as `key/name` scalars)."""
         logger.info(line)
-        self._jsonl.write(json.dumps(rec) + "\n")
+        self._jsonl.write(json_text(rec) + "\n")
         if self._tb is None:
             return
         for key, value in rec.items():

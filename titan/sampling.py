@@ -77,7 +77,12 @@ def generate_tokens(
     cache = None
     if use_cache:
         cache = KVCache(model.args, num_samples, total, device, model.tok_embeddings.weight.dtype)
-    logits = model(tokens[:, :start], cache)[:, -1]  # (samples, vocab)
+        # the samples share the prompt: one pass over it, its keys and values copied
+        logits = model(tokens[:1, :start], cache.first(1))[:, -1]  # (1, vocab)
+        logits = logits.expand(num_samples, -1)  # (samples, vocab)
+        cache.share_first(start)
+    else:
+        logits = model(tokens[:, :start])[:, -1]  # (samples, vocab)
     for pos in range(start, total):
         if pos % period == 0:
             tokens[:, pos] = SEPARATOR  # every time bin opens with the separator

@@ -72,6 +72,9 @@ class Checkpointer:
         self.dp_rank = dp_rank
         self._pending: tuple[int, threading.Event] | None = None  # the save in flight
         self._saved_step: int | None = None  # the last step saved or being saved
+        self.exclusions_applied: list[str] = []
+        """States a resume of this line of saves left out (`exclude_from_loading`),
+        recorded in every marker it writes so that they are left out only once."""
         self.branch_from: int | None = None
         """The step this run's line of saves was rewound to with load_step (recorded in
         every marker it writes, so running the same command again does not rewind twice)."""
@@ -100,9 +103,13 @@ class Checkpointer:
     def _due(self, step: int) -> bool:
         if self.cfg.interval_type == "steps":
             return step % self.cfg.interval == 0
-        # Seconds: rank 0's clock decides, so every rank saves at the same step.
+        # Seconds: rank 0's clock decides, so every rank saves at the same step. (On the
+        # model's device: the default group of a GPU run is NCCL, which has no CPU tensors.)
+        device = next(self.model.parameters()).device
         due = torch.tensor(
-            [time.monotonic() - self._last_save_time >= self.cfg.interval], dtype=torch.int32
+            [time.monotonic() - self._last_save_time >= self.cfg.interval],
+            dtype=torch.int32,
+            device=device,
         )
         dist.broadcast(due, src=0)
         return bool(due.item())
@@ -201,12 +208,22 @@ class Checkpointer:
         failures = [g for g in gathered if isinstance(g, str)]
         if failures:
             raise self._save_error(step_dir, RuntimeError(failures[0]))
+        marked: list[Any] = [None]  # rank 0's failure to write the marker, for every rank
         if self.rank == 0:
             sums = {name: crc for part in gathered for name, crc in part.items()}
             info = {"step": step, "kind": kind}
             if self.branch_from is not None:
                 info["branch_from"] = self.branch_from
-            storage.complete(step_dir, info, sums)
+            if self.exclusions_applied:
+                info["exclusions_applied"] = self.exclusions_applied
+            try:
+                storage.complete(step_dir, info, sums)
+            except OSError as e:
+                marked[0] = f"{type(e).__name__}: {e}"
+        dist.broadcast_object_list(marked, src=0, group=group)
+        if marked[0] is not None:
+            raise self._save_error(step_dir, RuntimeError(marked[0]))
+        if self.rank == 0:
             for path in storage.purge(self.folder, self.cfg.keep_latest_k):
                 logger.info(
                     f"Removed old checkpoint {path.name} (keep_latest_k = {self.cfg.keep_latest_k})"

@@ -63,6 +63,13 @@ def resume(ckpt: Checkpointer, branch: bool) -> bool:
         )
         _load_first_usable(ckpt, [continued], fallback=False)
         return True
+    if not rewind and (final := _final_export(ckpt)) is not None:
+        ckpt.train_state.step = final.step
+        logger.info(
+            f"{final.path} is this run's final model-only export (step {final.step} of "
+            f"{ckpt.total_steps}): the run is finished, nothing is loaded"
+        )
+        return True
     steps = candidates(ckpt)
     if not steps:
         return False
@@ -71,6 +78,16 @@ def resume(ckpt: Checkpointer, branch: bool) -> bool:
         _set_aside_newer(ckpt, ckpt.cfg.load_step)
         ckpt.branch_from = ckpt.cfg.load_step
     return True
+
+
+def _final_export(ckpt: Checkpointer) -> storage.StepDir | None:
+    """The newest complete step when it is a model-only export of the run's last step
+    (`model_weights_only`): the run is over, and resuming an older full step would redo it."""
+    complete = [s for s in storage.list_steps(ckpt.folder) if s.complete]
+    if complete and complete[-1].kind == storage.MODEL_ONLY:
+        if complete[-1].step >= ckpt.total_steps:
+            return complete[-1]
+    return None
 
 
 def _load_first_usable(ckpt: Checkpointer, steps: list[storage.StepDir], fallback: bool) -> None:
@@ -194,6 +211,16 @@ def load_full(ckpt: Checkpointer, path: Path) -> str | None:
     begin = time.perf_counter()
     state = ckpt.train_state
     exclude = set(ckpt.cfg.exclude_from_loading)
+    applied = set(storage.read_marker(path).get("exclusions_applied", []))
+    if exclude and exclude <= applied:
+        # This line of saves began by loading without them: a restart or requeue of the
+        # same command resumes its own state whole (else each would reset them again).
+        logger.info(
+            f"checkpoint.exclude_from_loading = {sorted(exclude)} was applied when this run's "
+            f"line of saves began; {path.name} is loaded whole"
+        )
+        exclude = set()
+    ckpt.exclusions_applied = sorted(exclude | applied)
     keys = storage.checkpoint_keys(path)
     saved_dp = sum(k.startswith("dataloader.dp_rank_") for k in keys)
     saved_world = sum(k.startswith("rng.rank_") for k in keys)
@@ -220,6 +247,14 @@ def load_full(ckpt: Checkpointer, path: Path) -> str | None:
         return problem
     if "train_state" not in exclude:
         state.step, state.tokens_seen = saved["step"], saved["tokens_seen"]
+    else:  # counting starts again: the old line's steps would be newer than the new saves
+        _set_aside_newer(ckpt, state.step)
+    # The rate the next step uses is the schedule's (a restored or fresh schedule; the
+    # optimizer's own record of it is stale when only one of the two was loaded).
+    optimizer = ckpt.states["optimizer"].optimizer
+    lrs = ckpt.states["lr_scheduler"].get_last_lr()
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
     if load_data:
         if saved_dp == state.dp_degree:
             ckpt.dataloader.load_state_dict(loader_states[0])

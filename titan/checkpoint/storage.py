@@ -188,15 +188,18 @@ def settle_incomplete(folder: Path) -> list[tuple[Path, str]]:
     was lost, e.g. to a kill right after an async save) is verified and completed; any
     other is moved aside into `<folder>/incomplete/`. Returns (path, what was done)."""
     done = []
+    line: dict[str, Any] = {}  # the line of saves the step belongs to: the step before it's
     for s in list_steps(folder):
         if s.complete:
+            marker = read_marker(s.path)
+            line = {k: marker[k] for k in ("branch_from", "exclusions_applied") if k in marker}
             continue
         if verify(s.path) is None:
             names = sorted(p.name for p in s.path.glob("*.distcp"))
             keys = checkpoint_keys(s.path)
             kind = FULL if any(k.startswith("optimizer.") for k in keys) else MODEL_ONLY
-            complete(s.path, {"step": s.step, "kind": kind, "completed_later": True},
-                     checksums(s.path, names))  # fmt: skip
+            info = {"step": s.step, "kind": kind, "completed_later": True, **line}
+            complete(s.path, info, checksums(s.path, names))
             done.append((s.path, "completed: its data and .metadata were whole"))
             continue
         aside = move_aside(s.path, "incomplete")

@@ -176,6 +176,7 @@ class HeldOut:
                 tokens, src = self._tokens(start, min(start + s + 1, self.total_tokens), cache)
                 n = len(tokens) - 1
                 inputs[k, : n + 1] = tokens[:s]
-                labels[k, :n] = np.where(src[1:] >= 0, tokens[1:], IGNORE)
+                # (int64 first: -100 in a uint8 array would wrap to 156)
+                labels[k, :n] = np.where(src[1:] >= 0, tokens[1:].astype(np.int64), IGNORE)
                 source[k, :n] = src[1:]
             yield torch.from_numpy(inputs), torch.from_numpy(labels), torch.from_numpy(source)

@@ -276,6 +276,20 @@ class KVCache:
     def slot(self, layer: int, start: int) -> KVSlot:
         return KVSlot(*self.layers[layer], start)
 
+    def first(self, n: int) -> KVCache:
+        """A view of the first `n` sequences: what a forward writes there lands here."""
+        view = object.__new__(KVCache)
+        view.max_len = self.max_len
+        view.layers = [(k[:n], v[:n]) for k, v in self.layers]
+        return view
+
+    def share_first(self, length: int) -> None:
+        """Give every sequence the first one's keys and values at positions 0..length-1
+        (a prompt they all continue)."""
+        for k, v in self.layers:
+            k[1:, :, :length] = k[:1, :, :length]
+            v[1:, :, :length] = v[:1, :, :length]
+
 
 # Wrapper modules (activation checkpointing, torch.compile, DDP) insert these name parts.
 _WRAPPER_PARTS = re.compile(r"(^|\.)(_checkpoint_wrapped_module|_orig_mod|module)(?=\.)")
