@@ -123,7 +123,7 @@ def _load_first_usable(ckpt: Checkpointer, steps: list[storage.StepDir], fallbac
     )
 
 
-def _set_aside_newer(ckpt: Checkpointer, step: int) -> None:
+def _set_aside_newer(ckpt: Checkpointer, step: int, why: str | None = None) -> None:
     """The loaded older step starts a new branch: the newer steps move aside, so a later
     plain resume continues this branch, not the abandoned one."""
     if ckpt.rank == 0:
@@ -131,8 +131,8 @@ def _set_aside_newer(ckpt: Checkpointer, step: int) -> None:
         if moved is not None:
             folder, names = moved
             logger.warning(
-                f"Resuming step-{step} starts a new branch: set aside {', '.join(names)} "
-                f"into {folder} (move them back to return to that branch)"
+                f"{why or f'Resuming step-{step} starts a new branch'}: set aside "
+                f"{', '.join(names)} into {folder} (move them back to return to that branch)"
             )
     dist.barrier()
 
@@ -248,7 +248,7 @@ def load_full(ckpt: Checkpointer, path: Path) -> str | None:
     if "train_state" not in exclude:
         state.step, state.tokens_seen = saved["step"], saved["tokens_seen"]
     else:  # counting starts again: the old line's steps would be newer than the new saves
-        _set_aside_newer(ckpt, state.step)
+        _set_aside_newer(ckpt, state.step, "Leaving out train_state starts the count at 0")
     # The rate the next step uses is the schedule's (a restored or fresh schedule; the
     # optimizer's own record of it is stale when only one of the two was loaded).
     optimizer = ckpt.states["optimizer"].optimizer
