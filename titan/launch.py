@@ -80,6 +80,16 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if not hasattr(args, "signals_to_handle"):
+        import torch
+
+        print(
+            f"error: torch {torch.__version__}'s torchrun cannot pass SIGUSR1 (Slurm's warning "
+            "signal) to the workers, so a run would die instead of saving; install torch >= 2.9",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_BAD_INPUT
     wants_help = {"--help", "-h"} & set(args.training_script_args)
     if Path(args.training_script).name in SCRIPTS and not wants_help:
         try:
@@ -89,9 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_BAD_INPUT
     if check_only():  # the Slurm launcher checks once, before srun starts every node's
         return EXIT_OK
-    if getattr(args, "signals_to_handle", None) == "SIGTERM,SIGINT,SIGHUP,SIGQUIT":
+    if args.signals_to_handle == "SIGTERM,SIGINT,SIGHUP,SIGQUIT":
         args.signals_to_handle = SIGNALS  # torchrun's default leaves out Slurm's SIGUSR1
-    os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", SIGNALS)  # older torchrun
     timeout = os.environ.get("TITAN_SHUTDOWN_TIMEOUT_S", "900")
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", timeout)
     with tempfile.TemporaryDirectory(prefix="titan-launch-") as tmp:
