@@ -216,20 +216,18 @@ def test_diverging_run_stops_with_one_line_and_is_not_retried(tmp_path, syntheti
 
 @pytest.mark.slow
 def test_debug_recipe_trains_on_two_ranks(tmp_path, synthetic_dir):
-    result = run_train(
-        [
-            "--job.config_file=train_configs/debug_model.toml",
-            f"--job.dump_folder={tmp_path}",
-            f"--training.dataset_path={synthetic_dir}",
-            "--training.steps=40",
-            "--training.seq_len=256",
-            "--metrics.log_freq=5",
-            "--checkpoint.interval=20",
-            "--checkpoint.model_weights_only",
-            "--checkpoint.export_dtype=bfloat16",
-        ],
-        nproc=2,
-    )
+    args = [
+        "--job.config_file=train_configs/debug_model.toml",
+        f"--job.dump_folder={tmp_path}",
+        f"--training.dataset_path={synthetic_dir}",
+        "--training.steps=40",
+        "--training.seq_len=256",
+        "--metrics.log_freq=5",
+        "--checkpoint.interval=20",
+        "--checkpoint.model_weights_only",
+        "--checkpoint.export_dtype=bfloat16",
+    ]
+    result = run_train(args, nproc=2)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, *range(5, 41, 5)]
@@ -256,19 +254,7 @@ def test_debug_recipe_trains_on_two_ranks(tmp_path, synthetic_dir):
     assert "Finished: 40 steps" in result.stdout
     # The same command again (a requeue, say): the final export means the run is over;
     # resuming step-20 would redo 20 steps and set the export aside.
-    again = run_train(
-        [
-            "--job.config_file=train_configs/debug_model.toml",
-            f"--job.dump_folder={tmp_path}",
-            f"--training.dataset_path={synthetic_dir}",
-            "--training.steps=40",
-            "--training.seq_len=256",
-            "--checkpoint.interval=20",
-            "--checkpoint.model_weights_only",
-            "--checkpoint.export_dtype=bfloat16",
-        ],
-        nproc=1,
-    )
+    again = run_train(args, nproc=1)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "is this run's final model-only export" in again.stdout
     assert "Already trained 40 of 40 steps: nothing to do" in again.stdout
