@@ -58,12 +58,21 @@ def _timed_out(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and ("Timed out" in text or "timed out" in text)
 
 
+def printed_file(status: str | Path) -> Path:
+    """Where rank 0 records the line it printed (beside the status file): the launcher
+    prints the status's line itself when rank 0 did not (another rank ended alone)."""
+    return Path(f"{status}.printed")
+
+
 def _finish(code: int, message: str) -> int:
     rank, _, _ = env_rank()
+    path = status_file()
     if message and rank == 0:  # every rank hits the same end; say it once
         prefix = "stopped" if code == EXIT_STOPPED else "error"
         print(f"{prefix}: {message}", file=sys.stderr, flush=True)
-    path = status_file()
+        if path is not None:
+            with written_atomically(printed_file(path)) as tmp:
+                tmp.write_text(message)
     if path is not None:  # every rank: the launcher may stop the others once one has ended
         with written_atomically(Path(path)) as tmp:
             tmp.write_text(json.dumps({"exit_code": code, "message": message}) + "\n")

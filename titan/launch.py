@@ -23,7 +23,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from titan.cli import EXIT_BAD_INPUT, EXIT_CODES, EXIT_OK, EXIT_STUCK, read_status
+from titan.cli import (
+    EXIT_BAD_INPUT,
+    EXIT_CODES,
+    EXIT_OK,
+    EXIT_STOPPED,
+    EXIT_STUCK,
+    printed_file,
+    read_status,
+)
 from titan.config import ConfigError, load_config
 from titan.distributed import check_only
 
@@ -73,6 +81,14 @@ class _OwnEndings(logging.Filter):
         return not any(f"(exitcode: {code})" in text for code in OWN_CODES)
 
 
+def _unprinted(status_path: Path, message: str) -> bool:
+    """Whether rank 0 did not print the status's line (it records what it printed)."""
+    try:
+        return bool(message) and printed_file(status_path).read_text() != message
+    except OSError:
+        return bool(message)
+
+
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -118,11 +134,11 @@ def main(argv: list[str] | None = None) -> int:
             if status is None or status[0] == EXIT_OK or status[0] not in codes:
                 print(e.format_msg(), file=sys.stderr, flush=True)  # a crash titan did not report
                 return 1
-            first = e.failures.get(0)  # keyed by global rank
-            if first is not None and first.exitcode != status[0]:
+            if _unprinted(status_path, status[1]):
                 # another rank ended alone (e.g. its share of the data is empty) and rank 0,
                 # which prints the line, failed otherwise: say why the run ended
-                print(f"error: {status[1]}", file=sys.stderr, flush=True)
+                prefix = "stopped" if status[0] == EXIT_STOPPED else "error"
+                print(f"{prefix}: {status[1]}", file=sys.stderr, flush=True)
             return status[0]
         except SignalException as e:
             status = read_status(status_path)
