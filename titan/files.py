@@ -1,4 +1,4 @@
-"""Files written whole or not at all.
+"""Files written whole or not at all, and JSON text that strict readers accept.
 
     with written_atomically(out) as tmp:   # a temporary name beside `out`
         tmp.write_text(...)                # or fig.savefig(tmp), np.savez(tmp, ...)

@@ -67,8 +67,7 @@ class Run:
     held_out: HeldOut | None = None
     """The validation split's windows (when validation is on)."""
     locks: list[RunLock] = field(default_factory=list)
-    """Rank 0's hold on the dump folder, and on the checkpoint folder when it lies outside
-    (training only)."""
+    """Rank 0's hold on the dump folder and on the checkpoint folder (training only)."""
 
     def close(self, failed: bool = False) -> None:
         """Release what the run holds; safe to call on a partly built run, and twice."""

@@ -277,10 +277,10 @@ def dry_run(cfg: JobConfig) -> None:
     # else for this machine's device, which a real start would refuse when it cannot fit.
     limit = int(cfg.activation_checkpoint.memory_limit_gib * GiB)
     gpu_dtype = activation_dtype(cfg, "cuda")
-    targets = [
-        (name, min(gpu_capacity(name), limit or gpu_capacity(name)), gpu_dtype)
-        for name in cfg.job.plan_for
-    ]
+    targets = []
+    for name in cfg.job.plan_for:
+        capacity = gpu_capacity(name)
+        targets.append((name, min(capacity, limit) if limit else capacity, gpu_dtype))
     if not targets:
         label = torch.cuda.get_device_name(device) if device.type == "cuda" else "this CPU"
         targets = [(label, device_capacity(cfg, device, 1), activation_dtype(cfg, device.type))]

@@ -163,7 +163,7 @@ def source_args(value: str, path: Path) -> tuple[ModelArgs | None, str]:
     return None, ""
 
 
-def _differing_settings(source: ModelArgs, args: ModelArgs) -> dict[str, str]:
+def differing_settings(source: ModelArgs, args: ModelArgs) -> dict[str, str]:
     """Setting name -> 'name = source value (this model: value)' where they differ."""
     scaled = source.use_scaled_rope and args.use_scaled_rope
     names = [n for n in SETTINGS if scaled or n not in _SCALING]
@@ -198,7 +198,7 @@ def plan_initial_load(value: str, args: ModelArgs, allow: list[str]) -> InitialL
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in allow)
 
     source, origin = source_args(value, path)
-    settings = _differing_settings(source, args) if source is not None else {}
+    settings = differing_settings(source, args) if source is not None else {}
     refused = [n for n in settings if not allowed(n)]
     if refused:
         raise _error(

@@ -63,6 +63,7 @@ class Checkpointer:
         self.folder = Path(cfg.job.dump_folder) / c.folder
         self.total_steps = cfg.training.steps
         self.model, self.dataloader, self.train_state = model, dataloader, train_state
+        self._device = next(model.parameters()).device
         self.states: dict[str, Any] = {
             "model": ModelState(model),
             "optimizer": OptimizerState(model, optimizer),
@@ -105,11 +106,10 @@ class Checkpointer:
             return step % self.cfg.interval == 0
         # Seconds: rank 0's clock decides, so every rank saves at the same step. (On the
         # model's device: the default group of a GPU run is NCCL, which has no CPU tensors.)
-        device = next(self.model.parameters()).device
         due = torch.tensor(
             [time.monotonic() - self._last_save_time >= self.cfg.interval],
             dtype=torch.int32,
-            device=device,
+            device=self._device,
         )
         dist.broadcast(due, src=0)
         return bool(due.item())

@@ -24,6 +24,7 @@ from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from titan.checkpoint import MARKER, read_marker, storage
+from titan.checkpoint.initial import differing_settings
 from titan.checkpoint.resume import integrity_problem
 from titan.convert import common
 from titan.convert.common import (
@@ -109,19 +110,6 @@ def _dcp_step(step_dir: Path) -> int | None:
     return step
 
 
-def _numerics(args: ModelArgs) -> tuple:
-    """What decides the computation of a model: tensor shapes, norm eps and RoPE."""
-    rope = (args.rope_theta, args.use_scaled_rope)
-    if args.use_scaled_rope:
-        rope += (
-            args.rope_scale_factor,
-            args.rope_low_freq_factor,
-            args.rope_high_freq_factor,
-            args.rope_original_context,
-        )
-    return param_shapes(args), args.norm_eps, rope
-
-
 def dcp_model_args(
     folder: Path, stored: Stored, flavor: str | None, max_seq_len: int | None, job: dict | None
 ) -> tuple[ModelArgs, str]:
@@ -151,7 +139,8 @@ def dcp_model_args(
             f"{folder}: cannot tell the model architecture (no params.json here and no "
             f"config.toml of the run above it); pass --flavor ({', '.join(FLAVORS)})"
         )
-    if flavor is not None and _numerics(build_model_args(flavor, vocab, seq)) != _numerics(args):
+    named = build_model_args(flavor, vocab, seq) if flavor is not None else args
+    if param_shapes(named) != param_shapes(args) or differing_settings(named, args):
         raise ConvertError(
             f"--flavor {flavor} disagrees with {origin} ({describe(args)}); drop --flavor: "
             f"{origin} says what the checkpoint holds"
