@@ -9,7 +9,8 @@ Writes <step directory>.eval-<split>.json beside the checkpoint and prints a tab
 
 import sys
 
+from titan.distributed import exit_process
 from titan.evaluate import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_process(main(sys.argv[1:]))

@@ -10,7 +10,8 @@ booleans a bare --section.flag / --section.no_flag.
 
 import sys
 
+from titan.distributed import exit_process
 from titan.trainer import main
 
 if __name__ == "__main__":  # the guard is required: async checkpointing spawns processes
-    sys.exit(main(sys.argv[1:]))
+    exit_process(main(sys.argv[1:]))

@@ -12,6 +12,8 @@ from typing import Any
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from titan.distributed import exit_process
+
 
 def free_port() -> int:
     """A TCP port nothing listens on now (for a test's process group or services)."""
@@ -37,6 +39,7 @@ def _worker(rank: int, world: int, port: int, out: str, fn: Callable, args: tupl
         Path(out, f"{rank}.pkl").write_bytes(pickle.dumps(result))
     finally:
         dist.destroy_process_group()
+    exit_process(0)  # as the commands end: interpreter teardown can abort under gloo
 
 
 def run_ranks(fn: Callable, world: int, *args: Any) -> list[Any]:
