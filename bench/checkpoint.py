@@ -18,7 +18,7 @@ import torch.distributed as dist
 from tabulate import tabulate
 
 from titan.config import load_config
-from titan.distributed import init_distributed
+from titan.distributed import exit_process, init_distributed
 from titan.logging import init_logger
 from titan.models import llama
 from titan.run import build_run
@@ -30,6 +30,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
     opts = parser.parse_args()
+    if opts.dim < 128 or opts.dim % 128:  # 64-wide heads, half as many KV heads
+        parser.error(f"--dim {opts.dim}: use a positive multiple of 128")
+    if opts.layers < 1 or opts.repeats < 1:
+        parser.error("--layers and --repeats must be at least 1")
     llama.FLAVORS["bench"] = llama.ModelArgs(
         **{
             **llama.FLAVORS["debugmodel"].__dict__,
@@ -116,3 +120,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # (interpreter teardown can abort under gloo)

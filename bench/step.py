@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from titan.config import load_config  # noqa: E402
+from titan.distributed import exit_process  # noqa: E402
 from titan.kernel_choice import CUDA_CANDIDATES, AttnShape, time_forward_backward  # noqa: E402
 from titan.metrics import peak_tflops  # noqa: E402
 from titan.models import keymap, llama  # noqa: E402
@@ -373,4 +374,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # (interpreter teardown can abort under gloo)
