@@ -12,7 +12,6 @@ import contextlib
 import os
 import signal
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -227,11 +226,9 @@ def exit_process(code: int) -> NoReturn:
     aborts ("terminate called without an active exception", SIGABRT) after a successful
     run: about 1 two-rank exit in 10 on a 2-core machine. The device mesh (cached by
     DTensor) keeps the groups alive past `destroy_process_group`, so their threads cannot
-    be joined first. The run has closed its files and locks by now; nothing else needs
-    the teardown."""
-    for thread in threading.enumerate():  # what interpreter shutdown would wait for
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    be joined first. The run has closed its files and locks by now and waited for its
+    save; threads still alive are idle pools, or a save abandoned after a failure (left
+    without its marker, so never loaded): none is waited for."""
     atexit._run_exitfuncs()  # logging's flush, torch's own clean-ups
     sys.stdout.flush()
     sys.stderr.flush()
