@@ -11,6 +11,8 @@
 - Non-finite endings exit 3; a NaN planted in a saved weight is refused at load.
 - A stopped rank (SIGSTOP) is reported within job.collective_timeout_s and the job exits
   non-zero instead of hanging.
+- The commands end without interpreter teardown (`exit_process`), yet with their status,
+  their exit handlers run and their buffered output written.
 """
 
 from __future__ import annotations
@@ -370,3 +372,25 @@ def test_launcher_reports_titan_endings_once_and_other_crashes_in_full(tmp_path,
     else:  # the status file still holds attempt 0's 5: the crash must not be reported as it
         assert result.returncode == 1, result.stderr[-3000:]
         assert "FAILED" in result.stderr and "exitcode  : 7" in result.stderr
+
+
+def test_exit_process_keeps_the_status_the_handlers_and_the_buffered_output():
+    script = (
+        "import atexit, sys\n"
+        "from titan.distributed import exit_process\n"
+        "atexit.register(lambda: print('handler ran'))\n"
+        "sys.stdout.write('no newline yet')\n"  # a pipe is block-buffered: still in memory
+        "sys.stderr.write('to stderr')\n"
+        "exit_process(3)\n"
+    )
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=buffered,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 3
+    assert done.stdout == "no newline yethandler ran\n" and done.stderr == "to stderr"
