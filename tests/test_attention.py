@@ -1,18 +1,23 @@
 """Attention kernels and how a run chooses one.
 
 - On CPU, "auto" is SDPA; an explicit FlashAttention choice that cannot run stops with one
-  line naming the install command (also through train.py).
+  line naming the install command (also through train.py), and so does a FlashAttention-3
+  build whose internal functions take other arguments than titan's calls.
 - The FlashAttention custom op (`titan::flash_attention` and its backward) with a
   plain-PyTorch kernel registered in it gives SDPA's output and gradients, and a compiled
   function calling it is one graph (opt-in compile test).
 - "auto" by measurement, with fake candidates: the fastest wins; a candidate that fails
   the float32 check or raises is excluded with its reason in the log line; on two ranks,
   rank 0 decides and both run the same kernel.
+- The float32 check compares the output and each gradient, in float32 and bfloat16 runs
+  (a kernel with a wrong dq is caught in both), and the check and the timing hand kernels
+  the layout the model does: heads-first views of (batch, seq, heads, head_dim) tensors.
 - On a GPU (skipped elsewhere): every available kernel matches SDPA.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 import pytest
@@ -21,7 +26,14 @@ import torch.nn.functional as F
 from conftest import run_train
 from dist_utils import run_ranks
 
-from titan.kernel_choice import AttnShape, choose_attention, decide_on_rank0, measure
+from titan.kernel_choice import (
+    AttnShape,
+    choose_attention,
+    decide_on_rank0,
+    measure,
+    numerical_problem,
+    time_forward_backward,
+)
 from titan.models.attention import (
     IMPLS,
     FlashKernel,
@@ -66,6 +78,37 @@ def test_auto_is_sdpa_on_cpu_and_explicit_flash_needs_its_module():
         attention_fn("auto")
     q, k, v = _qkv()
     assert torch.allclose(attention_fn("sdpa")(q, k, v), _sdpa_reference(q, k, v), atol=1e-6)
+
+
+def _old_forward(q, k, v, k_new, v_new, out, softmax_scale=None, causal=False):
+    raise AssertionError("never called")
+
+
+def _new_forward(q, k, v, k_new=None, v_new=None, softmax_scale=None, causal=False):
+    raise AssertionError("never called")
+
+
+def _backward(dout, q, k, v, out, lse, dq=None, dk=None, dv=None, softmax_scale=None,
+              is_causal=False):  # fmt: skip
+    raise AssertionError("never called")
+
+
+def test_a_flash3_build_with_other_internal_arguments_is_refused(monkeypatch):
+    import types
+
+    from titan.models import attention
+
+    monkeypatch.setattr(attention, "_KERNELS", {})  # loaded kernels stay this test's
+    for forward, problem in ((_old_forward, "takes other arguments"), (_new_forward, None)):
+        module = types.ModuleType("flash_attn_interface")
+        module._flash_attn_forward, module._flash_attn_backward = forward, _backward
+        monkeypatch.setitem(sys.modules, "flash_attn_interface", module)
+        reason = unavailable_reason("flash3", CPU)
+        if problem is None:
+            assert reason == "needs a CUDA device, not cpu"  # imported and accepted
+        else:
+            assert problem in reason and "missing a required argument: 'k_new'" in reason
+            assert "\n" not in reason
 
 
 def test_train_py_names_the_install_command(tmp_path):
@@ -192,6 +235,47 @@ def test_auto_picks_the_fastest_that_passes():
     assert "absent: cannot import" in summary
     with pytest.raises(RuntimeError, match="no attention kernel passed"):
         measure({"wrong": _wrong, "broken": _broken}, SHAPE, CPU)
+
+
+class _DoubledGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 2 * grad
+
+
+def _wrong_dq(q, k, v):
+    return F.scaled_dot_product_attention(
+        _DoubledGradient.apply(q), k, v, is_causal=True, enable_gqa=True
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_check_compares_output_and_each_gradient_with_float32(dtype):
+    shape = AttnShape(1, 128, 4, 2, 16, dtype)
+    assert numerical_problem(attention_fn("sdpa"), shape, CPU) is None
+    assert numerical_problem(_wrong_dq, shape, CPU).startswith("dq differs from float32 SDPA")
+    assert measure({"wrong_dq": _wrong_dq, "sdpa": attention_fn("sdpa")}, shape, CPU).impl == "sdpa"
+
+
+def test_kernels_are_checked_and_timed_in_the_models_layout():
+    b, s, h, kv, d = 1, 32, 4, 2, 16
+    seen = []
+
+    def recording(q, k, v):
+        seen.append([t.stride() for t in (q, k, v)])
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    shape = AttnShape(b, s, h, kv, d, torch.float32)
+    assert numerical_problem(recording, shape, CPU) is None
+    time_forward_backward(recording, shape, CPU, warmup=0, iters=1)
+    model_layout = [  # what the model passes: transposed views of (batch, seq, heads, dim)
+        torch.empty(b, s, n, d).transpose(1, 2).stride() for n in (h, kv, kv)
+    ]
+    assert seen == [model_layout, model_layout]
 
 
 def _decide_per_rank() -> str:

@@ -3,12 +3,15 @@
 An explicit `model.attn_impl` is checked (one line with the install command when it
 cannot run). "auto" on CPU is SDPA. "auto" on CUDA is decided by measurement, because
 the fastest kernel depends on the GPU, the library versions and the shapes: each
-candidate (flash4, flash3, SDPA restricted to cuDNN, SDPA restricted to flash, flash2)
-that imports is first checked against a float32 reference on a small slice, then timed
-forward + backward at the run's own shapes (micro-batch, seq_len, heads, head_dim, dtype:
-warm-up, then the median of a few CUDA-event-timed runs). Rank 0 decides and broadcasts,
+candidate (flash4, flash3, SDPA restricted to cuDNN, SDPA restricted to flash, flash2,
+then plain SDPA for where none of those runs, e.g. float32) that imports is first checked
+against a float32 reference on a small slice, then timed forward + backward at the run's
+own shapes (micro-batch, seq_len, heads, head_dim, dtype: warm-up, then the median of a
+few CUDA-event-timed runs). Rank 0 decides and broadcasts,
 so every rank runs the same kernel. The choice and every candidate's time or reason for
-exclusion are logged and shown in the start-up table.
+exclusion are logged and shown in the start-up table. An explicit kernel on CUDA gets the
+same check on the small slice before training, so one that cannot run (dtype, GPU
+generation, head size, library version) stops the start with one line.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import torch.nn.functional as F
 
 from titan.models.attention import AttentionFn, attention_fn, check_available, unavailable_reason
 
-CUDA_CANDIDATES = ("flash4", "flash3", "sdpa_cudnn", "sdpa_flash", "flash2")
-"""Candidates of "auto" on CUDA, in the order they are tried (ties go to the first)."""
+CUDA_CANDIDATES = ("flash4", "flash3", "sdpa_cudnn", "sdpa_flash", "flash2", "sdpa")
+"""Candidates of "auto" on CUDA, in the order they are tried (ties go to the first); plain
+SDPA is last, for runs none of the others can serve (float32: the others take 16-bit only)."""
 
 
 @dataclass(frozen=True)
@@ -71,14 +75,21 @@ class KernelChoice:
 
 
 def _inputs(shape: AttnShape, device: torch.device, generator: torch.Generator):
-    """q (batch, heads, seq, head_dim), k and v (batch, kv_heads, seq, head_dim), and dout."""
+    """q (batch, seq, heads, head_dim), k and v (batch, seq, kv_heads, head_dim), and dout
+    (as q), contiguous: the layout the model holds them in. Like the model, pass them to a
+    kernel as `.transpose(1, 2)` views (heads first), so each kernel is checked and timed
+    with the copies it makes (or avoids) in training."""
 
     def rand(heads: int) -> torch.Tensor:
-        size = (shape.batch, heads, shape.seq, shape.head_dim)
+        size = (shape.batch, shape.seq, heads, shape.head_dim)
         x = torch.randn(size, generator=generator, device=device)
         return x.to(shape.dtype)
 
     return rand(shape.n_heads), rand(shape.n_kv_heads), rand(shape.n_kv_heads), rand(shape.n_heads)
+
+
+def _heads_first(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.transpose(1, 2) for t in tensors]
 
 
 def numerical_problem(fn: AttentionFn, shape: AttnShape, device: torch.device) -> str | None:
@@ -89,9 +100,10 @@ def numerical_problem(fn: AttentionFn, shape: AttnShape, device: torch.device) -
     q, k, v, dout = _inputs(one, device, generator)
     results = []
     for f, dtype in ((fn, shape.dtype), (_reference, torch.float32)):
-        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
-        out = f(*leaves)
-        out.backward(dout.to(dtype))
+        # new leaves for each pass (`.to` alone returns the tensor itself for its own dtype)
+        leaves = [t.to(dtype, copy=True).requires_grad_() for t in (q, k, v)]
+        out = f(*_heads_first(*leaves))
+        out.backward(*_heads_first(dout.to(dtype)))
         results.append([out.float(), *(t.grad.float() for t in leaves)])
     bound = 1e-4 if shape.dtype == torch.float32 else 2e-2
     for name, got, want in zip(("out", "dq", "dk", "dv"), *results, strict=True):
@@ -112,23 +124,37 @@ def time_forward_backward(
     generator = torch.Generator(device=device).manual_seed(1)
     q, k, v, dout = _inputs(shape, device, generator)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
+    (dout,) = _heads_first(dout)
     times = []
     for i in range(warmup + iters):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn(q, k, v).backward(dout)
+            fn(*_heads_first(q, k, v)).backward(dout)
             end.record()
             end.synchronize()
             ms = start.elapsed_time(end)
         else:
             begin = time.perf_counter()
-            fn(q, k, v).backward(dout)
+            fn(*_heads_first(q, k, v)).backward(dout)
             ms = 1e3 * (time.perf_counter() - begin)
         q.grad = k.grad = v.grad = None
         if i >= warmup:
             times.append(ms)
     return statistics.median(times)
+
+
+def _failed(e: Exception) -> str:
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"failed ({type(e).__name__}: {first})"
+
+
+def checked(fn: AttentionFn, shape: AttnShape, device: torch.device) -> str | None:
+    """`numerical_problem`, or how the kernel failed to run at all (in a few words)."""
+    try:
+        return numerical_problem(fn, shape, device)
+    except Exception as e:  # noqa: BLE001 - a kernel that cannot run here, for any reason
+        return _failed(e)
 
 
 def measure(
@@ -141,15 +167,14 @@ def measure(
         if isinstance(fn, str):
             trials.append(Trial(impl, excluded=fn))
             continue
+        problem = checked(fn, shape, device)
+        if problem is not None:
+            trials.append(Trial(impl, excluded=problem))
+            continue
         try:
-            problem = numerical_problem(fn, shape, device)
-            if problem is not None:
-                trials.append(Trial(impl, excluded=problem))
-                continue
             trials.append(Trial(impl, ms=time_forward_backward(fn, shape, device)))
         except Exception as e:  # noqa: BLE001 - any failure excludes the candidate
-            first = (str(e).strip().splitlines() or [""])[0][:200]
-            trials.append(Trial(impl, excluded=f"failed ({type(e).__name__}: {first})"))
+            trials.append(Trial(impl, excluded=_failed(e)))
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -185,6 +210,13 @@ def choose_attention(
     device = torch.device(device)
     if requested != "auto":
         check_available(requested, device)
+        if device.type == "cuda" and measure_auto:  # (a dry run imports, runs nothing)
+            problem = checked(attention_fn(requested), shape, device)
+            if problem is not None:
+                raise ValueError(
+                    f"{requested} cannot run here at the run's dtype and head size: {problem}; "
+                    "use 'auto' to pick one that can"
+                )
         return KernelChoice(requested, requested)
     if device.type != "cuda":
         return KernelChoice("sdpa", "auto", note=f"SDPA on {device.type}, no timing")

@@ -97,8 +97,25 @@ def register_flash_kernel(name: str, kernel: FlashKernel) -> None:
     _KERNELS[name] = kernel
 
 
+def _require_call(fn: Callable, positional: int, keywords: set[str]) -> None:
+    """ImportError when the library function `fn` cannot take the call made below with
+    `positional` arguments and `keywords` (an internal function of another version)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # no Python signature to check: the call will tell
+        return
+    try:
+        signature.bind(*range(positional), **dict.fromkeys(keywords))
+    except TypeError as e:
+        raise ImportError(
+            f"its {fn.__name__} takes other arguments ({e}): a version titan cannot call"
+        ) from None
+
+
 def _flash4() -> FlashKernel:
     m = importlib.import_module("flash_attn.cute.interface")
+    _require_call(m._flash_attn_fwd, 3, {"softmax_scale", "causal", "return_lse"})
+    _require_call(m._flash_attn_bwd, 6, {"softmax_scale", "causal"})
 
     def forward(q, k, v, scale):
         result = m._flash_attn_fwd(q, k, v, softmax_scale=scale, causal=True, return_lse=True)
@@ -117,6 +134,9 @@ def _flash3() -> FlashKernel:
     m = importlib.import_module("flash_attn_interface")
     params = inspect.signature(m._flash_attn_backward).parameters
     causal = "is_causal" if "is_causal" in params else "causal"  # renamed between versions
+    # builds before 2025-08 take k_new, ... positionally (and older ones return other tuples)
+    _require_call(m._flash_attn_forward, 3, {"softmax_scale", "causal"})
+    _require_call(m._flash_attn_backward, 6, {"dq", "dk", "dv", "softmax_scale", causal})
 
     def forward(q, k, v, scale):
         result = m._flash_attn_forward(q, k, v, softmax_scale=scale, causal=True)
