@@ -30,7 +30,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from titan.config import load_config
 from titan.distributed import ParallelDims
-from titan.memory import POLICIES, GiB, activation_bytes, plan_memory, plan_policies
+from titan.memory import (
+    POLICIES,
+    GiB,
+    activation_bytes,
+    device_capacity,
+    plan_memory,
+    plan_policies,
+)
 from titan.models.llama import Transformer, build_model_args
 from titan.parallelize import apply_ac
 
@@ -223,6 +230,22 @@ def test_dry_run_plans_as_a_start_there_would():
         assert result.returncode == 2, result.stdout[-2000:]
         err = result.stderr.strip()
         assert "\n" not in err and words in err and "Traceback" not in result.stdout, err
+
+
+def test_memory_limit_caps_the_device_and_cpu_ranks_share_the_ram():
+    def capacity(limit: float, local_ranks: int) -> int:
+        cfg = load_config(
+            [
+                "--job.config_file=train_configs/debug_model.toml",
+                f"--activation_checkpoint.memory_limit_gib={limit}",
+            ]
+        )
+        return device_capacity(cfg, torch.device("cpu"), local_ranks)
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert capacity(0, 1) == ram and capacity(0, 2) == ram // 2
+    assert capacity(0.5, 2) == GiB // 2
+    assert capacity(10 * ram / GiB, 2) == ram // 2  # never more than there is
 
 
 def test_advice_for_a_huge_batch_comes_at_once():

@@ -72,14 +72,15 @@ def gpu_capacity(name: str) -> int:
 
 
 def device_capacity(cfg: JobConfig, device: torch.device, local_ranks: int) -> int:
-    """Bytes one rank may use: `activation_checkpoint.memory_limit_gib` when set, else the
-    GPU's memory, or on CPU the machine's RAM shared by the ranks of this node."""
-    if cfg.activation_checkpoint.memory_limit_gib > 0:
-        return int(cfg.activation_checkpoint.memory_limit_gib * GiB)
+    """Bytes one rank may use: the GPU's memory, or on CPU the machine's RAM shared by the
+    ranks of this node; at most `activation_checkpoint.memory_limit_gib` when that is set."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return ram // max(1, local_ranks)
+        capacity = torch.cuda.get_device_properties(device).total_memory
+    else:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        capacity = ram // max(1, local_ranks)
+    limit = int(cfg.activation_checkpoint.memory_limit_gib * GiB)
+    return min(capacity, limit) if limit > 0 else capacity
 
 
 # ----------------------------------------------------------------------------- activations

@@ -29,6 +29,7 @@ from titan.distributed import (
     ParallelDims,
     env_rank,
     launched_world_size,
+    local_world_size,
     set_collective_timeout,
 )
 from titan.evaluate import evaluate
@@ -283,7 +284,8 @@ def dry_run(cfg: JobConfig) -> None:
         targets.append((name, min(capacity, limit) if limit else capacity, gpu_dtype))
     if not targets:
         label = torch.cuda.get_device_name(device) if device.type == "cuda" else "this CPU"
-        targets = [(label, device_capacity(cfg, device, 1), activation_dtype(cfg, device.type))]
+        capacity = device_capacity(cfg, device, local_world_size())
+        targets = [(label, capacity, activation_dtype(cfg, device.type))]
     plans = [(label, plan_memory(cfg, args, dims, c, dtype)) for label, c, dtype in targets]
     here_label, here = plans[0]
     if not cfg.job.plan_for and not here.fits and cfg.activation_checkpoint.mode == "auto":

@@ -250,7 +250,8 @@ class ActivationCheckpoint:
     memory_headroom: Annotated[float, Rule(lambda v: 0 <= v < 1, "in [0, 1)")] = 0.1
     """Share of device memory the auto plan leaves free (CUDA context, NCCL, fragmentation)."""
     memory_limit_gib: NonNegativeFloat = 0.0
-    """Plan for this much memory per rank instead of the device's (0 = the device's)."""
+    """Plan for at most this much memory per rank (0 = all of the device's; a larger value
+    than the device has is capped at the device's)."""
 
 
 EvalAmount = Annotated[int, Rule(lambda v: v == -1 or v > 0, "-1 (no limit) or a positive integer")]
