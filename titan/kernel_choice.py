@@ -7,11 +7,11 @@ candidate (flash4, flash3, SDPA restricted to cuDNN, SDPA restricted to flash, f
 then plain SDPA for where none of those runs, e.g. float32) that imports is first checked
 against a float32 reference on a small slice, then timed forward + backward at the run's
 own shapes (micro-batch, seq_len, heads, head_dim, dtype: warm-up, then the median of a
-few CUDA-event-timed runs). Rank 0 decides and broadcasts,
-so every rank runs the same kernel. The choice and every candidate's time or reason for
-exclusion are logged and shown in the start-up table. An explicit kernel on CUDA gets the
-same check on the small slice before training, so one that cannot run (dtype, GPU
-generation, head size, library version) stops the start with one line.
+few CUDA-event-timed runs). Rank 0 decides and broadcasts, so every rank runs the same
+kernel. The choice and every candidate's time or reason for exclusion are logged and
+shown in the start-up table. An explicit kernel on CUDA gets the same check on the small
+slice before training, so one that cannot run (dtype, GPU generation, head size, library
+version) stops the start with one line.
 """
 
 from __future__ import annotations

@@ -75,10 +75,13 @@ def device_capacity(cfg: JobConfig, device: torch.device, local_ranks: int) -> i
     """Bytes one rank may use: the GPU's memory, or on CPU the machine's RAM shared by the
     ranks of this node; at most `activation_checkpoint.memory_limit_gib` when that is set."""
     if device.type == "cuda":
-        capacity = torch.cuda.get_device_properties(device).total_memory
-    else:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        capacity = ram // max(1, local_ranks)
+        return capped(cfg, torch.cuda.get_device_properties(device).total_memory)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return capped(cfg, ram // max(1, local_ranks))
+
+
+def capped(cfg: JobConfig, capacity: int) -> int:
+    """`capacity` bytes, at most `activation_checkpoint.memory_limit_gib` when that is set."""
     limit = int(cfg.activation_checkpoint.memory_limit_gib * GiB)
     return min(capacity, limit) if limit > 0 else capacity
 

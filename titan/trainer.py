@@ -36,8 +36,8 @@ from titan.evaluate import evaluate
 from titan.lifecycle import StepWatch, StopSignals
 from titan.logging import init_logger, logger
 from titan.memory import (
-    GiB,
     activation_dtype,
+    capped,
     device_capacity,
     format_plan,
     gib,
@@ -276,12 +276,8 @@ def dry_run(cfg: JobConfig) -> None:
     args = dataclasses.replace(args, attn_impl=kernel.impl)
     # Plans for the GPUs asked for (capped at memory_limit_gib, as a start there would),
     # else for this machine's device, which a real start would refuse when it cannot fit.
-    limit = int(cfg.activation_checkpoint.memory_limit_gib * GiB)
     gpu_dtype = activation_dtype(cfg, "cuda")
-    targets = []
-    for name in cfg.job.plan_for:
-        capacity = gpu_capacity(name)
-        targets.append((name, min(capacity, limit) if limit else capacity, gpu_dtype))
+    targets = [(name, capped(cfg, gpu_capacity(name)), gpu_dtype) for name in cfg.job.plan_for]
     if not targets:
         label = torch.cuda.get_device_name(device) if device.type == "cuda" else "this CPU"
         capacity = device_capacity(cfg, device, local_world_size())

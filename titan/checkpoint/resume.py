@@ -84,9 +84,9 @@ def _final_export(ckpt: Checkpointer) -> storage.StepDir | None:
     """The newest complete step when it is a model-only export of the run's last step
     (`model_weights_only`): the run is over, and resuming an older full step would redo it."""
     complete = [s for s in storage.list_steps(ckpt.folder) if s.complete]
-    if complete and complete[-1].kind == storage.MODEL_ONLY:
-        if complete[-1].step >= ckpt.total_steps:
-            return complete[-1]
+    newest = complete[-1] if complete else None
+    if newest and newest.kind == storage.MODEL_ONLY and newest.step >= ckpt.total_steps:
+        return newest
     return None
 
 

@@ -32,7 +32,7 @@ NonNegativeInt = Annotated[int, Rule(lambda v: v >= 0, ">= 0")]
 PositiveFloat = Annotated[float, Rule(lambda v: 0 < v < math.inf, "a positive finite number")]
 NonNegativeFloat = Annotated[float, Rule(lambda v: 0 <= v < math.inf, "a finite number >= 0")]
 Fraction = Annotated[float, Rule(lambda v: 0 <= v <= 1, "in [0, 1]")]
-Beta = Annotated[float, Rule(lambda v: 0 <= v < 1, "in [0, 1)")]
+BelowOne = Annotated[float, Rule(lambda v: 0 <= v < 1, "in [0, 1)")]
 ClipNorm = Annotated[float, Rule(lambda v: not math.isnan(v), "a number, not NaN")]
 Dtype = Literal["float32", "bfloat16"]
 
@@ -99,9 +99,9 @@ class Optimizer:
     """Optimizer; only AdamW is implemented."""
     lr: PositiveFloat = 3e-4
     """Peak learning rate, reached at the end of warmup."""
-    beta1: Beta = 0.9
+    beta1: BelowOne = 0.9
     """AdamW beta1."""
-    beta2: Beta = 0.95
+    beta2: BelowOne = 0.95
     """AdamW beta2."""
     eps: PositiveFloat = 1e-8
     """AdamW epsilon."""
@@ -247,7 +247,7 @@ class ActivationCheckpoint:
     ] = "2"
     """For selective: 'attn' (keep attention outputs, recompute the rest), 'op' (keep matmul
     and attention outputs) or N (recompute every N-th block)."""
-    memory_headroom: Annotated[float, Rule(lambda v: 0 <= v < 1, "in [0, 1)")] = 0.1
+    memory_headroom: BelowOne = 0.1
     """Share of device memory the auto plan leaves free (CUDA context, NCCL, fragmentation)."""
     memory_limit_gib: NonNegativeFloat = 0.0
     """Plan for at most this much memory per rank (0 = all of the device's; a larger value
