@@ -16,9 +16,11 @@ from titan.checkpoint import storage
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 
-def _save(folder: Path, step: int, kind: str | None = storage.FULL, optimizer: bool = True) -> Path:
+def _save(
+    folder: Path, step: int, kind: str | None = storage.FULL, optimizer: bool = True, **marker
+) -> Path:
     """A real one-process DCP step directory (with optimizer state unless a model-only
-    one); marked complete unless kind is None."""
+    one); marked complete unless kind is None, with `marker`'s extra entries."""
     path = storage.step_path(folder, step)
     state = {"model": {"w": torch.arange(1000.0)}}
     if optimizer and kind != storage.MODEL_ONLY:
@@ -26,7 +28,7 @@ def _save(folder: Path, step: int, kind: str | None = storage.FULL, optimizer: b
     dcp.save(state, checkpoint_id=str(path), no_dist=True)
     if kind is not None:
         sums = storage.checksums(path, storage.rank_files(path, 0))
-        storage.complete(path, {"step": step, "kind": kind}, sums)
+        storage.complete(path, {"step": step, "kind": kind, **marker}, sums)
     return path
 
 
@@ -117,9 +119,7 @@ def test_a_step_completed_later_stays_on_its_branch(tmp_path):
     kill. Completed later, step-70 is on the same branch: a rerun of the rewind continues
     from it instead of rewinding again."""
     _save(tmp_path, 50)
-    path = _save(tmp_path, 60, kind=None)
-    sums = storage.checksums(path, storage.rank_files(path, 0))
-    storage.complete(path, {"step": 60, "kind": storage.FULL, "branch_from": 50}, sums)
+    _save(tmp_path, 60, branch_from=50)
     _save(tmp_path, 70, kind=None)
     storage.settle_incomplete(tmp_path)
     assert storage.read_marker(tmp_path / "step-70")["branch_from"] == 50

@@ -248,8 +248,19 @@ def test_memory_limit_caps_the_device_and_cpu_ranks_share_the_ram():
     assert capacity(10 * ram / GiB, 2) == ram // 2  # never more than there is
 
 
-def test_advice_for_a_huge_batch_comes_at_once():
+def test_advice_for_a_huge_batch_comes_at_once(monkeypatch):
     """The largest micro-batch that fits is found by bisection, not by trying each."""
+    from titan import memory
+
+    calls = Counter()
+
+    def counted(*args, **kwargs):
+        calls["plans"] += 1
+        if calls["plans"] > 200:  # trying batch sizes one by one would take ~10**9
+            raise AssertionError("the advice tries batch sizes one by one")
+        return plan_memory(*args, **kwargs)
+
+    monkeypatch.setattr(memory, "plan_memory", counted)
     cfg = load_config(["--job.config_file=train_configs/debug_model.toml"])
     cfg.training.batch_size = 10**9
     cfg.activation_checkpoint.mode = "auto"

@@ -151,13 +151,16 @@ def test_a_signal_during_set_up_ends_with_75_and_nothing_saved(tmp_path, synthet
         text=True,
     )
     seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if "Attention kernel" in line:
-            proc.send_signal(signal.SIGUSR1)
-            proc.send_signal(signal.SIGTERM)
-            break
-    out = "".join(seen) + proc.communicate(timeout=300)[0]
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if "Attention kernel" in line:
+                proc.send_signal(signal.SIGUSR1)
+                proc.send_signal(signal.SIGTERM)
+                break
+        out = "".join(seen) + proc.communicate(timeout=300)[0]
+    finally:
+        proc.kill()  # (a no-op once it has ended)
     assert proc.returncode == 75, out[-3000:]
     assert "stopped: SIGUSR1 during set-up, before step 1: nothing new to save" in out, out
     assert "SIGTERM received again" in out

@@ -18,7 +18,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import ROOT, TRAIN_ENV, read_metrics, run_train, train_command
+from conftest import ROOT, TRAIN_ENV, debug_args, read_metrics, run_train, train_command
 from dist_utils import run_ranks
 
 from titan.checkpoint import list_steps
@@ -265,19 +265,15 @@ def test_debug_recipe_trains_on_two_ranks(tmp_path, synthetic_dir):
 def test_saves_every_n_seconds_on_two_ranks(tmp_path, synthetic_dir):
     """interval_type = seconds: rank 0's clock decides for all (a flag broadcast on the
     model's device), so both ranks save the same steps."""
-    result = run_train(
-        [
-            "--job.config_file=train_configs/debug_model.toml",
-            f"--job.dump_folder={tmp_path}",
-            f"--training.dataset_path={synthetic_dir}",
-            "--training.steps=60",
-            "--training.seq_len=64",
-            "--checkpoint.interval_type=seconds",
-            "--checkpoint.interval=1",
-            "--checkpoint.keep_latest_k=0",
-        ],
-        nproc=2,
+    args = debug_args(
+        tmp_path,
+        synthetic_dir,
+        "--training.steps=60",
+        "--checkpoint.interval_type=seconds",
+        "--checkpoint.interval=1",
+        "--checkpoint.keep_latest_k=0",
     )
+    result = run_train(args, nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     saved = [s.step for s in list_steps(tmp_path / "checkpoint") if s.complete]
     assert saved[-1] == 60 and len(saved) >= 2, saved  # at least one save before the last
