@@ -224,7 +224,7 @@ def exit_process(code: int) -> NoReturn:
     reference to a finished collective's tensors, which needs the GIL; if the interpreter
     has begun finalizing by then, the thread is cancelled inside C++ and the process
     aborts ("terminate called without an active exception", SIGABRT) after a successful
-    run: about 1 two-rank exit in 10 on a 2-core machine. The device mesh (cached by
+    run, now and then (a race; seen on a 2-core machine with two ranks). The mesh (cached by
     DTensor) keeps the groups alive past `destroy_process_group`, so their threads cannot
     be joined first. The run has closed its files and locks by now and waited for its
     save; threads still alive are idle pools, or a save abandoned after a failure (left
