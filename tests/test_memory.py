@@ -9,7 +9,10 @@
 - The auto plan is monotone: more memory never gives any block a slower policy; and it
   keeps attention outputs before it drops recomputation.
 - Each 8B/131k recipe's dry run prints the plan for H100 80 GB, GH200 96 GB, H200 141 GB;
-  a run whose auto plan cannot fit stops with one line saying what would.
+  a run whose auto plan cannot fit stops with one line saying what would: `auto` for an
+  explicit mode where it fits, else the largest micro-batch that fits and divides the
+  global batch (found by bisection), one shorter sequence, or more ranks.
+- `job.plan_for` takes known GPU names and sizes, each once.
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ import torch
 from conftest import ROOT, TRAIN_ENV, run_train
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from titan.config import load_config
+from titan.config import ConfigError, load_config
 from titan.distributed import ParallelDims
 from titan.memory import (
     POLICIES,
     GiB,
     activation_bytes,
     device_capacity,
+    format_plan,
     plan_memory,
     plan_policies,
 )
@@ -248,8 +252,26 @@ def test_memory_limit_caps_the_device_and_cpu_ranks_share_the_ram():
     assert capacity(10 * ram / GiB, 2) == ram // 2  # never more than there is
 
 
-def test_advice_for_a_huge_batch_comes_at_once(monkeypatch):
-    """The largest micro-batch that fits is found by bisection, not by trying each."""
+def _debug_plan(capacity: int, **training):
+    """activation_checkpoint overrides -> the debug model's plan on one CPU rank of
+    `capacity` bytes, with `training` overridden."""
+    cfg = load_config(["--job.config_file=train_configs/debug_model.toml"])
+    cfg.training = dataclasses.replace(cfg.training, **training)
+    args = build_model_args("debugmodel", 256, cfg.training.seq_len)
+    return lambda **ac: plan_memory(
+        dataclasses.replace(
+            cfg, activation_checkpoint=dataclasses.replace(cfg.activation_checkpoint, **ac)
+        ),
+        args,
+        ParallelDims.from_config(cfg, 1, "cpu"),
+        capacity,
+        torch.float32,
+    )
+
+
+def test_advice_for_a_huge_batch_comes_at_once_and_keeps_the_global_batch(monkeypatch):
+    """The largest micro-batch that fits is found by bisection, not by trying each, and the
+    advice keeps the sequences per optimizer step: it names a divisor of them."""
     from titan import memory
 
     calls = Counter()
@@ -261,18 +283,47 @@ def test_advice_for_a_huge_batch_comes_at_once(monkeypatch):
         return plan_memory(*args, **kwargs)
 
     monkeypatch.setattr(memory, "plan_memory", counted)
-    cfg = load_config(["--job.config_file=train_configs/debug_model.toml"])
-    cfg.training.batch_size = 10**9
-    cfg.activation_checkpoint.mode = "auto"
-    args = build_model_args("debugmodel", 256, cfg.training.seq_len)
-    dims = ParallelDims.from_config(cfg, 1, "cpu")
-    plan = plan_memory(cfg, args, dims, 2 * GiB, torch.float32)
-    assert not plan.fits
-    fitting = int(re.search(r"training.batch_size = (\d+)", plan.advice).group(1))
-    cfg.training.batch_size = fitting
-    assert plan_memory(cfg, args, dims, 2 * GiB, torch.float32).fits
-    cfg.training.batch_size = fitting + 1
-    assert not plan_memory(cfg, args, dims, 2 * GiB, torch.float32).fits
+    for global_batch in (-1, 10**9):
+        plan = _debug_plan(2 * GiB, batch_size=10**9, global_batch_size=global_batch)
+        advice = plan(mode="auto").advice
+        fitting = int(re.search(r"training.batch_size = (\d+)", advice).group(1))
+        assert 10**9 % fitting == 0, advice
+        assert ("training.global_batch_size = 1000000000" in advice) == (global_batch == -1)
+        bigger = min(d for d in range(fitting + 1, 10**6) if 10**9 % d == 0)
+        assert _debug_plan(2 * GiB, batch_size=fitting)(mode="auto").fits
+        assert not _debug_plan(2 * GiB, batch_size=bigger)(mode="auto").fits
+        calls.clear()
+
+
+def test_advice_names_auto_for_an_explicit_mode_and_a_shorter_sequence_last():
+    """An explicit policy that does not fit where `auto` would is told to use `auto`; when
+    not even one sequence fits, the advice is one shorter sequence."""
+    plan = _debug_plan(GiB, seq_len=8192, batch_size=1)
+    need = plan(mode="none", memory_headroom=0).total
+    plan = _debug_plan(need - 1, seq_len=8192, batch_size=1)
+    none = plan(mode="none", memory_headroom=0)
+    assert not none.fits and plan(mode="auto", memory_headroom=0).fits
+    assert none.advice.startswith('activation_checkpoint.mode = "auto" (blocks: '), none.advice
+    assert (
+        "does not fit with these policies; would fit with: activation_checkpoint.mode"
+        in format_plan(none, "this CPU")
+    )
+
+    plan = _debug_plan(GiB, seq_len=4096, batch_size=1)
+    need = plan(mode="full", memory_headroom=0).total
+    plan = _debug_plan(need, seq_len=8192, batch_size=2)
+    full = plan(mode="full", memory_headroom=0)
+    assert not full.fits and full.advice.startswith(
+        "training.batch_size = 1, training.seq_len = 4096"
+    ), full.advice
+    assert "does not fit even with full recomputation" in format_plan(full, "this CPU")
+
+
+def test_plan_for_takes_known_gpus_and_sizes_once():
+    assert load_config(["--job.plan_for=h100-80gb,75gib"]).job.plan_for == ["h100-80gb", "75gib"]
+    for wrong in ("h100-80gb,a100-40gb", "h200-141gb,H200-141GB", "0gib", "80gb"):
+        with pytest.raises(ConfigError, match=r"^job.plan_for = .*: must be distinct GPU names"):
+            load_config([f"--job.plan_for={wrong}"])
 
 
 def test_auto_plan_that_cannot_fit_stops_with_one_line(tmp_path, synthetic_dir):

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from titan.config import ConfigError, JobConfig
+from titan.config.sections import GPUS, gpu_gib
 from titan.distributed import ParallelDims
 from titan.models.llama import ModelArgs, Transformer, TransformerBlock, param_shapes, rope_table
 
@@ -44,31 +45,17 @@ POLICIES = ("none", "op", "attn", "full")
 """Per-block policies, fastest first ("op" keeps every matmul output; explicit only)."""
 AUTO_LADDER = ("none", "attn", "full")
 
-GPUS: dict[str, float] = {
-    "h100-80gb": 79.2,
-    "h100-94gb": 93.1,
-    "gh200-96gb": 95.0,
-    "h200-141gb": 139.7,
-    "gh200-144gb": 139.7,
-    "a100-80gb": 79.2,
-    "b200-180gb": 178.4,
-}
-"""Usable device memory in GiB (what torch reports as total_memory) by name for
-`job.plan_for`; any "<N>gib" also works."""
-
 GiB = 2**30
 
 
 def gpu_capacity(name: str) -> int:
     """Bytes of a GPU named in `job.plan_for` (a GPUS key, or e.g. "75gib")."""
-    key = name.strip().lower()
-    if key in GPUS:
-        return int(GPUS[key] * GiB)
-    if key.endswith("gib") and key[:-3].replace(".", "", 1).isdigit() and float(key[:-3]) > 0:
-        return int(float(key[:-3]) * GiB)
-    raise ConfigError(
-        f"job.plan_for: unknown GPU {name!r}; use one of {', '.join(GPUS)} or a size like 80gib"
-    )
+    size = gpu_gib(name)
+    if size is None:
+        raise ConfigError(
+            f"job.plan_for: unknown GPU {name!r}; use one of {', '.join(GPUS)} or a size like 80gib"
+        )
+    return int(size * GiB)
 
 
 def device_capacity(cfg: JobConfig, device: torch.device, local_ranks: int) -> int:
@@ -301,15 +288,23 @@ def plan_memory(
 def _advice(
     cfg: JobConfig, args: ModelArgs, dims: ParallelDims, capacity: int, dtype: torch.dtype
 ) -> str:
-    """What would fit with full recomputation: a smaller micro-batch, or more ranks."""
+    """What would fit: the auto plan (for an explicit mode), else with auto a smaller
+    micro-batch that keeps the global batch, a shorter sequence, or more ranks."""
     t = cfg.training
 
-    def fits(batch: int, seq: int, shard: int) -> bool:
+    def auto_plan(batch: int, seq: int, shard: int) -> MemoryPlan:
         c = dataclasses.replace(cfg, training=dataclasses.replace(t, batch_size=batch, seq_len=seq))
         c.activation_checkpoint = dataclasses.replace(cfg.activation_checkpoint, mode="auto")
         d = dataclasses.replace(dims, dp_shard=shard, mesh=None)
-        return plan_memory(c, args, d, capacity, dtype, advise=False).fits
+        return plan_memory(c, args, d, capacity, dtype, advise=False)
 
+    def fits(batch: int, seq: int, shard: int) -> bool:
+        return auto_plan(batch, seq, shard).fits
+
+    if cfg.activation_checkpoint.mode != "auto":
+        plan = auto_plan(t.batch_size, t.seq_len, dims.dp_shard)
+        if plan.fits:
+            return f'activation_checkpoint.mode = "auto" (blocks: {plan.policy_summary()})'
     options = []
     batch, too_big = 0, t.batch_size  # bisection: `batch` fits (or is 0), `too_big` does not
     while too_big - batch > 1:
@@ -318,20 +313,41 @@ def _advice(
             batch = middle
         else:
             too_big = middle
+    # The global batch (sequences per optimizer step) stays: a smaller micro-batch that
+    # divides it is made up by gradient accumulation.
+    per_rank = dims.global_batch(cfg) // dims.dp_degree
+    batch = max((d for d in _divisors(per_rank) if d <= batch), default=0)
     if batch:
-        options.append(f"training.batch_size = {batch}")
-    elif t.batch_size == 1:
+        option = f"training.batch_size = {batch}"
+        if t.global_batch_size == -1:  # keep the sequences per optimizer step
+            option += f" with training.global_batch_size = {dims.global_batch(cfg)}"
+        options.append(option)
+    else:
         seq = t.seq_len // 2
         while seq >= 1024 and not fits(1, seq, dims.dp_shard):
             seq //= 2
         if seq >= 1024:
-            options.append(f"training.seq_len = {seq}")
+            options.append(
+                f"training.batch_size = 1, training.seq_len = {seq}"
+                if t.batch_size > 1
+                else f"training.seq_len = {seq}"
+            )
     shard = dims.dp_shard * 2
     while shard <= 4096 and not fits(t.batch_size, t.seq_len, shard):
         shard *= 2
     if shard <= 4096:
-        options.append(f"{shard} ranks per replica (training.data_parallel_shard_degree)")
+        ranks = f"{shard} ranks per replica (training.data_parallel_shard_degree)"
+        per_pass = t.batch_size * dims.dp_replicate * shard
+        if t.global_batch_size > 0 and t.global_batch_size % per_pass:
+            ranks += f" with training.global_batch_size a multiple of {per_pass}"
+        options.append(ranks)
     return " or ".join(options) if options else "no smaller batch or more ranks would fit"
+
+
+def _divisors(n: int) -> list[int]:
+    """Every positive divisor of `n`, unordered."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in small]
 
 
 def refusal(cfg: JobConfig, plan: MemoryPlan, label: str) -> str:
@@ -359,7 +375,10 @@ def format_plan(plan: MemoryPlan, label: str) -> str:
     ]
     lines += [f"    {name:<36} {b / GiB:8.2f} GiB" for name, b in plan.components.items()]
     if not plan.fits:
-        lines.append(
-            f"    does not fit even with full recomputation; would fit with: {plan.advice}"
+        how = (
+            "even with full recomputation"
+            if set(plan.policies) == {"full"}
+            else "with these policies"
         )
+        lines.append(f"    does not fit {how}; would fit with: {plan.advice}")
     return "\n".join(lines)

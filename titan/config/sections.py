@@ -40,6 +40,38 @@ AttnImpl = Literal["auto", "sdpa", "sdpa_cudnn", "sdpa_flash", "flash4", "flash3
 ACMode = Literal["none", "selective", "full", "auto"]
 StateName = Literal["model", "optimizer", "lr_scheduler", "dataloader", "train_state"]
 
+GPUS: dict[str, float] = {
+    "h100-80gb": 79.2,
+    "h100-94gb": 93.1,
+    "gh200-96gb": 95.0,
+    "h200-141gb": 139.7,
+    "gh200-144gb": 139.7,
+    "a100-80gb": 79.2,
+    "b200-180gb": 178.4,
+}
+"""Usable device memory in GiB (what torch reports as total_memory) of the GPUs
+`job.plan_for` knows by name; any "<N>gib" also works."""
+
+
+def gpu_gib(name: str) -> float | None:
+    """GiB of a GPU named as in `job.plan_for` (a GPUS key or e.g. "75gib"), else None."""
+    key = name.strip().lower()
+    if key in GPUS:
+        return GPUS[key]
+    number = key.removesuffix("gib")
+    if number != key and number.replace(".", "", 1).isdigit() and float(number) > 0:
+        return float(number)
+    return None
+
+
+GpuList = Annotated[
+    list[str],
+    Rule(
+        lambda v: all(gpu_gib(n) for n in v) and len({n.strip().lower() for n in v}) == len(v),
+        f"distinct GPU names ({', '.join(GPUS)}) or sizes like 80gib",
+    ),
+]
+
 
 @dataclass
 class Job:
@@ -51,7 +83,7 @@ class Job:
     """Free text describing the run (logged and saved with the config)."""
     dry_run: bool = False
     """Resolve the config, model, mesh and batch plan, print them and exit without training."""
-    plan_for: list[str] = field(default_factory=list)
+    plan_for: GpuList = field(default_factory=list)
     """GPUs the dry run prints a memory plan for, e.g. h100-80gb,gh200-96gb,h200-141gb."""
     init_timeout_s: PositiveInt = 1800
     """Seconds a collective may take during set-up, the first step and checkpoint saves."""
