@@ -68,6 +68,19 @@ def run_train(
     )
 
 
+def assert_refused(result: subprocess.CompletedProcess, *parts: str) -> str:
+    """The one `error:` line of a refused command, after checking exit status 2 and no
+    traceback; each of `parts` is in it."""
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out[-3000:]
+    assert "Traceback" not in out
+    err = result.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    for part in parts:
+        assert part in err, err
+    return err
+
+
 def read_metrics(dump: Path) -> list[dict]:
     """The records of `<dump>/metrics.jsonl`, in the order they were written."""
     return [

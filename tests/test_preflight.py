@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import ROOT, TRAIN_ENV, run_train
+from conftest import ROOT, TRAIN_ENV, assert_refused, run_train
 from dist_utils import run_ranks
 
 from titan import preflight
@@ -100,18 +100,6 @@ def _start(dump: Path, data: Path, *overrides: str, recipe: str = "debug_model")
         nproc=1,
         timeout=180,
     )
-
-
-def _refused(result, *parts: str) -> str:
-    """The one `error:` line, after checking exit status 2 and no traceback."""
-    out = result.stdout + result.stderr
-    assert result.returncode == 2, out[-3000:]
-    assert "Traceback" not in out
-    err = result.stderr.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    for part in parts:
-        assert part in err, err
-    return err
 
 
 def _nothing_complete(dump: Path) -> None:
@@ -185,7 +173,7 @@ def test_wrong_input_stops_the_start_with_one_line(tmp_path, synthetic_dir, sour
     overrides, parts = BAD_STARTS[name]
     fill = lambda s: s.replace("{S}", str(sources)).replace("{T}", str(tmp_path))  # noqa: E731
     dump = tmp_path / "run"
-    _refused(_start(dump, synthetic_dir, *map(fill, overrides)), *map(fill, parts))
+    assert_refused(_start(dump, synthetic_dir, *map(fill, overrides)), *map(fill, parts))
     _nothing_complete(dump)
     assert not (tmp_path / "typo").exists()  # a mistyped dataset path is never generated into
 
@@ -217,7 +205,7 @@ def test_unwritable_dump_folder(tmp_path, synthetic_dir):
         nproc=1,
         timeout=180,
     )
-    _refused(result, f"job.dump_folder = '{dump}': cannot make the folder", "is a file")
+    assert_refused(result, f"job.dump_folder = '{dump}': cannot make the folder", "is a file")
     assert (tmp_path / "file.txt").read_text() == "a file, not a folder"
 
 
@@ -230,7 +218,7 @@ def test_read_only_dump_folder(tmp_path, synthetic_dir):
         result = _start(dump, synthetic_dir)
     finally:
         dump.chmod(0o700)
-    _refused(result, "job.dump_folder", "Permission denied")
+    assert_refused(result, "job.dump_folder", "Permission denied")
 
 
 def test_lang_primate_dry_run_names_the_missing_checkpoint():
@@ -250,7 +238,7 @@ def test_lang_primate_dry_run_names_the_missing_checkpoint():
         text=True,
         timeout=180,
     )
-    _refused(
+    assert_refused(
         result,
         "checkpoint.initial_load_path = './checkpoints/llama-3.1-8b-dcp': no such directory",
         "python llama_to_dcp.py --input_dir <Llama weights> "
