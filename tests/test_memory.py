@@ -5,7 +5,8 @@
   SDPA and with the FlashAttention custom op).
 - The plan's estimate of the bytes each policy keeps per block equals what the debug
   model really keeps on CPU (allocator bytes in use after the forward), at two sequence
-  lengths, within 10%.
+  lengths, within 10%; so does its estimate of the loss's peak per logit (the trainer's
+  loss, float32 and bfloat16).
 - The auto plan is monotone: more memory never gives any block a slower policy; and it
   keeps attention outputs before it drops recomputation.
 - Each 8B/131k recipe's dry run prints the plan for H100 80 GB, GH200 96 GB, H200 141 GB;
@@ -44,6 +45,7 @@ from titan.memory import (
 )
 from titan.models.llama import Transformer, build_model_args
 from titan.parallelize import apply_ac
+from titan.trainer import token_loss_sum
 
 SDPA_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 FLASH = torch.ops.titan.flash_attention.default
@@ -137,6 +139,48 @@ def test_estimated_bytes_per_block_match_what_cpu_keeps(seq):
         measured = _kept_per_block(policy, seq)
         assert abs(estimate[policy] - measured) <= 0.1 * measured, (policy, estimate, measured)
     assert estimate["none"] > estimate["op"] > estimate["attn"] > estimate["full"]
+
+
+class _PeakBytes(TorchDispatchMode):
+    """The most allocator bytes in use (above those at entry) after any op, backward too."""
+
+    def __enter__(self):
+        gc.collect()
+        self.base, self.peak = _bytes_in_use(), 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, _bytes_in_use() - self.base)
+        return out
+
+
+def _head_peak(vocab: int, seq: int, dtype: torch.dtype) -> int:
+    """Peak bytes of the trainer's loss and its backward through the final norm and the
+    output layer (no blocks; the weights' own gradients are counted elsewhere)."""
+    args = dataclasses.replace(build_model_args("debugmodel", vocab, seq), n_layers=0)
+    model = Transformer(args).to(dtype)
+    model.init_weights(seed=0)
+    model.tok_embeddings.weight.requires_grad_(False)
+    model.output.weight.requires_grad_(False)
+    tokens = torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(0))
+    with _PeakBytes() as peak:
+        token_loss_sum(model, tokens, tokens).backward()
+    return peak.peak
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="needs glibc >= 2.33")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_estimated_logits_and_loss_bytes_match_what_cpu_holds(dtype):
+    """What the plan counts per logit for the loss and its backward equals the trainer's
+    loss's peak on CPU (two vocabulary sizes, so what does not grow with it cancels)."""
+    seq, small, large = 2048, 16384, 32768  # 400 MB apart: the allocator's noise is small
+    measured = _head_peak(large, seq, dtype) - _head_peak(small, seq, dtype)
+    estimate = [
+        activation_bytes(build_model_args("debugmodel", v, seq), 1, seq, dtype).head
+        for v in (small, large)
+    ]
+    assert abs(estimate[1] - estimate[0] - measured) <= 0.1 * measured, (estimate, measured)
 
 
 # ----------------------------------------------------------------------------- plan

@@ -155,8 +155,9 @@ def activation_bytes(args: ModelArgs, batch: int, seq: int, dtype: torch.dtype) 
     # Gradients in flight inside a block's backward: the gradient of its output and one
     # FFN-wide gradient while all its saved tensors are still alive.
     working = tokens * (a.ffn_hidden_dim + a.dim) * e
-    # logits' gradient (float32 and compute dtype) on top of what the head saves
-    head_total = head_saved + tokens * a.vocab_size * (4 + e)
+    # On top of what the head saves (the float32 log-softmax), its backward holds the
+    # gradient it receives and the one it makes, both float32.
+    head_total = head_saved + tokens * a.vocab_size * 2 * 4
     return ActivationBytes(kept, working, head_total)
 
 

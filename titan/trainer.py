@@ -64,6 +64,13 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     return norm
 
 
+def token_loss_sum(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The summed token cross-entropy of a micro-batch, in float32. No reference to the
+    logits (batch, seq, vocab) outlives it, so the backward holds only the float32
+    log-softmax and its gradients (12 bytes per logit), as the memory plan counts."""
+    return F.cross_entropy(model(inputs).flatten(0, 1).float(), labels.flatten(), reduction="sum")
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -79,11 +86,7 @@ def train_step(
     for inputs, labels in micro_batches:
         inputs = inputs.to(device, non_blocking=True)  # (batch, seq)
         labels = labels.to(device, non_blocking=True)  # (batch, seq)
-        logits = model(inputs)  # (batch, seq, vocab)
-        loss = (
-            F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
-            / global_tokens
-        )
+        loss = token_loss_sum(model, inputs, labels) / global_tokens
         # FSDP averages gradients over the DP ranks; scaling by the degree makes it the sum.
         (loss * dp_degree).backward()
         loss_sum += loss.detach()
