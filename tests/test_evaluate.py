@@ -150,7 +150,7 @@ def test_evaluation_on_one_and_two_ranks_matches_a_hand_computation(trained, syn
     run = _evaluate(_args(trained, synthetic_dir, "--eval.max_tokens=200"), 1)
     assert run["rc"] == 0, run["err"][-2000:]
     beside = json.loads((trained / "checkpoint" / "step-6.eval-test.json").read_text())
-    assert beside["windows"] == 4 and beside["tokens"] == 4 * SEQ
+    assert beside["windows"] == 3 and beside["tokens"] == 3 * SEQ <= 200  # whole windows
     assert _digest(step_dir) == before
 
 
@@ -174,8 +174,22 @@ def test_evaluation_bad_inputs(trained, synthetic_dir, tmp_path):
                    f"--eval.output={tmp_path}")  # fmt: skip
     run = _evaluate(folder, 1)
     assert run["rc"] == 2 and run["err"].count("\n") == 1, run["err"]
-    assert f"eval.output {tmp_path} is a folder" in run["err"]
+    assert f"eval.output {tmp_path}: is a folder" in run["err"]
     assert "Loaded the model weights" not in run["out"]  # refused before any work
+    # Only an evaluation's results are ever replaced: not a checkpoint's files, not notes.
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"todo": 1}\n')
+    for target, words in [(step_dir / ".metadata", "must end in .json"),
+                          (notes, "is not an evaluation's results file")]:  # fmt: skip
+        before_bytes = target.read_bytes()
+        run = _evaluate(_args(tmp_path, synthetic_dir, f"--eval.checkpoint={step_dir}",
+                              f"--eval.output={target}"), 1)  # fmt: skip
+        assert run["rc"] == 2 and run["err"].count("\n") == 1 and words in run["err"], run["err"]
+        assert target.read_bytes() == before_bytes
+    # A dry run checks the checkpoint it names.
+    missing = _args(tmp_path, synthetic_dir, "--job.dry_run", f"--eval.checkpoint={tmp_path}/no")
+    run = _evaluate(missing, 1)
+    assert run["rc"] == 2 and f"eval.checkpoint {tmp_path}/no: no such directory" in run["err"]
     result = run_train(_args(tmp_path, synthetic_dir, "--validation.enable",
                              "--validation.split=train"), timeout=120)  # fmt: skip
     assert result.returncode == 2

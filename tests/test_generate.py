@@ -129,7 +129,7 @@ def test_ties_and_tiny_temperatures():
     greedy = sample_counts(logits, GREEDY, None)
     assert torch.equal(sample_counts(logits, Sampling(1.0, top_k=1), generator), greedy)
     # however small the temperature, only the most likely counts are drawn (no NaN)
-    for temperature in (1e-39, 1e-45):
+    for temperature in (1e-39, 1e-45, 1e-46, 1e-300):  # the last two are 0 in float32
         drawn = sample_counts(logits, Sampling(temperature), generator)
         assert set(drawn.tolist()) <= {7, 9, 11}
 
@@ -202,6 +202,13 @@ def test_unconditional_from_the_hf_export(files, tmp_path, capsys):
     assert saved["spike_counts_prompt"].shape == (4, 0)
     assert saved["spike_counts_generated"].shape == (1, 4, 3)
     assert json.loads(str(saved["metadata"]))["row"] is None
+    # A second run names the file it would replace; --overwrite replaces it.
+    before = out.read_bytes()
+    assert main([*argv, "--seed", "3"]) == 2
+    assert f"--out {out}: {out} exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert main([*argv, "--seed", "3", "--overwrite"]) == 0
+    assert out.read_bytes() != before
 
 
 def test_hf_export_and_dcp_give_the_same_logits(files, model):
@@ -222,6 +229,8 @@ def _bad_inputs(files: dict[str, Path], root: Path) -> dict[str, tuple[list[str]
     (damaged / "__0_0.distcp").write_bytes(bytes(shard))
     out_folder = root / "folder.npz"
     out_folder.mkdir()
+    (root / "a_file").write_text("")
+    (root / "taken.png").write_text("a chart")
     cases = {
         "missing checkpoint": (["--checkpoint", str(root / "nope"), "--neurons", "4"], "nope"),
         "checkpoint folder": (
@@ -241,6 +250,14 @@ def _bad_inputs(files: dict[str, Path], root: Path) -> dict[str, tuple[list[str]
         "top_p 1.5": ([*ckpt, *data, "--top_p", "1.5"], "--top_p 1.5"),
         "temperature": ([*ckpt, *data, "--temperature", "-1"], "--temperature -1.0"),
         "top_k": ([*ckpt, *data, "--top_k", "-2"], "--top_k -2"),
+        "top_k above the counts": (
+            [*ckpt, *data, "--top_k", "256"],
+            "between 0 (all counts) and 255",
+        ),
+        "checkpoint a file": (
+            ["--checkpoint", str(root / "a_file"), "--neurons", "4"],
+            "not a directory",
+        ),  # fmt: skip
         "both prompts": ([*ckpt, *data, "--neurons", "4"], "not both"),
         "row options without a row": (
             [*ckpt, "--neurons", "4", "--row", "2", "--prompt_bins", "5"],
@@ -254,6 +271,14 @@ def _bad_inputs(files: dict[str, Path], root: Path) -> dict[str, tuple[list[str]
         "seed beyond 64 bits": ([*ckpt, *data, "--seed", str(10**20)], "must fit in 64 bits"),
         "temperature inf": ([*ckpt, *data, "--temperature", "inf"], "must be finite"),
         "out a folder": ([*ckpt, *data, "--out", str(out_folder)], "is a folder"),
+        "out below a file": (
+            [*ckpt, *data, "--out", str(root / "a_file" / "x.npz")],
+            f"cannot be written: {root / 'a_file'} is a file",
+        ),
+        "out's chart exists": (
+            [*ckpt, *data, "--out", str(root / "taken.npz")],
+            f"{root / 'taken.png'} exists; pass --overwrite",
+        ),
         "no room": ([*ckpt, "--neurons", "3", "--bins", str(10**9)], "tokens x 1 samples need"),
         "damaged": (["--checkpoint", str(damaged), "--neurons", "4"], "is damaged: __0_0"),
     }

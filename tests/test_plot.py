@@ -91,6 +91,11 @@ def test_chart_without_validation_and_bad_inputs(tmp_path, capsys):
 
     assert main([str(run), "--out", str(tmp_path / "x.jpg")]) == 2
     _one_error_line(capsys, "x.jpg: must end in .png")
+    assert main([str(run), "--out", str(out / "below.png")]) == 2
+    _one_error_line(capsys, f"cannot be written: {out} is a file, not a folder")
+    assert main([str(run / "metrics.jsonl")]) == 0  # the file itself names the run too
+    assert (run / "metrics.png").read_bytes()[:8] == PNG
+    capsys.readouterr()
     assert main([str(tmp_path / "nope")]) == 2
     _one_error_line(capsys, "metrics.jsonl: no such file")
     (run / "metrics.jsonl").write_text("\n")

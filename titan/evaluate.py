@@ -16,8 +16,8 @@ go to the console as a table and to a JSON file beside the checkpoint.
 
 from __future__ import annotations
 
+import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from titan.config import ConfigError, JobConfig
 from titan.data.held_out import IGNORE, HeldOut
 from titan.data.tokenizer import SEPARATOR
 from titan.distributed import ParallelDims, env_rank
-from titan.files import json_text, written_atomically
+from titan.files import json_text, output_problem, written_atomically
 from titan.logging import init_logger, logger
 from titan.models.llama import build_model_args
 from titan.preflight import check_inputs, checkpoint_folder
@@ -120,20 +120,33 @@ def results_path(cfg: JobConfig, step_dir: Path) -> Path:
 
 
 def check_output(out: Path, key: str) -> None:
-    """Refuse, before any work, a results path that cannot be written as a file."""
-    if out.is_dir():
-        raise ConfigError(f"{key} {out} is a folder; name a .json file")
-    parent = next((p for p in out.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise ConfigError(f"{key} {out}: {parent} is a file, not a folder")
-    if parent is not None and not os.access(parent, os.W_OK):
-        raise ConfigError(f"{key} {out}: {parent} cannot be written; choose --eval.output")
+    """Refuse, before any work, a results path that cannot be written as a .json file, or
+    that names an existing file other than an evaluation's results (never replaced)."""
+    problem = output_problem(out, ".json")
+    if problem is None and out.exists() and not _is_result(out):
+        problem = "exists and is not an evaluation's results file; choose another file"
+    if problem is not None:
+        raise ConfigError(f"{key} {out}: {problem}")
+
+
+def _is_result(path: Path) -> bool:
+    """Whether `path` holds the JSON results this command writes."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(result, dict) and {"checkpoint", "split", "loss"} <= result.keys()
 
 
 def planned(cfg: JobConfig) -> tuple[Path, Path]:
     """(the checkpoint to evaluate, the results file), both checked before any work."""
     if cfg.eval.checkpoint:
         path = Path(cfg.eval.checkpoint)
+        if not path.is_dir():
+            what = "not a directory" if path.exists() else "no such directory"
+            raise ConfigError(f"eval.checkpoint {path}: {what}")
+        if not (path / ".metadata").is_file():
+            raise ConfigError(f"eval.checkpoint {path}: not a DCP checkpoint (no .metadata)")
     else:
         path = newest_weights(checkpoint_folder(cfg), cfg.checkpoint.load_step)
     out = results_path(cfg, path)

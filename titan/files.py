@@ -37,6 +37,21 @@ def written_atomically(out: Path, durable: bool = False) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def output_problem(out: Path, suffix: str) -> str | None:
+    """Why `out` cannot be written as a `suffix` file, as a phrase to follow "<out>: ",
+    or None; for commands to check before any work."""
+    if out.is_dir():
+        return f"is a folder; name a {suffix} file"
+    if out.suffix != suffix:
+        return f"must end in {suffix}"
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        return f"cannot be written: {parent} is a file, not a folder"
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be written: no write permission in {parent}"
+    return None
+
+
 def json_text(obj: Any, **kwargs: Any) -> str:
     """`json.dumps(obj)` with NaN and infinities written as null: Python would write bare
     `NaN`, which strict JSON readers (jq, JavaScript, Go) reject."""

@@ -59,7 +59,7 @@ from titan.convert import (
 from titan.convert.common import first_line
 from titan.data import sources
 from titan.data.tokenizer import MAX_COUNT, SEPARATOR, arrow_row_matrix, tokenize_row
-from titan.files import written_atomically
+from titan.files import output_problem, written_atomically
 from titan.logging import init_logger, logger
 from titan.memory import gib
 from titan.models.llama import FLAVORS, ModelArgs, Transformer, num_params_from_args, param_shapes
@@ -128,7 +128,7 @@ def check_memory(
         raise GenerateError(
             f"{max_len:,} tokens x {batch} samples need about {gib(sum(need.values()))} "
             f"({parts}) but {device} has {gib(available)} available; generate fewer --bins "
-            "or --num_samples"
+            "or --num_samples (or fewer neurons)"
         )
 
 
@@ -147,7 +147,8 @@ def load_model(
     when it, a KV cache for `batch` samples and a pass over a `prompt_len`-token prompt
     cannot fit."""
     if not path.is_dir():
-        raise GenerateError(f"--checkpoint {path}: no such directory")
+        what = "not a directory" if path.exists() else "no such directory"
+        raise GenerateError(f"--checkpoint {path}: {what}")
     if (path / ".metadata").is_file():
         args, groups, origin, trained = _dcp_weights(path, flavor)
     elif (path / "config.json").is_file():
@@ -290,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", required=True, help="DCP step directory or HF export folder")
     p.add_argument("--out", required=True, help="output FILE.npz (FILE.png is written beside)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace FILE.npz and FILE.png if they exist"
+    )
     g = p.add_argument_group("prompt: a dataset row (conditional) or --neurons (unconditional)")
     g.add_argument("--dataset", default=None, help="primate, rodent or synthetic")
     g.add_argument("--dataset_path", default=None, help="local dataset or Hub id to read instead")
@@ -367,15 +371,24 @@ def _check(opts: argparse.Namespace) -> None:
             0 <= opts.temperature < math.inf,
             f"--temperature {opts.temperature}: must be finite and >= 0 (0 = greedy)",
         ),
-        (opts.top_k >= 0, f"--top_k {opts.top_k}: must be >= 0 (0 = all counts)"),
+        (
+            0 <= opts.top_k <= SEPARATOR,
+            f"--top_k {opts.top_k}: must be between 0 (all counts) and {SEPARATOR} (there are "
+            f"{SEPARATOR} counts)",
+        ),
         (0 < opts.top_p <= 1, f"--top_p {opts.top_p}: must be in (0, 1]"),
-        (Path(opts.out).suffix == ".npz", f"--out {opts.out}: must end in .npz"),
-        (not Path(opts.out).is_dir(), f"--out {opts.out}: is a folder; name a .npz file"),
         (Path(opts.checkpoint).exists(), f"--checkpoint {opts.checkpoint}: no such directory"),
     ]
     for ok, message in rules:
         if not ok:
             raise GenerateError(message)
+    out = Path(opts.out)
+    problem = output_problem(out, ".npz") or output_problem(out.with_suffix(".png"), ".png")
+    if problem is None and not opts.overwrite:
+        if existing := [p for p in (out, out.with_suffix(".png")) if p.exists()]:
+            problem = f"{existing[0]} exists; pass --overwrite to replace it, or choose another"
+    if problem is not None:
+        raise GenerateError(f"--out {out}: {problem}")
 
 
 def _device(name: str | None) -> torch.device:

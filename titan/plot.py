@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import matplotlib
 import numpy as np
 
-from titan.files import written_atomically
+from titan.files import output_problem, written_atomically
 
 matplotlib.use("Agg")  # files only, no display
 
@@ -228,15 +228,20 @@ def main(argv: list[str] | None = None) -> int:
         description="Draw a run's loss, validation loss, learning rate and tokens/s "
         "against the step into a PNG.",
     )
-    p.add_argument("output_dir", help="the run's output folder (holding metrics.jsonl)")
+    p.add_argument(
+        "output_dir", help="the run's output folder (holding metrics.jsonl), or that file"
+    )
     p.add_argument("--out", default=None, help="PNG to write (default OUTPUT_DIR/metrics.png)")
     try:
         opts = p.parse_args(argv)
-        folder = Path(opts.output_dir)
-        train, val, bad = read_metrics(folder / "metrics.jsonl")
+        metrics = Path(opts.output_dir)
+        if not metrics.is_file():
+            metrics = metrics / "metrics.jsonl"
+        folder = metrics.parent
         out = Path(opts.out) if opts.out else folder / "metrics.png"
-        if out.suffix != ".png":
-            raise PlotError(f"--out {out}: must end in .png")
+        if problem := output_problem(out, ".png"):
+            raise PlotError(f"--out {out}: {problem}" if opts.out else f"{out}: {problem}")
+        train, val, bad = read_metrics(metrics)
         save_png(build_figure(train, val, _title(folder, train, val)), out)
     except PlotError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -34,7 +34,8 @@ def sample_counts(
     """The next count token (batch,) in 0..254 from logits (batch, vocab): the separator
     (and any token above it) is never drawn."""
     logits = logits[:, :SEPARATOR].float()  # (batch, 255): counts only
-    if sampling.temperature == 0 or sampling.top_k == 1:
+    # a temperature float32 cannot tell from 0 (below its smallest normal) is greedy
+    if sampling.temperature < torch.finfo(torch.float32).tiny or sampling.top_k == 1:
         return logits.argmax(dim=-1)
     # the most likely count at 0, so no temperature, however small, overflows to inf/NaN
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / sampling.temperature

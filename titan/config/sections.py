@@ -298,7 +298,8 @@ class Validation:
     steps: EvalAmount = 10
     """Batches per rank each validation reads (-1: the whole split)."""
     max_tokens: EvalAmount = -1
-    """Label tokens each validation reads over all ranks (-1: no limit beyond steps)."""
+    """Label tokens each validation reads over all ranks, rounded down to whole windows of
+    seq_len, at least one (-1: no limit beyond steps)."""
     split: Literal["train", "test"] = "test"
     """Held-out split to validate on (must differ from data.split)."""
 
@@ -313,7 +314,8 @@ class Eval:
     steps: EvalAmount = -1
     """Batches per rank (-1: the whole split once)."""
     max_tokens: EvalAmount = -1
-    """Label tokens over all ranks (-1: no limit)."""
+    """Label tokens over all ranks, rounded down to whole windows of seq_len, at least one
+    (-1: no limit)."""
     batch_size: Annotated[
         int, Rule(lambda v: v == -1 or v > 0, "-1 (training.batch_size) or a positive integer")
     ] = -1

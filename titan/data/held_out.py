@@ -121,12 +121,13 @@ class HeldOut:
 
     def windows_for(self, steps: int, max_tokens: int, dp_world: int, batch_size: int) -> int:
         """How many windows an evaluation reads: all of them, or fewer when `steps`
-        (batches per rank) or `max_tokens` (labels in all) is set (> 0)."""
+        (batches per rank) or `max_tokens` (labels in all, rounded down to whole windows;
+        at least one) is set (> 0)."""
         n = self.num_windows
         if steps > 0:
             n = min(n, steps * dp_world * batch_size)
         if max_tokens > 0:
-            n = min(n, math.ceil(max_tokens / self.seq_len))
+            n = min(n, max(1, max_tokens // self.seq_len))
         return n
 
     def _tokens(self, start: int, stop: int, cache: dict) -> tuple[np.ndarray, np.ndarray]:
