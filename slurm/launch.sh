@@ -27,7 +27,8 @@
 # this batch shell, which passes it to the job step; torchrun's agents forward it to the
 # workers, which finish their step, save a complete checkpoint and exit with status 75.
 # The job is then requeued (or, where the site forbids it, the resubmit command is
-# printed and the job exits 75). Any other exit status is the run's (see README).
+# printed and the job exits 75). With checkpointing off the run exits 6 instead, and the
+# job is not requeued: it would start over. Any other exit status is the run's (see README).
 set -euo pipefail
 
 die() {

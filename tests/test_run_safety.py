@@ -139,11 +139,17 @@ def test_one_run_per_folder_and_stale_locks(tmp_path, synthetic_dir):
     assert not (tmp_path / ".lock").exists()  # released at the end
 
 
-def test_a_signal_during_set_up_ends_with_75_and_nothing_saved(tmp_path, synthetic_dir):
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_a_signal_during_set_up_ends_with_75_and_nothing_saved(
+    checkpointing, tmp_path, synthetic_dir
+):
     """Caught from the start: the signals land while the model is being built (the
-    attention kernel is chosen first), and a second one is ignored as well."""
+    attention kernel is chosen first), and a second one is ignored as well. With
+    checkpointing off the status is 6: a rerun would start over, so nothing may requeue
+    it as resumable."""
     proc = subprocess.Popen(
-        train_command(1) + _args(tmp_path, synthetic_dir),
+        train_command(1)
+        + _args(tmp_path, synthetic_dir, f"--checkpoint.enable_checkpoint={checkpointing}"),
         cwd=ROOT,
         env=TRAIN_ENV,
         stdout=subprocess.PIPE,
@@ -161,8 +167,13 @@ def test_a_signal_during_set_up_ends_with_75_and_nothing_saved(tmp_path, synthet
         out = "".join(seen) + proc.communicate(timeout=300)[0]
     finally:
         proc.kill()  # (a no-op once it has ended)
-    assert proc.returncode == 75, out[-3000:]
-    assert "stopped: SIGUSR1 during set-up, before step 1: nothing new to save" in out, out
+    if checkpointing:
+        assert proc.returncode == 75, out[-3000:]
+        assert "stopped: SIGUSR1 during set-up, before step 1: nothing new to save" in out, out
+    else:
+        assert proc.returncode == 6, out[-3000:]
+        assert "stopped: SIGUSR1 during set-up: checkpointing is off (checkpoint." in out, out
+        assert "nothing was saved and a rerun starts at step 1" in out
     assert "SIGTERM received again" in out
     assert not list((tmp_path / "checkpoint").glob("step-*")) and logged_step(tmp_path) == 0
 

@@ -8,9 +8,10 @@ Exit statuses (Slurm chains and `afterok` dependencies rely on them):
     3   the run diverged: non-finite steps (too many in a row, or at the end)
     4   a checkpoint could not be saved (no space, unwritable folder, a failed rank)
     5   a collective timed out: a rank is stuck or gone (job.collective_timeout_s)
+    6   stopped on a signal with checkpointing off: nothing saved, a rerun starts over
     75  stopped on a signal after saving a complete checkpoint: run it again to continue
 
-Each is printed as one `error: ...` line by rank 0 (75: `stopped: ...`). When the launcher
+Each is printed as one `error: ...` line by rank 0 (6 and 75: `stopped: ...`). When the launcher
 sets TITAN_STATUS_FILE, every rank also writes {"exit_code", "message"} there (whole, by
 rename), since torchrun's own exit status does not carry the workers', and torchrun may
 stop the other ranks as soon as the first has ended.
@@ -32,7 +33,8 @@ from titan.distributed import env_rank, restart_count, status_file
 from titan.files import written_atomically
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_SAVE_FAILED, EXIT_STUCK = 0, 2, 3, 4, 5
-EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: try again later
+EXIT_STOPPED_UNSAVED = 6
+EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: try again later (a Slurm launcher requeues)
 
 
 class TrainingDiverged(RuntimeError):
@@ -43,13 +45,21 @@ class StoppedOnSignal(RuntimeError):
     """A signal asked the run to stop and a complete checkpoint was saved."""
 
 
+class StoppedUnsaved(RuntimeError):
+    """A signal asked the run to stop and, with checkpointing off, nothing was saved:
+    running it again starts over, so nothing must requeue it as resumable."""
+
+
 EXIT_CODES: dict[type[Exception], int] = {
     ConfigError: EXIT_BAD_INPUT,
     CheckpointError: EXIT_BAD_INPUT,
     TrainingDiverged: EXIT_DIVERGED,
     CheckpointSaveError: EXIT_SAVE_FAILED,
     StoppedOnSignal: EXIT_STOPPED,
+    StoppedUnsaved: EXIT_STOPPED_UNSAVED,
 }
+STOPPED = (EXIT_STOPPED, EXIT_STOPPED_UNSAVED)
+"""The statuses printed as `stopped: ...` rather than `error: ...`."""
 
 
 def _timed_out(error: BaseException) -> bool:
@@ -68,7 +78,7 @@ def _finish(code: int, message: str) -> int:
     rank, _, _ = env_rank()
     path = status_file()
     if message and rank == 0:  # every rank hits the same end; say it once
-        prefix = "stopped" if code == EXIT_STOPPED else "error"
+        prefix = "stopped" if code in STOPPED else "error"
         print(f"{prefix}: {message}", file=sys.stderr, flush=True)
         if path is not None:
             with written_atomically(printed_file(path)) as tmp:
@@ -99,7 +109,7 @@ def _ended_for_good() -> tuple[int, str] | None:
     if restart_count() == 0:
         return None
     previous = read_status(status_file())
-    if previous is None or previous[0] not in (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_STOPPED):
+    if previous is None or previous[0] not in (EXIT_BAD_INPUT, EXIT_DIVERGED, *STOPPED):
         return None
     return previous
 

@@ -8,8 +8,8 @@ It runs torchrun's own launcher in this process, and adds:
   this many ranks): a mistake is one `error:` line and exit status 2, with no workers
   started, restarted, or reported on by torchrun (TITAN_CHECK_ONLY=1: only the check);
 - the run's exit status is the workers' (see `titan.cli`: 2 bad input, 3 diverged, 4 save
-  failed, 5 stuck rank, 75 stopped on a signal after saving), read from the status file
-  the workers write, and the line the workers printed is the only report; torchrun's
+  failed, 5 stuck rank, 6 stopped on a signal unsaved, 75 stopped after saving), read from
+  the status file the workers write, and the line the workers printed is the only report; torchrun's
   own report appears only for a crash titan did not expect;
 - SIGTERM and SIGUSR1 reach the workers (which save and stop), and workers get
   `TITAN_SHUTDOWN_TIMEOUT_S` (default 900 s) to finish that save before torchrun kills them.
@@ -27,8 +27,8 @@ from titan.cli import (
     EXIT_BAD_INPUT,
     EXIT_CODES,
     EXIT_OK,
-    EXIT_STOPPED,
     EXIT_STUCK,
+    STOPPED,
     printed_file,
     read_status,
 )
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             if _unprinted(status_path, status[1]):
                 # another rank ended alone (e.g. its share of the data is empty) and rank 0,
                 # which prints the line, failed otherwise: say why the run ended
-                prefix = "stopped" if status[0] == EXIT_STOPPED else "error"
+                prefix = "stopped" if status[0] in STOPPED else "error"
                 print(f"{prefix}: {status[1]}", file=sys.stderr, flush=True)
             return status[0]
         except SignalException as e:

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from titan.cli import StoppedOnSignal, TrainingDiverged, run_command
+from titan.cli import StoppedOnSignal, StoppedUnsaved, TrainingDiverged, run_command
 from titan.config import ConfigError, JobConfig
 from titan.distributed import (
     ParallelDims,
@@ -209,13 +209,19 @@ class BadSteps:
 def stop_and_save(run: Run, signal_name: str) -> None:
     """Every rank agreed to stop after this step: save it completely, then end the run."""
     step = run.train_state.step
-    saved = "checkpointing is off: nothing saved"
-    if run.checkpointer.enabled:
-        run.checkpointer.save(step, sync=True)
-        saved = f"saved checkpoint step-{step}"
+    if not run.checkpointer.enabled:
+        raise StoppedUnsaved(f"{signal_name} at step {step}: {NOTHING_SAVED}")
+    run.checkpointer.save(step, sync=True)
     raise StoppedOnSignal(
-        f"{signal_name} at step {step}: {saved}; run the same command again to continue"
+        f"{signal_name} at step {step}: saved checkpoint step-{step}; run the same command "
+        "again to continue"
     )
+
+
+NOTHING_SAVED = (
+    "checkpointing is off (checkpoint.enable_checkpoint), so nothing was saved and a rerun "
+    "starts at step 1"
+)
 
 
 def validate(run: Run) -> None:
@@ -247,9 +253,12 @@ def setup_and_train(cfg: JobConfig) -> None:
             logger.info(f"Already trained {step} of {cfg.training.steps} steps: nothing to do")
             return
         if stop.signals and stop.stop_agreed(run.device):
+            when = f"{stop.received or 'a signal on another rank'} during set-up"
+            if not run.checkpointer.enabled:
+                raise StoppedUnsaved(f"{when}: {NOTHING_SAVED}")
             raise StoppedOnSignal(
-                f"{stop.received or 'a signal on another rank'} during set-up, before step "
-                f"{step + 1}: nothing new to save; run the same command again to continue"
+                f"{when}, before step {step + 1}: nothing new to save; run the same command "
+                "again to continue"
             )
         train(run, stop)
 
