@@ -671,6 +671,45 @@ def test_a_full_disk_is_a_write_failure_in_one_line(hf_dir, dcp_dir, tmp_path):
         assert f"writing {out} failed" in result.stderr, result.stderr
 
 
+def test_overwrite_never_follows_a_symbolic_link(hf_dir, dcp_dir, tmp_path, capsys):
+    """An `original` (or any entry) that links elsewhere is refused before anything is
+    removed: the files it points to survive."""
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for name in ("consolidated.00.pth", "params.json", "notes.txt"):
+        (kept / name).write_text(name)
+    stale = tmp_path / "stale_conversion"
+    stale.mkdir()
+    (stale / "__0_0.distcp").write_bytes(b"")
+    (stale / "original").symlink_to(kept)
+    export = tmp_path / "export"
+    argv = ["--input_dir", str(dcp_dir), "--output_dir", str(export), "--format", "both"]
+    _ok(dcp_to_llama_main(argv), capsys)
+    (export / "README.md").unlink()
+    (export / "README.md").symlink_to(kept / "notes.txt")
+    for main, inp, out, link in [
+        (llama_to_dcp_main, hf_dir, stale, "original"),
+        (dcp_to_llama_main, dcp_dir, export, "README.md"),
+    ]:
+        argv = ["--input_dir", str(inp), "--output_dir", str(out), "--overwrite"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"holds symbolic links ({link})" in err[0], err
+        assert "neither follows nor removes" in err[0]
+        assert sorted(p.name for p in kept.iterdir()) == sorted(
+            ["consolidated.00.pth", "params.json", "notes.txt"]
+        )
+        assert all((kept / p).read_text() == p for p in ("params.json", "notes.txt"))
+    assert (export / "original" / "consolidated.00.pth").is_file()  # nothing was removed
+    (export / "original").rename(tmp_path / "moved")
+    (export / "original").symlink_to(kept)
+    (export / "README.md").unlink()
+    assert dcp_to_llama_main(["--input_dir", str(dcp_dir), "--output_dir", str(export),
+                              "--overwrite"]) == 2  # fmt: skip
+    assert "holds symbolic links (original)" in capsys.readouterr().err
+    assert len(list(kept.iterdir())) == 3
+
+
 def test_overwrite(dcp_dir, tmp_path, capsys):
     argv = ["--input_dir", str(dcp_dir), "--output_dir", str(tmp_path / "o"), "--format", "both"]
     _ok(dcp_to_llama_main(argv), capsys)

@@ -57,10 +57,23 @@ def _training_step(folder: Path) -> str | None:
     return None
 
 
+def _replaceable(path: Path) -> bool:
+    """A plain file (not a link: it is never followed) with a name these tools write."""
+    return not path.is_symlink() and path.is_file() and bool(_OUTPUT_FILES.match(path.name))
+
+
+def _meta_subfolder(folder: Path) -> Path | None:
+    """`folder/original` (Meta's files of a --format both export) when it is a real
+    directory, not a link; None otherwise."""
+    original = folder / "original"
+    return original if original.is_dir() and not original.is_symlink() else None
+
+
 def check_output(folder: Path, overwrite: bool, inputs: list[Path]) -> None:
     """Refuse (ConvertError) an output folder that is an input, inside one or above one,
     that is not a directory, or that is not empty, unless `overwrite`, which replaces only
-    files these tools write, and never a training checkpoint. Creates and removes nothing."""
+    files these tools write (never through a symbolic link), and never a training
+    checkpoint. Creates and removes nothing."""
     resolved, inputs = folder.resolve(), [inp.resolve() for inp in inputs]
     for inp in inputs:
         if inp.is_relative_to(resolved):
@@ -88,11 +101,16 @@ def check_output(folder: Path, overwrite: bool, inputs: list[Path]) -> None:
             f"--output_dir {folder} exists and is not empty; pass --overwrite to replace "
             "its contents"
         )
-    others = [
-        p.name
-        for p in folder.iterdir()
-        if not (p.is_file() and _OUTPUT_FILES.match(p.name)) and p.name != "original"
-    ]
+    original = _meta_subfolder(folder)
+    entries = [*folder.iterdir(), *(original.iterdir() if original else [])]
+    links = [p for p in entries if p.is_symlink()]
+    if links:
+        names = [str(p.relative_to(folder)) for p in links]
+        raise ConvertError(
+            f"--output_dir {folder} holds symbolic links ({listing(sorted(names))}), which "
+            "--overwrite neither follows nor removes; remove them or choose another directory"
+        )
+    others = [str(p.relative_to(folder)) for p in entries if not (_replaceable(p) or p == original)]
     if others:
         raise ConvertError(
             f"--output_dir {folder} holds files these tools did not write "
@@ -102,13 +120,16 @@ def check_output(folder: Path, overwrite: bool, inputs: list[Path]) -> None:
 
 def make_output(folder: Path, overwrite: bool) -> None:
     """Create `folder`; with `overwrite`, first remove what an earlier conversion wrote
-    there (after check_output, which refuses a folder holding anything else)."""
+    there (after check_output, which refuses a folder holding anything else). Links are
+    never followed: only plain files are removed."""
     if overwrite and folder.is_dir():
-        for p in [*folder.iterdir(), *(folder / "original").glob("*")]:
-            if p.is_file() and _OUTPUT_FILES.match(p.name):
+        original = _meta_subfolder(folder)
+        for p in [*folder.iterdir(), *(original.iterdir() if original else [])]:
+            if _replaceable(p):
                 p.unlink()
-        with contextlib.suppress(OSError):  # only if empty
-            (folder / "original").rmdir()
+        if original is not None:
+            with contextlib.suppress(OSError):  # only if empty
+                original.rmdir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
