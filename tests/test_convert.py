@@ -521,6 +521,10 @@ def _bad_llama_inputs(root: Path, hf_dir: Path) -> dict[str, tuple[list[str], st
         (folder / "config.json").write_text(json.dumps(config | change))
     listed_map = copy("listed_map")
     (listed_map / "model.safetensors.index.json").write_text('{"weight_map": ["a"]}')
+    unfinished = root / "run" / "checkpoint" / "step-2"  # a training save cut short
+    unfinished.mkdir(parents=True)
+    (unfinished / ".metadata").write_bytes(b"")
+    (unfinished / "__0_0.distcp").write_bytes(b"")
     # an HF repo whose Meta weights sit in original/: writing there would destroy them
     nested = root / "nested"
     (nested / "original").mkdir(parents=True)
@@ -555,6 +559,10 @@ def _bad_llama_inputs(root: Path, hf_dir: Path) -> dict[str, tuple[list[str], st
         "vocab_size null": (argv(malformed["vocab_null"]), "vocab_size is None"),
         "norm eps as text": (argv(malformed["eps_text"]), "norm_eps is '1e-5'"),
         "weight_map a list": (argv(listed_map), "weight_map is not a mapping"),
+        "output an unfinished training step": (
+            argv(hf_dir, out=unfinished),
+            "a training checkpoint step, which --overwrite never replaces",
+        ),
     }
 
 

@@ -48,11 +48,13 @@ def _partial(folder: Path) -> str | None:
 
 
 def _training_step(folder: Path) -> str | None:
-    """What makes `folder` a training run's checkpoint, in words; None if it is not one."""
+    """What makes `folder` a training run's checkpoint, in words; None if it is not one.
+    A step directory whose save did not finish (DCP files, no marker) counts too."""
     if (folder / MARKER).is_file():
         kind = storage.read_marker(folder).get("kind")
         return None if kind == storage.CONVERTED else f"a {kind or 'training'} checkpoint"
-    if storage.STEP_DIR.match(folder.name) and (folder / ".metadata").is_file():
+    dcp_files = (folder / ".metadata").is_file() or any(folder.glob("*.distcp"))
+    if storage.STEP_DIR.match(folder.name) and dcp_files:
         return "a training checkpoint step"
     return None
 
@@ -87,7 +89,8 @@ def check_output(folder: Path, overwrite: bool, inputs: list[Path]) -> None:
         raise ConvertError(f"--output_dir {folder} exists and is not a directory")
     if not folder.is_dir() or not any(folder.iterdir()):
         return
-    if overwrite and (step := _training_step(folder)):
+    # before the partial-output advice: --overwrite would be refused for a training step
+    if step := _training_step(folder):
         raise ConvertError(
             f"--output_dir {folder} is {step}, which --overwrite never replaces; "
             "choose another directory"
@@ -122,7 +125,7 @@ def make_output(folder: Path, overwrite: bool) -> None:
     """Create `folder`; with `overwrite`, first remove what an earlier conversion wrote
     there (after check_output, which refuses a folder holding anything else). Links are
     never followed: only plain files are removed."""
-    if overwrite and folder.is_dir():
+    if overwrite and folder.is_dir() and not _training_step(folder):
         original = _meta_subfolder(folder)
         for p in [*folder.iterdir(), *(original.iterdir() if original else [])]:
             if _replaceable(p):
