@@ -677,6 +677,55 @@ def test_a_full_disk_is_a_write_failure_in_one_line(hf_dir, dcp_dir, tmp_path):
         assert result.returncode == 1, result.stderr
         _one_line_error(result, "error: ")
         assert f"writing {out} failed" in result.stderr, result.stderr
+        assert "GiB free there" in result.stderr, result.stderr
+
+
+def test_free_space_is_named_only_when_the_disk_may_be_full(tmp_path):
+    import errno
+
+    denied = common.write_error(tmp_path, PermissionError(errno.EACCES, "Permission denied"))
+    assert f"writing {tmp_path} failed (" in str(denied) and "Permission denied" in str(denied)
+    assert "GiB free" not in str(denied)
+    full = common.write_error(tmp_path, OSError(errno.ENOSPC, "No space left on device"))
+    assert "GiB free there" in str(full) and full.errno == errno.ENOSPC
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a mode 0o500 folder anyway")
+def test_an_unwritable_output_folder_is_a_bad_input(dcp_dir, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        for out in (locked, locked / "new"):
+            argv = ["--input_dir", str(dcp_dir), "--output_dir", str(out)]
+            assert dcp_to_llama_main(argv) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and f"--output_dir {out} cannot be" in err[0], err
+    finally:
+        locked.chmod(0o700)
+
+
+def test_an_output_folder_on_a_read_only_file_system_is_refused_first(
+    dcp_dir, tmp_path, capsys, monkeypatch
+):
+    """As root, or on a read-only mount, only access(2) tells: the refusal comes before
+    the checkpoint is read and before anything is written."""
+    from titan.convert import output
+
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    access = os.access
+    monkeypatch.setattr(
+        output.os, "access", lambda path, mode: Path(path) != read_only and access(path, mode)
+    )
+    monkeypatch.setattr(convert.from_dcp, "read_dcp_model_groups", None)  # never reached
+    argv = ["--input_dir", str(dcp_dir), "--output_dir", str(read_only)]
+    assert dcp_to_llama_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: --output_dir {read_only} cannot be written (no write permission, or a "
+        "read-only file system); choose another folder"
+    ]
+    assert not any(read_only.iterdir())
 
 
 def test_overwrite_never_follows_a_symbolic_link(hf_dir, dcp_dir, tmp_path, capsys):

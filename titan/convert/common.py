@@ -9,6 +9,7 @@ takes effect everywhere.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import shutil
@@ -79,15 +80,27 @@ def first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class WriteError(OSError):
+    """A write into the output folder failed; its message is one whole line."""
+
+    def __str__(self) -> str:
+        return self.strerror or ""
+
+
 def write_error(folder: Path, e: BaseException) -> OSError:
     """A failed write into `folder` (torch's writers raise RuntimeError, e.g. 'unexpected
-    pos' when the disk is full) as an OSError whose message names the folder and the
-    space left there."""
-    try:
-        free = f"; {shutil.disk_usage(folder).free / 2**30:.2f} GiB free there"
-    except OSError:
-        free = ""
-    return OSError(f"writing {folder} failed ({first_line(e)}){free}")
+    pos' when the disk is full) as an OSError whose message names the folder, and the
+    space left there when the disk may be full: the error says so, or hides its cause."""
+    error = unwrapped(e)
+    code = getattr(error, "errno", None)
+    free = ""
+    if code in FULL_DISK or not isinstance(error, OSError):
+        with contextlib.suppress(OSError):
+            free = f"; {shutil.disk_usage(folder).free / 2**30:.2f} GiB free there"
+    return WriteError(code, f"writing {folder} failed ({first_line(e)}){free}")
 
 
 def gb(nbytes: int) -> str:

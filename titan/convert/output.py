@@ -12,12 +12,13 @@ recognized, and the markers that tell a finished output from a partial one.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 from titan.checkpoint import MARKER, storage
-from titan.convert.common import ConvertError, first_line, listing
+from titan.convert.common import FULL_DISK, ConvertError, first_line, listing, write_error
 
 PARTIAL = ".partial"
 # Files these tools write (DCP's `.metadata.tmp` too, if it was cut short); --overwrite
@@ -32,7 +33,14 @@ _OUTPUT_FILES = re.compile(
 def partial_until_done(folder: Path) -> Iterator[None]:
     """`folder/.partial` exists while the body writes the export, and stays if it fails or
     is interrupted, so that the next run can say what the folder holds."""
-    (folder / PARTIAL).write_text("")
+    try:
+        (folder / PARTIAL).write_text("")
+    except OSError as e:
+        if e.errno in FULL_DISK:
+            raise write_error(folder, e) from None
+        raise ConvertError(
+            f"--output_dir {folder} cannot be written ({first_line(e)}); choose another folder"
+        ) from None
     yield
     (folder / PARTIAL).unlink()
 
@@ -71,11 +79,24 @@ def _meta_subfolder(folder: Path) -> Path | None:
     return original if original.is_dir() and not original.is_symlink() else None
 
 
+def _check_writable(folder: Path) -> None:
+    """Refuse an output folder that cannot be written (or created), before any work."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "cannot be written" if existing == folder else f"cannot be created in {existing}"
+        raise ConvertError(
+            f"--output_dir {folder} {what} (no write permission, or a read-only file "
+            "system); choose another folder"
+        )
+
+
 def check_output(folder: Path, overwrite: bool, inputs: list[Path]) -> None:
     """Refuse (ConvertError) an output folder that is an input, inside one or above one,
-    that is not a directory, or that is not empty, unless `overwrite`, which replaces only
-    files these tools write (never through a symbolic link), and never a training
-    checkpoint. Creates and removes nothing."""
+    that is not a directory, that cannot be written, or that is not empty, unless
+    `overwrite`, which replaces only files these tools write (never through a symbolic
+    link), and never a training checkpoint. Creates and removes nothing."""
     resolved, inputs = folder.resolve(), [inp.resolve() for inp in inputs]
     for inp in inputs:
         if inp.is_relative_to(resolved):
@@ -87,6 +108,7 @@ def check_output(folder: Path, overwrite: bool, inputs: list[Path]) -> None:
             )
     if folder.exists() and not folder.is_dir():
         raise ConvertError(f"--output_dir {folder} exists and is not a directory")
+    _check_writable(folder)
     if not folder.is_dir() or not any(folder.iterdir()):
         return
     # before the partial-output advice: --overwrite would be refused for a training step
@@ -136,7 +158,7 @@ def make_output(folder: Path, overwrite: bool) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConvertError(f"--output_dir {folder}: {first_line(e)}") from None
+        raise ConvertError(f"--output_dir {folder} cannot be created ({first_line(e)})") from None
 
 
 def prepare_output(folder: Path, overwrite: bool, inputs: list[Path]) -> None:
