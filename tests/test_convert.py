@@ -767,6 +767,81 @@ def test_overwrite_never_follows_a_symbolic_link(hf_dir, dcp_dir, tmp_path, caps
     assert len(list(kept.iterdir())) == 3
 
 
+def _interrupted(rc: int, capsys, output_dir: Path) -> None:
+    assert rc == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: interrupted; --output_dir {output_dir} is left partial (rerun with "
+        "--overwrite to replace it)"
+    ]
+
+
+def test_ctrl_c_is_reported_as_an_interrupt(hf_dir, dcp_dir, tmp_path, capsys, monkeypatch):
+    """Exit 130 and one line, never a bad input or a failed write, however the
+    KeyboardInterrupt comes out: wrapped by DCP, as the cause of another error, or
+    swallowed by a library that raises its own error instead."""
+    import signal
+
+    import safetensors
+
+    from titan.convert import sources, writers
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is not Python's default handler here")
+
+    def at_call(n: int, original, fail):
+        calls = [0]
+
+        def wrapper(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == n:
+                fail()
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    def ctrl_c() -> None:
+        raise KeyboardInterrupt
+
+    def ctrl_c_then_runtime_error() -> None:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("cannot close the file") from None
+
+    def ctrl_c_swallowed() -> None:  # as safetensors' Rust code may do
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            pass
+        raise TypeError("could not determine the shape of object type 'UntypedStorage'")
+
+    # llama_to_dcp: while DCP asks for a tensor (DCP wraps the interrupt), while a tensor
+    # is read from a safetensors file (the interrupt lost in the library)
+    argv = ["--input_dir", str(hf_dir), "--output_dir", str(tmp_path / "d")]
+    with monkeypatch.context() as m:
+        m.setattr(sources.HFSource, "load", at_call(3, sources.HFSource.load, ctrl_c))
+        _interrupted(llama_to_dcp_main(argv), capsys, tmp_path / "d")
+    with monkeypatch.context() as m:
+        m.setattr(safetensors, "safe_open", at_call(5, safetensors.safe_open, ctrl_c_swallowed))
+        _interrupted(llama_to_dcp_main([*argv, "--overwrite"]), capsys, tmp_path / "d")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+    # dcp_to_llama: while DCP reads (wrapped), while the .pth is written (a RuntimeError
+    # caused by the interrupt)
+    argv = ["--input_dir", str(dcp_dir), "--output_dir", str(tmp_path / "x"), "--format", "both"]
+    read = FileSystemReader.read_data
+    with monkeypatch.context() as m:
+        m.setattr(FileSystemReader, "read_data", at_call(1, read, ctrl_c))
+        _interrupted(dcp_to_llama_main(argv), capsys, tmp_path / "x")
+    write = writers.MetaCheckpointWriter.write
+    with monkeypatch.context() as m:
+        m.setattr(
+            writers.MetaCheckpointWriter, "write", at_call(4, write, ctrl_c_then_runtime_error)
+        )
+        _interrupted(dcp_to_llama_main([*argv, "--overwrite"]), capsys, tmp_path / "x")
+
+
 def test_overwrite(dcp_dir, tmp_path, capsys):
     argv = ["--input_dir", str(dcp_dir), "--output_dir", str(tmp_path / "o"), "--format", "both"]
     _ok(dcp_to_llama_main(argv), capsys)

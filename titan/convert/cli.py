@@ -5,13 +5,24 @@ failure is one `error:` line and an exit status."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import re
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
-from titan.convert.common import DTYPES, ConvertError, TransferError, first_line
+from titan.convert.common import (
+    DTYPES,
+    ConvertError,
+    TransferError,
+    first_line,
+    interrupted,
+)
+from titan.convert.output import is_partial
 from titan.models.llama import FLAVORS
 
 
@@ -70,17 +81,60 @@ def _release_freed_memory_promptly() -> None:
 
 def run(convert: Callable[..., Any], **kwargs: Any) -> int:
     """Call `convert(**kwargs)`; return the exit status, after printing a failure as one
-    `error: ...` line on stderr (no traceback)."""
+    `error: ...` line on stderr (no traceback). A Ctrl-C is exit 130 whatever error it
+    surfaced as on its way out."""
     _release_freed_memory_promptly()
     try:
-        convert(**kwargs)
-    except ConvertError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1 if isinstance(e, TransferError) else 2
-    except OSError as e:  # disk full, permissions, ...
-        print(f"error: {first_line(e)}", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr, flush=True)
-        return 130
+        with _noting_ctrl_c() as ctrl_c:
+            convert(**kwargs)
+    except BaseException as e:  # DCP's CheckpointException is not an Exception
+        failure = _failure(e, bool(ctrl_c), Path(kwargs["output_dir"]))
+        if failure is None:
+            raise
+        print(f"error: {failure[1]}", file=sys.stderr, flush=True)
+        return failure[0]
     return 0
+
+
+@contextlib.contextmanager
+def _noting_ctrl_c() -> Iterator[list[int]]:
+    """Python's SIGINT handler (raise KeyboardInterrupt) that also notes the signal in
+    the list it yields: a library that catches the KeyboardInterrupt and raises its own
+    error instead (safetensors does) must not turn a Ctrl-C into a bad input. Left as it
+    is outside the main thread, or when SIGINT is not Python's default."""
+    received: list[int] = []
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield received
+        return
+
+    def note_and_raise(signum: int, frame: Any) -> None:
+        received.append(signum)
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, note_and_raise)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _failure(e: BaseException, ctrl_c: bool, output_dir: Path) -> tuple[int, str] | None:
+    """(exit status, message) of a conversion that raised `e`, after a Ctrl-C if
+    `ctrl_c`; None for an unexpected error (a bug: its traceback is wanted) or an exit."""
+    if isinstance(e, (SystemExit, GeneratorExit)):
+        return None
+    if ctrl_c or interrupted(e):
+        left = (
+            f"; --output_dir {output_dir} is left partial (rerun with --overwrite to replace it)"
+            if is_partial(output_dir)
+            else ""
+        )
+        return 130, f"interrupted{left}"
+    if isinstance(e, ConvertError):
+        return (1 if isinstance(e, TransferError) else 2), str(e)
+    if isinstance(e, OSError):  # disk full, permissions, ...
+        return 1, first_line(e)
+    return None

@@ -73,6 +73,29 @@ def unwrapped(e: BaseException) -> BaseException:
     return e
 
 
+def interrupted(e: BaseException) -> bool:
+    """Whether `e` is a KeyboardInterrupt or was raised because of one: DCP wraps a Ctrl-C
+    in its CheckpointException, and other code raises its own error on the way out."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        error = todo.pop()
+        if error is None or id(error) in seen:
+            continue
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        todo += [unwrapped(error), error.__cause__, error.__context__]
+    return False
+
+
+def reraise_interrupt(e: BaseException) -> None:
+    """Raise KeyboardInterrupt if `e` comes from one, so that a Ctrl-C caught by a broad
+    handler is not reported as a bad input or a failed write."""
+    if interrupted(e):
+        raise KeyboardInterrupt from None
+
+
 def first_line(e: BaseException) -> str:
     """'ErrorType: first line of its message', looking inside DCP's wrapped failures."""
     e = unwrapped(e)

@@ -41,6 +41,7 @@ from titan.convert.common import (
     print_line,
     quiet_dcp,
     read_json,
+    reraise_interrupt,
     summary,
 )
 from titan.convert.hub import create_hub_repo, model_card, upload_to_hub
@@ -64,6 +65,7 @@ def read_dcp_model_metadata(folder: Path) -> Stored:
         metadata = FileSystemReader(str(folder)).read_metadata()
         entries = metadata.state_dict_metadata
     except Exception as e:  # pickle, OS and attribute errors of a damaged file
+        reraise_interrupt(e)
         raise ConvertError(f"{folder}: unreadable DCP metadata ({first_line(e)})") from None
     return {
         key.removeprefix("model."): (tuple(md.size), md.properties.dtype)
@@ -85,6 +87,7 @@ def read_dcp_model_groups(
             with quiet_dcp():
                 dcp.load(request, storage_reader=FileSystemReader(str(folder)), no_dist=True)
         except (Exception, CheckpointException) as e:  # DCP wraps the reader's errors
+            reraise_interrupt(e)
             raise ConvertError(f"{folder}: cannot read {group[0]}: {first_line(e)}") from None
         yield request.pop("model")
 

@@ -6,7 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from titan.convert.common import ConvertError, Log, TransferError, first_line, print_line
+from titan.convert.common import (
+    ConvertError,
+    Log,
+    TransferError,
+    first_line,
+    print_line,
+    reraise_interrupt,
+)
 from titan.models.llama import ModelArgs
 
 
@@ -100,6 +107,7 @@ def create_hub_repo(repo_name: str, private: bool) -> tuple[Any, str]:
         # create_repo leaves an existing repo as it is, public or not
         public = private and not api.repo_info(repo_id, repo_type="model").private
     except Exception as e:  # network, auth and HTTP errors have many types
+        reraise_interrupt(e)
         raise TransferError(
             f"--push_to_hub: cannot create the Hub repo {repo_name}: {first_line(e)}"
         ) from None
@@ -128,4 +136,5 @@ def upload_to_hub(api: Any, folder: Path, repo_id: str, log: Log = print_line) -
             delete_patterns=[*_WEIGHT_FILES],
         )
     except Exception as e:  # network, auth and HTTP errors have many types
+        reraise_interrupt(e)
         raise TransferError(f"--push_to_hub: upload to {repo_id} failed: {first_line(e)}") from None

@@ -55,6 +55,11 @@ def _partial(folder: Path) -> str | None:
     return None
 
 
+def is_partial(folder: Path) -> bool:
+    """Whether `folder` holds a partial output (what an interrupted run leaves)."""
+    return folder.is_dir() and _partial(folder) is not None
+
+
 def _training_step(folder: Path) -> str | None:
     """What makes `folder` a training run's checkpoint, in words; None if it is not one.
     A step directory whose save did not finish (DCP files, no marker) counts too."""

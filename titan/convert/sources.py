@@ -20,6 +20,7 @@ from titan.convert.common import (
     first_line,
     listing,
     read_json,
+    reraise_interrupt,
 )
 from titan.models import keymap
 from titan.models.llama import param_shapes
@@ -159,6 +160,7 @@ class HFSource:
             with safe_open(str(path), framework="pt") as f:
                 tensor = f.get_tensor(hf_name)
         except Exception as e:  # safetensors raises its own error types
+            reraise_interrupt(e)
             raise ConvertError(f"cannot read {hf_name} from {path}: {first_line(e)}") from None
         if name == "output.weight" and hf_name.endswith("embed_tokens.weight"):
             return tensor  # tied embeddings
@@ -172,6 +174,7 @@ def _load_pth(path: Path) -> dict[str, torch.Tensor]:
     try:
         sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch raises RuntimeError, pickle errors, ...
+        reraise_interrupt(e)
         raise ConvertError(f"cannot read {path}: {first_line(e)}") from None
     if not isinstance(sd, dict):
         raise ConvertError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
@@ -188,6 +191,7 @@ def _safetensors_header(path: Path) -> Iterator[tuple[str, tuple[int, ...], torc
             entries = [(k, f.get_slice(k)) for k in f.keys()]
             info = [(k, tuple(s.get_shape()), s.get_dtype()) for k, s in entries]
     except Exception as e:  # safetensors raises its own error types
+        reraise_interrupt(e)
         raise ConvertError(f"cannot read {path}: {first_line(e)}") from None
     for name, shape, dtype in info:
         if dtype not in ST_DTYPES:

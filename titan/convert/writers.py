@@ -14,7 +14,14 @@ from typing import Any
 
 import torch
 
-from titan.convert.common import ST_NAMES, RemappedMap, byte_groups, nbytes, write_error
+from titan.convert.common import (
+    ST_NAMES,
+    RemappedMap,
+    byte_groups,
+    nbytes,
+    reraise_interrupt,
+    write_error,
+)
 
 Entry = tuple[str, tuple[int, ...], torch.dtype]  # (name, shape, dtype)
 
@@ -72,6 +79,7 @@ class SafetensorsShardWriter:
                 self._file.close()
                 self._file = None
         except OSError as e:  # a full disk, mostly
+            reraise_interrupt(e)
             if self._file is not None:
                 with contextlib.suppress(OSError):  # its buffer cannot be written either
                     self._file.close()
@@ -97,6 +105,7 @@ def _reserve(path: Path) -> None:
         try:
             os.posix_fallocate(f.fileno(), 0, path.stat().st_size)
         except OSError as e:
+            reraise_interrupt(e)
             if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise write_error(path.parent, e) from None
 
@@ -114,6 +123,7 @@ class MetaCheckpointWriter:
             with torch.serialization.skip_data():
                 torch.save(skeleton, path)
         except RuntimeError as e:  # torch's zip writer: 'unexpected pos' on a full disk
+            reraise_interrupt(e)
             raise write_error(path.parent, e) from None
         _reserve(path)
         self._map = RemappedMap(self._open_map)
