@@ -566,7 +566,7 @@ def _bad_llama_inputs(root: Path, hf_dir: Path) -> dict[str, tuple[list[str], st
     }
 
 
-def _bad_dcp_inputs(root: Path, dcp_dir: Path) -> dict[str, tuple[list[str], str]]:
+def _bad_dcp_inputs(root: Path, dcp_dir: Path, hf_dir: Path) -> dict[str, tuple[list[str], str]]:
     """Name -> (dcp_to_llama argv, words the error line must contain)."""
     import shutil
 
@@ -587,6 +587,8 @@ def _bad_dcp_inputs(root: Path, dcp_dir: Path) -> dict[str, tuple[list[str], str
     (optim_only / ".complete").write_text('{"kind": "converted"}')
     steps = root / "checkpoint"
     (steps / "step-10").mkdir(parents=True)
+    dropped = root / "dropped"  # llama_to_dcp's default when the vocabulary changes
+    convert.llama_to_dcp(hf_dir, dropped, vocab_size=512, log=lambda line: None)
     flipped = copy("flipped")  # complete, with one flipped bit in a weight
     shard = max(flipped.glob("*.distcp"), key=lambda p: p.stat().st_size)
     data = bytearray(shard.read_bytes())
@@ -601,6 +603,11 @@ def _bad_dcp_inputs(root: Path, dcp_dir: Path) -> dict[str, tuple[list[str], str
     return {
         "missing input": (argv(root / "nope"), "no such directory"),
         "not a DCP dir": (argv(steps), "pass one, e.g."),
+        "embeddings dropped": (
+            argv(dropped),
+            "lacks model tensors tok_embeddings.weight, output.weight (a directory converted "
+            "with the embeddings dropped",
+        ),
         "unreadable metadata": (argv(garbage), "the .metadata file is unreadable"),
         "incomplete": (argv(incomplete), "incomplete checkpoint"),
         "unknown architecture": (argv(no_arch), "pass --flavor"),
@@ -632,7 +639,7 @@ def test_every_bad_input_fails_with_one_line(hf_dir, dcp_dir, tmp_path, capsys):
              _bad_llama_inputs(tmp_path / "l", hf_dir).items()]  # fmt: skip
     (tmp_path / "d").mkdir()
     cases += [(dcp_to_llama_main, name, *case) for name, case in
-              _bad_dcp_inputs(tmp_path / "d", dcp_dir).items()]  # fmt: skip
+              _bad_dcp_inputs(tmp_path / "d", dcp_dir, hf_dir).items()]  # fmt: skip
     capsys.readouterr()
     for main, name, argv, words in cases:
         assert main(argv) == 2, name

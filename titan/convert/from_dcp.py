@@ -119,8 +119,10 @@ def dcp_model_args(
     """(architecture of a DCP directory, where it comes from): its params.json (converted
     directories), else the run's config.toml, else --flavor; checked against the stored
     shapes. A --flavor that disagrees with params.json or config.toml is refused."""
-    shape = stored.get("tok_embeddings.weight", stored.get("output.weight", ((0,), None)))[0]
-    vocab = shape[0]
+    embedding = stored.get("tok_embeddings.weight", stored.get("output.weight"))
+    # Without embeddings (dropped on conversion) the vocabulary does not matter: the other
+    # shapes are checked, then the missing tensors refused.
+    vocab = embedding[0][0] if embedding is not None else 256
     job_seq = (job or {}).get("training", {}).get("seq_len")
     seq = max_seq_len if max_seq_len is not None else job_seq or 131072
     if (folder / "params.json").is_file():
