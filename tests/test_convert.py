@@ -289,7 +289,7 @@ def test_dropped_embeddings_initialize_lang_primate_recipe(tmp_path, synthetic_d
     step_dir = dump / "checkpoint" / "step-2"
     argv = ["--input_dir", str(step_dir), "--output_dir", str(tmp_path / "x")]
     out = _ok(dcp_to_llama_main(argv), capsys)
-    assert "(from the run's config.toml (flavor debugmodel))" in out
+    assert f"(from {dump / 'config.toml'} (flavor debugmodel))" in out
     card = (tmp_path / "x" / "README.md").read_text()
     assert "step: 2" in card and "lang_primate_8b_131k.toml" in card
     trained = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "x").state_dict()
@@ -847,6 +847,29 @@ def test_ctrl_c_is_reported_as_an_interrupt(hf_dir, dcp_dir, tmp_path, capsys, m
             writers.MetaCheckpointWriter, "write", at_call(4, write, ctrl_c_then_runtime_error)
         )
         _interrupted(dcp_to_llama_main([*argv, "--overwrite"]), capsys, tmp_path / "x")
+
+
+def test_flavor_wins_over_an_unrelated_config_toml(tmp_path, capsys):
+    """A step below a config.toml of another run: the found file is named, an explicit
+    --flavor wins over it (one line says so), and the shapes are still checked."""
+    step_dir = tmp_path / "dump" / "checkpoint" / "step-7"
+    _training_checkpoint(step_dir, single_file=True)
+    config = tmp_path / "dump" / "config.toml"
+    config.write_text('[model]\nflavor = "1B"\n[training]\nseq_len = 4096\n')
+    argv = ["--input_dir", str(step_dir), "--output_dir", str(tmp_path / "a")]
+    assert dcp_to_llama_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"but {config} (flavor 1B) implies" in err, err
+
+    out = _ok(dcp_to_llama_main([*argv, "--flavor", "debugmodel"]), capsys)
+    assert f"note: --flavor debugmodel wins over {config} (flavor 1B)" in out
+    assert "(from --flavor debugmodel)" in out
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "recipe: `unknown`" in card  # nothing of the unrelated run
+
+    argv = ["--input_dir", str(step_dir), "--output_dir", str(tmp_path / "b"), "--flavor", "8B"]
+    assert dcp_to_llama_main(argv) == 2
+    assert "but --flavor 8B implies" in capsys.readouterr().err
 
 
 def test_overwrite(dcp_dir, tmp_path, capsys):

@@ -94,6 +94,13 @@ def read_dcp_model_groups(
 
 def find_job_config(step_dir: Path) -> dict | None:
     """The trainer's resolved `config.toml` (saved in the dump folder), if any."""
+    found = locate_job_config(step_dir)
+    return found[0] if found else None
+
+
+def locate_job_config(step_dir: Path) -> tuple[dict, Path] | None:
+    """(config, its path): the nearest `config.toml` with a [model] table in `step_dir` or
+    up to 3 folders above it, where the trainer saves its resolved config; None if none."""
     for folder in [step_dir, *list(step_dir.resolve().parents)[:3]]:
         path = folder / "config.toml"
         if path.is_file():
@@ -102,8 +109,14 @@ def find_job_config(step_dir: Path) -> dict | None:
             except (OSError, tomllib.TOMLDecodeError):
                 continue
             if isinstance(config.get("model"), dict):
-                return config
+                return config, path
     return None
+
+
+def job_applies(job: dict | None, flavor: str | None) -> bool:
+    """Whether a found config.toml describes the checkpoint: an explicit --flavor that
+    names another flavor wins over it (the step may sit below an unrelated run)."""
+    return job is not None and (flavor is None or job["model"].get("flavor") == flavor)
 
 
 def _dcp_step(step_dir: Path) -> int | None:
@@ -114,11 +127,25 @@ def _dcp_step(step_dir: Path) -> int | None:
 
 
 def dcp_model_args(
-    folder: Path, stored: Stored, flavor: str | None, max_seq_len: int | None, job: dict | None
+    folder: Path,
+    stored: Stored,
+    flavor: str | None,
+    max_seq_len: int | None,
+    job: dict | None,
+    job_path: Path | None = None,
+    log: Log | None = None,
 ) -> tuple[ModelArgs, str]:
     """(architecture of a DCP directory, where it comes from): its params.json (converted
-    directories), else the run's config.toml, else --flavor; checked against the stored
-    shapes. A --flavor that disagrees with params.json or config.toml is refused."""
+    directories), else --flavor, else the run's config.toml (`job`, read from `job_path`);
+    checked against the stored shapes. A --flavor that disagrees with params.json is
+    refused; one that disagrees with config.toml wins over it (logged)."""
+    config = str(job_path) if job_path is not None else "the run's config.toml"
+    job_flavor = (job or {}).get("model", {}).get("flavor")
+    if job is not None and not job_applies(job, flavor):
+        if log is not None:
+            theirs = f" (flavor {job_flavor})" if job_flavor is not None else ""
+            log(f"  note: --flavor {flavor} wins over {config}{theirs}; its settings are not used")
+        job = None
     embedding = stored.get("tok_embeddings.weight", stored.get("output.weight"))
     # Without embeddings (dropped on conversion) the vocabulary does not matter: the other
     # shapes are checked, then the missing tensors refused.
@@ -134,21 +161,26 @@ def dcp_model_args(
         if max_seq_len is not None:
             args = dataclasses.replace(args, max_seq_len=max_seq_len)
         origin = "params.json"
-    elif job is not None and job["model"].get("flavor") in FLAVORS:
-        args = build_model_args(job["model"]["flavor"], vocab, seq)
-        origin = f"the run's config.toml (flavor {job['model']['flavor']})"
+        named = build_model_args(flavor, vocab, seq) if flavor is not None else args
+        if param_shapes(named) != param_shapes(args) or differing_settings(named, args):
+            raise ConvertError(
+                f"--flavor {flavor} disagrees with {origin} ({describe(args)}); drop "
+                f"--flavor: {origin} says what the checkpoint holds"
+            )
+    elif job is not None and job_flavor in FLAVORS:
+        args = build_model_args(job_flavor, vocab, seq)
+        origin = f"{config} (flavor {job_flavor})"
     elif flavor is not None:
         args, origin = build_model_args(flavor, vocab, seq), f"--flavor {flavor}"
     else:
-        raise ConvertError(
-            f"{folder}: cannot tell the model architecture (no params.json here and no "
-            f"config.toml of the run above it); pass --flavor ({', '.join(FLAVORS)})"
+        found = (
+            f"{config} names no flavor titan knows ({job_flavor!r})"
+            if job is not None
+            else "no params.json here and no config.toml of the run above it"
         )
-    named = build_model_args(flavor, vocab, seq) if flavor is not None else args
-    if param_shapes(named) != param_shapes(args) or differing_settings(named, args):
         raise ConvertError(
-            f"--flavor {flavor} disagrees with {origin} ({describe(args)}); drop --flavor: "
-            f"{origin} says what the checkpoint holds"
+            f"{folder}: cannot tell the model architecture ({found}); pass --flavor "
+            f"({', '.join(FLAVORS)})"
         )
     expected = param_shapes(args)
     for name, (shape, _) in stored.items():
@@ -219,8 +251,10 @@ def dcp_to_llama(
     stored = read_dcp_model_metadata(input_dir)
     if not stored:
         raise ConvertError(f"{input_dir}: no model tensors (keys model.*) in this checkpoint")
-    job = find_job_config(input_dir)
-    args, origin = dcp_model_args(input_dir, stored, flavor, max_seq_len, job)
+    job, job_path = locate_job_config(input_dir) or (None, None)
+    args, origin = dcp_model_args(input_dir, stored, flavor, max_seq_len, job, job_path, log)
+    if not job_applies(job, flavor):
+        job = None  # nor for the model card
     names = list(param_shapes(args))
     shapes = {n: stored[n][0] for n in names}
     out_dtype = None if dtype == "auto" else DTYPES[dtype]
