@@ -521,6 +521,13 @@ def _bad_llama_inputs(root: Path, hf_dir: Path) -> dict[str, tuple[list[str], st
         (folder / "config.json").write_text(json.dumps(config | change))
     listed_map = copy("listed_map")
     (listed_map / "model.safetensors.index.json").write_text('{"weight_map": ["a"]}')
+    twice = copy("twice")  # without an index, a tensor in two files
+    (twice / "model.safetensors.index.json").unlink()
+    from safetensors.torch import save_file
+
+    save_file({"model.norm.weight": torch.ones(64)}, str(twice / "zz-extra.safetensors"))
+    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
+    holder = index["weight_map"]["model.norm.weight"]
     unfinished = root / "run" / "checkpoint" / "step-2"  # a training save cut short
     unfinished.mkdir(parents=True)
     (unfinished / ".metadata").write_bytes(b"")
@@ -559,6 +566,10 @@ def _bad_llama_inputs(root: Path, hf_dir: Path) -> dict[str, tuple[list[str], st
         "vocab_size null": (argv(malformed["vocab_null"]), "vocab_size is None"),
         "norm eps as text": (argv(malformed["eps_text"]), "norm_eps is '1e-5'"),
         "weight_map a list": (argv(listed_map), "weight_map is not a mapping"),
+        "a tensor in two files": (
+            argv(twice),
+            f"model.norm.weight is in both {holder} and zz-extra.safetensors",
+        ),
         "output an unfinished training step": (
             argv(hf_dir, out=unfinished),
             "a training checkpoint step, which --overwrite never replaces",

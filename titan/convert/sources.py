@@ -136,6 +136,11 @@ class HFSource:
                     raise ConvertError(
                         f"{path}: unexpected tensor {hf_name!r} (not a Llama-3 parameter)"
                     ) from None
+                if name in self._where:  # the last file would silently win
+                    raise ConvertError(
+                        f"{folder}: tensor {hf_name} is in both {self._where[name][1].name} "
+                        f"and {path.name}; remove the file that should not be read"
+                    )
                 self._where[name] = (hf_name, path)
                 self.shapes[name], self.dtypes[name] = shape, dtype
         tied = config.get("tie_word_embeddings", False)
