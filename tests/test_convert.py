@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -521,6 +522,7 @@ def _bad_llama_inputs(root: Path, hf_dir: Path) -> dict[str, tuple[list[str], st
         (folder / "config.json").write_text(json.dumps(config | change))
     listed_map = copy("listed_map")
     (listed_map / "model.safetensors.index.json").write_text('{"weight_map": ["a"]}')
+    (root / "a_file").write_text("")
     twice = copy("twice")  # without an index, a tensor in two files
     (twice / "model.safetensors.index.json").unlink()
     from safetensors.torch import save_file
@@ -528,6 +530,11 @@ def _bad_llama_inputs(root: Path, hf_dir: Path) -> dict[str, tuple[list[str], st
     save_file({"model.norm.weight": torch.ones(64)}, str(twice / "zz-extra.safetensors"))
     index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
     holder = index["weight_map"]["model.norm.weight"]
+    meta_list = root / "meta_list"
+    meta_list.mkdir()
+    (meta_list / "params.json").write_text(json.dumps(keymap.meta_params_from_args(META_ARGS)))
+    sd = Transformer(META_ARGS).state_dict()
+    torch.save(sd | {"norm.weight": [1.0] * META_ARGS.dim}, meta_list / "consolidated.00.pth")
     unfinished = root / "run" / "checkpoint" / "step-2"  # a training save cut short
     unfinished.mkdir(parents=True)
     (unfinished / ".metadata").write_bytes(b"")
@@ -566,10 +573,15 @@ def _bad_llama_inputs(root: Path, hf_dir: Path) -> dict[str, tuple[list[str], st
         "vocab_size null": (argv(malformed["vocab_null"]), "vocab_size is None"),
         "norm eps as text": (argv(malformed["eps_text"]), "norm_eps is '1e-5'"),
         "weight_map a list": (argv(listed_map), "weight_map is not a mapping"),
+        "input is a file": (
+            argv(root / "a_file"),
+            "--input_dir " + str(root / "a_file") + ": not a directory",
+        ),
         "a tensor in two files": (
             argv(twice),
             f"model.norm.weight is in both {holder} and zz-extra.safetensors",
         ),
+        "a .pth value not a tensor": (argv(meta_list), "'norm.weight' holds a list, not a tensor"),
         "output an unfinished training step": (
             argv(hf_dir, out=unfinished),
             "a training checkpoint step, which --overwrite never replaces",
@@ -597,7 +609,9 @@ def _bad_dcp_inputs(root: Path, dcp_dir: Path, hf_dir: Path) -> dict[str, tuple[
     dcp.save({"optimizer": {"x": torch.zeros(3)}}, checkpoint_id=str(optim_only), no_dist=True)
     (optim_only / ".complete").write_text('{"kind": "converted"}')
     steps = root / "checkpoint"
-    (steps / "step-10").mkdir(parents=True)
+    for n in (10, 200, 1000):
+        (steps / f"step-{n}").mkdir(parents=True)
+    (root / "a_file").write_text("")
     dropped = root / "dropped"  # llama_to_dcp's default when the vocabulary changes
     convert.llama_to_dcp(hf_dir, dropped, vocab_size=512, log=lambda line: None)
     flipped = copy("flipped")  # complete, with one flipped bit in a weight
@@ -613,7 +627,8 @@ def _bad_dcp_inputs(root: Path, dcp_dir: Path, hf_dir: Path) -> dict[str, tuple[
 
     return {
         "missing input": (argv(root / "nope"), "no such directory"),
-        "not a DCP dir": (argv(steps), "pass one, e.g."),
+        "not a DCP dir": (argv(steps), f"pass one, e.g. {steps / 'step-1000'}"),
+        "input is a file": (argv(root / "a_file"), "not a directory"),
         "embeddings dropped": (
             argv(dropped),
             "lacks model tensors tok_embeddings.weight, output.weight (a directory converted "
@@ -657,6 +672,8 @@ def test_every_bad_input_fails_with_one_line(hf_dir, dcp_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: "), (name, err)
         assert words in err[0], (name, err[0])
+        # our own messages say what is wrong without an exception's type name
+        assert not re.search(r"(Convert|OS|Value|Type|Key)Error", err[0]), (name, err[0])
 
 
 def test_out_of_range_numbers_are_refused_by_the_parser(tmp_path):
@@ -858,6 +875,16 @@ def test_ctrl_c_is_reported_as_an_interrupt(hf_dir, dcp_dir, tmp_path, capsys, m
             writers.MetaCheckpointWriter, "write", at_call(4, write, ctrl_c_then_runtime_error)
         )
         _interrupted(dcp_to_llama_main([*argv, "--overwrite"]), capsys, tmp_path / "x")
+
+    # a bad input met while DCP writes keeps its own message, without a type name
+    def unreadable() -> None:
+        raise convert.ConvertError("cannot read model.norm.weight from a.safetensors")
+
+    with monkeypatch.context() as m:
+        m.setattr(sources.HFSource, "load", at_call(2, sources.HFSource.load, unreadable))
+        argv = ["--input_dir", str(hf_dir), "--output_dir", str(tmp_path / "e")]
+        assert llama_to_dcp_main(argv) == 2
+    assert capsys.readouterr().err == ("error: cannot read model.norm.weight from a.safetensors\n")
 
 
 def test_flavor_wins_over_an_unrelated_config_toml(tmp_path, capsys):

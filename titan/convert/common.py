@@ -97,10 +97,23 @@ def reraise_interrupt(e: BaseException) -> None:
 
 
 def first_line(e: BaseException) -> str:
-    """'ErrorType: first line of its message', looking inside DCP's wrapped failures."""
+    """The first line of an error's message, looking inside DCP's wrapped failures; the
+    type name only where the message alone does not say what failed (not for our own
+    errors, OS errors or the value errors of our checks)."""
     e = unwrapped(e)
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else ""
+    if isinstance(e, KeyError):
+        return f"missing {text}"
+    if isinstance(e, (ConvertError, OSError, ValueError, TypeError)) and text:
+        return text
+    return f"{type(e).__name__}: {text}".rstrip(": ")
+
+
+def config_error(path: Path, e: BaseException) -> ConvertError:
+    """A config file's unusable value, naming the file once (the checks that raise `e`
+    start their messages with its name)."""
+    return ConvertError(f"{path}: {first_line(e).removeprefix(f'{path.name}: ')}")
 
 
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)

@@ -34,6 +34,7 @@ from titan.convert.common import (
     Log,
     Progress,
     byte_groups,
+    config_error,
     describe,
     first_line,
     listing,
@@ -157,7 +158,7 @@ def dcp_model_args(
         try:
             args = keymap.args_from_meta_params(params, vocab_size=vocab)
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
-            raise ConvertError(f"{folder / 'params.json'}: {first_line(e)}") from None
+            raise config_error(folder / "params.json", e) from None
         if max_seq_len is not None:
             args = dataclasses.replace(args, max_seq_len=max_seq_len)
         origin = "params.json"
@@ -202,12 +203,12 @@ def dcp_model_args(
 
 def _check_input(input_dir: Path, allow_incomplete: bool) -> None:
     if not input_dir.is_dir():
-        raise ConvertError(f"--input_dir {input_dir}: no such directory")
+        what = "not a directory" if input_dir.exists() else "no such directory"
+        raise ConvertError(f"--input_dir {input_dir}: {what}")
     if not (input_dir / ".metadata").is_file():
-        steps = sorted(p.name for p in input_dir.glob("step-*") if p.is_dir())
-        hint = (
-            f"; it holds step directories: pass one, e.g. {input_dir / steps[-1]}" if steps else ""
-        )
+        steps = storage.list_steps(input_dir)  # by step number
+        latest = ([s for s in steps if s.complete] or steps)[-1:]
+        hint = f"; it holds step directories: pass one, e.g. {latest[0].path}" if latest else ""
         raise ConvertError(f"{input_dir}: not a DCP checkpoint directory (no .metadata){hint}")
     if (input_dir / MARKER).is_file():
         problem = integrity_problem(input_dir, "model.")

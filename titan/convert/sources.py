@@ -16,6 +16,7 @@ from titan.convert.common import (
     ST_DTYPES,
     ConvertError,
     RemappedMap,
+    config_error,
     describe,
     first_line,
     listing,
@@ -54,7 +55,7 @@ class MetaSource:
         try:
             self.args = keymap.args_from_meta_params(params, vocab_size=vocab)
         except (KeyError, TypeError, ValueError) as e:
-            raise ConvertError(f"{folder / 'params.json'}: {first_line(e)}") from None
+            raise config_error(folder / "params.json", e) from None
         expected = param_shapes(self.args)
         check_names(keys, expected, folder)
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -112,7 +113,7 @@ class HFSource:
         try:
             self.args = keymap.args_from_hf_config(config)
         except (KeyError, TypeError, ValueError) as e:
-            raise ConvertError(f"{folder / 'config.json'}: {first_line(e)}") from None
+            raise config_error(folder / "config.json", e) from None
         index = folder / "model.safetensors.index.json"
         if index.is_file():
             weight_map = read_json(index).get("weight_map", {})
@@ -183,6 +184,12 @@ def _load_pth(path: Path) -> dict[str, torch.Tensor]:
         raise ConvertError(f"cannot read {path}: {first_line(e)}") from None
     if not isinstance(sd, dict):
         raise ConvertError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
+    for key, value in sd.items():
+        if not isinstance(value, torch.Tensor):
+            raise ConvertError(
+                f"{path}: {key!r} holds a {type(value).__name__}, not a tensor; expected a "
+                "dict of tensors (a consolidated.NN.pth as Meta saves it)"
+            )
     return sd
 
 
@@ -219,7 +226,8 @@ def check_names(names: list[str], expected: dict[str, tuple[int, ...]], folder: 
 def detect_layout(folder: Path, requested: str = "auto") -> tuple[str, Path]:
     """('meta' | 'hf', folder holding the files); HF repos' `original/` is checked too."""
     if not folder.is_dir():
-        raise ConvertError(f"--input_dir {folder}: no such directory")
+        what = "not a directory" if folder.exists() else "no such directory"
+        raise ConvertError(f"--input_dir {folder}: {what}")
 
     def is_hf(p: Path) -> bool:
         return (p / "config.json").is_file() and any(p.glob("*.safetensors"))
