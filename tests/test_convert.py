@@ -740,10 +740,11 @@ def test_an_unwritable_output_folder_is_a_bad_input(dcp_dir, tmp_path, capsys):
 
 
 def test_an_output_folder_on_a_read_only_file_system_is_refused_first(
-    dcp_dir, tmp_path, capsys, monkeypatch
+    hf_dir, dcp_dir, tmp_path, capsys, monkeypatch
 ):
-    """As root, or on a read-only mount, only access(2) tells: the refusal comes before
-    the checkpoint is read and before anything is written."""
+    """A read-only mount (what access(2) reports, even to root; faked here) is refused
+    before the checkpoint is read and before anything is written, also for a folder
+    that would be created in it."""
     from titan.convert import output
 
     read_only = tmp_path / "ro"
@@ -753,13 +754,17 @@ def test_an_output_folder_on_a_read_only_file_system_is_refused_first(
         output.os, "access", lambda path, mode: Path(path) != read_only and access(path, mode)
     )
     monkeypatch.setattr(convert.from_dcp, "read_dcp_model_groups", None)  # never reached
-    argv = ["--input_dir", str(dcp_dir), "--output_dir", str(read_only)]
-    assert dcp_to_llama_main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [
-        f"error: --output_dir {read_only} cannot be written (no write permission, or a "
-        "read-only file system); choose another folder"
-    ]
+    monkeypatch.setattr(convert.sources.HFSource, "load", None)
+    for main, inp, out, what in [
+        (dcp_to_llama_main, dcp_dir, read_only, "cannot be written"),
+        (llama_to_dcp_main, hf_dir, read_only / "new", f"cannot be created in {read_only}"),
+    ]:
+        assert main(["--input_dir", str(inp), "--output_dir", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [
+            f"error: --output_dir {out} {what} (no write permission, or a read-only file "
+            "system); choose another folder"
+        ]
     assert not any(read_only.iterdir())
 
 
