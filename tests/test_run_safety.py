@@ -178,6 +178,32 @@ def test_a_signal_during_set_up_ends_with_75_and_nothing_saved(
     assert not list((tmp_path / "checkpoint").glob("step-*")) and logged_step(tmp_path) == 0
 
 
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, synthetic_dir):
+    """SIGINT (no save: that is what SIGTERM and SIGUSR1 are for) ends the run with one
+    line, not a traceback."""
+    proc = subprocess.Popen(
+        train_command(1) + _args(tmp_path, synthetic_dir),
+        cwd=ROOT,
+        env=TRAIN_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if "Attention kernel" in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        out = "".join(seen) + proc.communicate(timeout=300)[0]
+    finally:
+        proc.kill()  # (a no-op once it has ended)
+    assert proc.returncode == 130, out[-3000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+    assert out.rstrip().splitlines()[-1].startswith("stopped: interrupted (SIGINT): nothing saved")
+
+
 def test_lock_is_written_whole_and_judges_its_owner(tmp_path, caplog):
     from titan.lifecycle import RunLock
 

@@ -10,6 +10,7 @@ Exit statuses (Slurm chains and `afterok` dependencies rely on them):
     5   a collective timed out: a rank is stuck or gone (job.collective_timeout_s)
     6   stopped on a signal with checkpointing off: nothing saved, a rerun starts over
     75  stopped on a signal after saving a complete checkpoint: run it again to continue
+    130 interrupted (Ctrl-C, SIGINT): nothing saved since the last checkpoint
 
 Each is printed as one `error: ...` line by rank 0 (6 and 75: `stopped: ...`). When the launcher
 sets TITAN_STATUS_FILE, every rank also writes {"exit_code", "message"} there (whole, by
@@ -34,6 +35,7 @@ from titan.files import written_atomically
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_SAVE_FAILED, EXIT_STUCK = 0, 2, 3, 4, 5
 EXIT_STOPPED_UNSAVED = 6
+EXIT_INTERRUPTED = 130  # the shell's 128 + SIGINT
 EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: try again later (a Slurm launcher requeues)
 
 
@@ -58,7 +60,7 @@ EXIT_CODES: dict[type[Exception], int] = {
     StoppedOnSignal: EXIT_STOPPED,
     StoppedUnsaved: EXIT_STOPPED_UNSAVED,
 }
-STOPPED = (EXIT_STOPPED, EXIT_STOPPED_UNSAVED)
+STOPPED = (EXIT_STOPPED, EXIT_STOPPED_UNSAVED, EXIT_INTERRUPTED)
 """The statuses printed as `stopped: ...` rather than `error: ...`."""
 
 
@@ -152,6 +154,13 @@ def run_command(prog: str, argv: list[str], body: Callable[[JobConfig], None]) -
         body(cfg)
     except tuple(EXIT_CODES) as e:
         return _finish(EXIT_CODES[type(e)], str(e))
+    except KeyboardInterrupt:
+        abandon = True  # stop now: a peer still in a collective would hold the teardown
+        return _finish(
+            EXIT_INTERRUPTED,
+            "interrupted (SIGINT): nothing saved since the last checkpoint; SIGTERM or "
+            "SIGUSR1 stop a run after saving its step",
+        )
     except RuntimeError as e:
         if not _timed_out(e):
             raise

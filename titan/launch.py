@@ -8,9 +8,10 @@ It runs torchrun's own launcher in this process, and adds:
   this many ranks): a mistake is one `error:` line and exit status 2, with no workers
   started, restarted, or reported on by torchrun (TITAN_CHECK_ONLY=1: only the check);
 - the run's exit status is the workers' (see `titan.cli`: 2 bad input, 3 diverged, 4 save
-  failed, 5 stuck rank, 6 stopped on a signal unsaved, 75 stopped after saving), read from
-  the status file the workers write, and the line the workers printed is the only report; torchrun's
-  own report appears only for a crash titan did not expect;
+  failed, 5 stuck rank, 6 stopped on a signal unsaved, 75 stopped after saving, 130
+  interrupted), read from the status file the workers write, and the line the workers
+  printed is the only report; torchrun's own report appears only for a crash titan did
+  not expect;
 - SIGTERM and SIGUSR1 reach the workers (which save and stop), and workers get
   `TITAN_SHUTDOWN_TIMEOUT_S` (default 900 s) to finish that save before torchrun kills them.
 """
@@ -26,6 +27,7 @@ from pathlib import Path
 from titan.cli import (
     EXIT_BAD_INPUT,
     EXIT_CODES,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_STUCK,
     STOPPED,
@@ -36,7 +38,7 @@ from titan.config import ConfigError, load_config
 from titan.distributed import check_only
 
 SCRIPTS = ("train.py", "evaluate.py")
-OWN_CODES = {*EXIT_CODES.values(), EXIT_STUCK}
+OWN_CODES = {*EXIT_CODES.values(), EXIT_STUCK, EXIT_INTERRUPTED}
 SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
 
 
