@@ -156,11 +156,11 @@ def run_command(prog: str, argv: list[str], body: Callable[[JobConfig], None]) -
         return _finish(EXIT_CODES[type(e)], str(e))
     except KeyboardInterrupt:
         abandon = True  # stop now: a peer still in a collective would hold the teardown
-        return _finish(
-            EXIT_INTERRUPTED,
-            "interrupted (SIGINT): nothing saved since the last checkpoint; SIGTERM or "
-            "SIGUSR1 stop a run after saving its step",
+        training = (
+            ": nothing saved since the last checkpoint; SIGTERM or SIGUSR1 stop a run after "
+            "saving its step"
         )
+        return _finish(EXIT_INTERRUPTED, "interrupted (SIGINT)" + training * (prog == "train.py"))
     except RuntimeError as e:
         if not _timed_out(e):
             raise
