@@ -382,10 +382,12 @@ def _check(opts: argparse.Namespace) -> None:
     for ok, message in rules:
         if not ok:
             raise GenerateError(message)
-    out = Path(opts.out)
-    problem = output_problem(out, ".npz") or output_problem(out.with_suffix(".png"), ".png")
+    out, png = Path(opts.out), Path(opts.out).with_suffix(".png")
+    problem = output_problem(out, ".npz")
+    if problem is None and (chart := output_problem(png, ".png")):
+        problem = f"the chart beside it, {png}, {chart}"
     if problem is None and not opts.overwrite:
-        if existing := [p for p in (out, out.with_suffix(".png")) if p.exists()]:
+        if existing := [p for p in (out, png) if p.exists()]:
             problem = f"{existing[0]} exists; pass --overwrite to replace it, or choose another"
     if problem is not None:
         raise GenerateError(f"--out {out}: {problem}")
