@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint or model-only export) to Meta and/or Hugging Face layout.",
         input_help="DCP step directory (…/step-N)",
         flavor_help="architecture, if neither params.json nor the run's config.toml says "
-        "(refused when it disagrees with them)",
+        "(refused when it disagrees with params.json; wins over a config.toml)",
     )
     p.add_argument(
         "--format",

@@ -999,3 +999,17 @@ def test_rerun_after_a_killed_conversion_names_the_partial_output(
     _ok(dcp_to_llama_main([*argv, "--overwrite"]), capsys)
     files = sorted(p.name for p in (tmp_path / "x").iterdir())
     assert files == ["README.md", "config.json", "model.safetensors", "original"]  # no marker
+
+
+def test_an_interrupted_output_named_like_a_training_step_is_removed_by_hand(tmp_path):
+    """--overwrite never replaces a folder that looks like a training step, so the line
+    after a Ctrl-C does not suggest it there."""
+    from titan.convert.output import PARTIAL, left_partial
+
+    for name, how in [("export", "rerun with --overwrite"), ("step-3", "remove it by hand")]:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / PARTIAL).write_text("")
+        (folder / "__0_0.distcp").write_bytes(b"")
+        assert f"--output_dir {folder} is left partial ({how}" in left_partial(folder)
+    assert left_partial(tmp_path / "none") == ""

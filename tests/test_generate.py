@@ -129,7 +129,8 @@ def test_ties_and_tiny_temperatures():
     greedy = sample_counts(logits, GREEDY, None)
     assert torch.equal(sample_counts(logits, Sampling(1.0, top_k=1), generator), greedy)
     # however small the temperature, only the most likely counts are drawn (no NaN)
-    for temperature in (1e-39, 1e-45, 1e-46, 1e-300):  # the last two are 0 in float32
+    # 1e-30 is divided by; the rest are below float32's smallest normal: greedy
+    for temperature in (1e-30, 1e-39, 1e-45, 1e-46, 1e-300):
         drawn = sample_counts(logits, Sampling(temperature), generator)
         assert set(drawn.tolist()) <= {7, 9, 11}
 

@@ -356,7 +356,7 @@ def test_advice_names_auto_for_an_explicit_mode_and_a_shorter_sequence_last():
     plan = _debug_plan(need, seq_len=8192, batch_size=2)
     full = plan(mode="full", memory_headroom=0)
     assert not full.fits and full.advice.startswith(
-        "training.batch_size = 1, training.seq_len = 4096"
+        'activation_checkpoint.mode = "auto" and training.batch_size = 1, training.seq_len = 4096'
     ), full.advice
     assert "does not fit even with full recomputation" in format_plan(full, "this CPU")
 

@@ -93,6 +93,8 @@ def test_chart_without_validation_and_bad_inputs(tmp_path, capsys):
     _one_error_line(capsys, "x.jpg: must end in .png")
     assert main([str(run), "--out", str(out / "below.png")]) == 2
     _one_error_line(capsys, f"cannot be written: {out} is a file, not a folder")
+    assert main([str(run), "--out", str(tmp_path / "new" / "dir" / "m.png")]) == 0  # made
+    assert (tmp_path / "new" / "dir" / "m.png").read_bytes()[:8] == PNG
     assert main([str(run / "metrics.jsonl")]) == 0  # the file itself names the run too
     assert (run / "metrics.png").read_bytes()[:8] == PNG
     capsys.readouterr()

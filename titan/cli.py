@@ -12,10 +12,10 @@ Exit statuses (Slurm chains and `afterok` dependencies rely on them):
     75  stopped on a signal after saving a complete checkpoint: run it again to continue
     130 interrupted (Ctrl-C, SIGINT): nothing saved since the last checkpoint
 
-Each is printed as one `error: ...` line by rank 0 (6 and 75: `stopped: ...`). When the launcher
-sets TITAN_STATUS_FILE, every rank also writes {"exit_code", "message"} there (whole, by
-rename), since torchrun's own exit status does not carry the workers', and torchrun may
-stop the other ranks as soon as the first has ended.
+Each is printed as one `error: ...` line by rank 0 (6, 75 and 130: `stopped: ...`). When
+the launcher sets TITAN_STATUS_FILE, every rank also writes {"exit_code", "message"} there
+(whole, by rename), since torchrun's own exit status does not carry the workers', and
+torchrun may stop the other ranks as soon as the first has ended.
 """
 
 from __future__ import annotations

@@ -51,10 +51,9 @@ from titan.convert import (
     DTYPES,
     ConvertError,
     HFSource,
-    dcp_model_args,
-    find_job_config,
     read_dcp_model_groups,
     read_dcp_model_metadata,
+    step_architecture,
 )
 from titan.convert.common import first_line
 from titan.data import sources
@@ -200,8 +199,7 @@ def _dcp_weights(
     stored = read_dcp_model_metadata(path)
     if not stored:
         raise GenerateError(f"{path}: no model tensors (keys model.*) in this checkpoint")
-    job = find_job_config(path)
-    args, origin = dcp_model_args(path, stored, flavor, None, job)
+    args, origin, job = step_architecture(path, stored, flavor, None, logger.info)
     trained = None
     if not (path / "params.json").is_file():  # a training step: its run's config is its own
         trained = (job or {}).get("training", {}).get("seq_len")

@@ -4,7 +4,8 @@ per run folder, and noticing a stuck step.
 - `StopSignals`: SIGTERM / SIGUSR1 (configurable) only set a flag, from set-up on; after
   the step in progress, every rank agrees in one all-reduce, the run writes a complete
   checkpoint and ends with exit status 75 (a signal during set-up: 75 once set-up is done,
-  nothing new to save). Later signals are logged and ignored until the process exits.
+  nothing new to save; with checkpointing off: 6, nothing saved). Later signals are logged
+  and ignored until the process exits.
 - `RunLock`: `<dump_folder>/.lock` names the run that owns the folder (host, pid, Slurm job,
   start time). A second run on a live folder stops with one line naming the owner; the
   lock of a dead owner (its process gone, its Slurm job no longer running), or of the same

@@ -342,7 +342,14 @@ def _advice(
         if t.global_batch_size > 0 and t.global_batch_size % per_pass:
             ranks += f" with training.global_batch_size a multiple of {per_pass}"
         options.append(ranks)
-    return " or ".join(options) if options else "no smaller batch or more ranks would fit"
+    if not options:
+        return "no smaller batch or more ranks would fit"
+    auto = (
+        ""
+        if cfg.activation_checkpoint.mode == "auto"
+        else 'activation_checkpoint.mode = "auto" and '
+    )
+    return auto + " or ".join(options)
 
 
 def _divisors(n: int) -> list[int]:

@@ -146,6 +146,7 @@ def save_png(fig: Figure, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         with written_atomically(out) as tmp:
             fig.savefig(tmp, format="png", dpi=100)
     finally:
@@ -238,10 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         if not metrics.is_file():
             metrics = metrics / "metrics.jsonl"
         folder = metrics.parent
+        train, val, bad = read_metrics(metrics)
         out = Path(opts.out) if opts.out else folder / "metrics.png"
         if problem := output_problem(out, ".png"):
             raise PlotError(f"--out {out}: {problem}" if opts.out else f"{out}: {problem}")
-        train, val, bad = read_metrics(metrics)
         save_png(build_figure(train, val, _title(folder, train, val)), out)
     except PlotError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -34,7 +34,7 @@ def sample_counts(
     """The next count token (batch,) in 0..254 from logits (batch, vocab): the separator
     (and any token above it) is never drawn."""
     logits = logits[:, :SEPARATOR].float()  # (batch, 255): counts only
-    # a temperature float32 cannot tell from 0 (below its smallest normal) is greedy
+    # below float32's smallest normal number (where GPUs may flush it to 0) is greedy
     if sampling.temperature < torch.finfo(torch.float32).tiny or sampling.top_k == 1:
         return logits.argmax(dim=-1)
     # the most likely count at 0, so no temperature, however small, overflows to inf/NaN

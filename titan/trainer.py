@@ -130,7 +130,8 @@ def next_micro_batches(data: Iterator, n: int) -> tuple[list, float]:
 
 def train(run: Run, stop: StopSignals) -> None:
     """Steps from `train_state.step` to `training.steps`: fetch, step, log, checkpoint;
-    a stop signal ends the loop with a complete checkpoint (StoppedOnSignal)."""
+    a stop signal ends the loop with a complete checkpoint (StoppedOnSignal), or with
+    checkpointing off with nothing saved (StoppedUnsaved)."""
     cfg, dims, state, metrics = run.cfg, run.dims, run.train_state, run.metrics
     t, job = cfg.training, cfg.job
     accum = dims.accumulation_steps(cfg)

@@ -25,6 +25,7 @@ from titan.convert.from_dcp import (
     find_job_config,
     read_dcp_model_groups,
     read_dcp_model_metadata,
+    step_architecture,
 )
 from titan.convert.hub import create_hub_repo, model_card, upload_to_hub
 from titan.convert.output import prepare_output
@@ -50,5 +51,6 @@ __all__ = [
     "prepare_output",
     "read_dcp_model_groups",
     "read_dcp_model_metadata",
+    "step_architecture",
     "upload_to_hub",
 ]

@@ -22,7 +22,7 @@ from titan.convert.common import (
     first_line,
     interrupted,
 )
-from titan.convert.output import is_partial
+from titan.convert.output import left_partial
 from titan.models.llama import FLAVORS
 
 
@@ -127,12 +127,7 @@ def _failure(e: BaseException, ctrl_c: bool, output_dir: Path) -> tuple[int, str
     if isinstance(e, (SystemExit, GeneratorExit)):
         return None
     if ctrl_c or interrupted(e):
-        left = (
-            f"; --output_dir {output_dir} is left partial (rerun with --overwrite to replace it)"
-            if is_partial(output_dir)
-            else ""
-        )
-        return 130, f"interrupted{left}"
+        return 130, f"interrupted{left_partial(output_dir)}"
     if isinstance(e, ConvertError):
         return (1 if isinstance(e, TransferError) else 2), str(e)
     if isinstance(e, OSError):  # disk full, permissions, ...

@@ -201,6 +201,17 @@ def dcp_model_args(
     return keymap.above_rope_original_context(args), origin
 
 
+def step_architecture(
+    folder: Path, stored: Stored, flavor: str | None, max_seq_len: int | None, log: Log
+) -> tuple[ModelArgs, str, dict | None]:
+    """(architecture, where it comes from, the run's config when it describes `folder`):
+    `dcp_model_args` with the config.toml found above the step, which is None when there
+    is none or an explicit --flavor overrode it (then its seq_len and recipe are not used)."""
+    job, job_path = locate_job_config(folder) or (None, None)
+    args, origin = dcp_model_args(folder, stored, flavor, max_seq_len, job, job_path, log)
+    return args, origin, job if job_applies(job, flavor) else None
+
+
 def _check_input(input_dir: Path, allow_incomplete: bool) -> None:
     if not input_dir.is_dir():
         what = "not a directory" if input_dir.exists() else "no such directory"
@@ -252,10 +263,7 @@ def dcp_to_llama(
     stored = read_dcp_model_metadata(input_dir)
     if not stored:
         raise ConvertError(f"{input_dir}: no model tensors (keys model.*) in this checkpoint")
-    job, job_path = locate_job_config(input_dir) or (None, None)
-    args, origin = dcp_model_args(input_dir, stored, flavor, max_seq_len, job, job_path, log)
-    if not job_applies(job, flavor):
-        job = None  # nor for the model card
+    args, origin, job = step_architecture(input_dir, stored, flavor, max_seq_len, log)
     names = list(param_shapes(args))
     shapes = {n: stored[n][0] for n in names}
     out_dtype = None if dtype == "auto" else DTYPES[dtype]

@@ -55,9 +55,18 @@ def _partial(folder: Path) -> str | None:
     return None
 
 
-def is_partial(folder: Path) -> bool:
-    """Whether `folder` holds a partial output (what an interrupted run leaves)."""
-    return folder.is_dir() and _partial(folder) is not None
+def left_partial(folder: Path) -> str:
+    """What an interrupted run says about its output `folder`: "" when it holds no
+    partial output, else how to replace it (by hand for a folder named like a training
+    step, which --overwrite never replaces)."""
+    if not folder.is_dir() or _partial(folder) is None:
+        return ""
+    how = (
+        "remove it by hand, then rerun"
+        if _training_step(folder)
+        else "rerun with --overwrite to replace it"
+    )
+    return f"; --output_dir {folder} is left partial ({how})"
 
 
 def _training_step(folder: Path) -> str | None:
