@@ -34,12 +34,18 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from titan.config import ConfigError, JobConfig
 from titan.config.sections import GPUS, gpu_gib
 from titan.distributed import ParallelDims
-from titan.models.llama import ModelArgs, Transformer, TransformerBlock, param_shapes, rope_table
+from titan.models.llama import (
+    ModelArgs,
+    Transformer,
+    TransformerBlock,
+    param_shapes,
+    rope_table,
+    token_loss_sum,
+)
 
 POLICIES = ("none", "op", "attn", "full")
 """Per-block policies, fastest first ("op" keeps every matmul output; explicit only)."""
@@ -133,15 +139,13 @@ def activation_bytes(args: ModelArgs, batch: int, seq: int, dtype: torch.dtype) 
         head = Transformer(dataclasses.replace(a, n_layers=0)).to(dtype)
         x = torch.empty(batch, seq, a.dim, dtype=dtype, requires_grad=True)
         rope = rope_table(a, "meta")
-        labels = torch.zeros(batch * seq, dtype=torch.long)
+        tokens_in = torch.zeros(batch, seq, dtype=torch.long)
     block.attention.attn = _FlashLike.apply
     none = _saved_bytes(block, (x, rope), [*block.parameters(), rope])
-
-    def loss(h: torch.Tensor) -> torch.Tensor:
-        logits = head.output(head.norm(h))  # (batch, seq, vocab)
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels, reduction="sum")
-
-    head_saved = _saved_bytes(loss, (x,), list(head.parameters()))
+    # the trainer's own loss, through the embedding, the final norm and the output layer
+    head_saved = _saved_bytes(
+        token_loss_sum, (head, tokens_in, tokens_in), [*head.parameters(), *head.buffers()]
+    )
     x_bytes = tokens * a.dim * e
     attention_out = tokens * a.n_heads * a.head_dim * e + tokens * a.n_heads * 4  # out + lse
     matmuls = tokens * (a.n_heads * a.head_dim + 2 * a.n_kv_heads * a.head_dim + 2 * a.dim)

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from titan.cli import StoppedOnSignal, StoppedUnsaved, TrainingDiverged, run_command
@@ -46,7 +45,7 @@ from titan.memory import (
     refusal,
 )
 from titan.metrics import peak_memory_gib
-from titan.models.llama import build_model_args, flops_per_token
+from titan.models.llama import build_model_args, flops_per_token, token_loss_sum
 from titan.preflight import check_dry_run
 from titan.run import Run, build_run, plan_table, resolve_attention
 
@@ -62,13 +61,6 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, norm, foreach=True)
     return norm
-
-
-def token_loss_sum(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The summed token cross-entropy of a micro-batch, in float32. No reference to the
-    logits (batch, seq, vocab) outlives it, so the backward holds only the float32
-    log-softmax and its gradients (12 bytes per logit), as the memory plan counts."""
-    return F.cross_entropy(model(inputs).flatten(0, 1).float(), labels.flatten(), reduction="sum")
 
 
 def train_step(

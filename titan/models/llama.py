@@ -420,6 +420,13 @@ def num_params_from_args(args: ModelArgs, exclude_embedding: bool = False) -> in
     return sum(math.prod(shape) for shape in shapes.values())
 
 
+def token_loss_sum(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The summed token cross-entropy of a micro-batch, in float32. No reference to the
+    logits (batch, seq, vocab) outlives it, so the backward holds only the float32
+    log-softmax and its gradients (12 bytes per logit), as the memory plan counts."""
+    return F.cross_entropy(model(inputs).flatten(0, 1).float(), labels.flatten(), reduction="sum")
+
+
 def flops_per_token(args: ModelArgs, seq_len: int, causal: bool = False) -> float:
     """Training FLOPs per token, torchtitan's convention (so MFU compares with its numbers):
     6 * N_non_embedding + 12 * layers * heads * head_dim * seq_len. With causal=True the
