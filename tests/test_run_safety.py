@@ -139,17 +139,11 @@ def test_one_run_per_folder_and_stale_locks(tmp_path, synthetic_dir):
     assert not (tmp_path / ".lock").exists()  # released at the end
 
 
-@pytest.mark.parametrize("checkpointing", [True, False])
-def test_a_signal_during_set_up_ends_with_75_and_nothing_saved(
-    checkpointing, tmp_path, synthetic_dir
-):
-    """Caught from the start: the signals land while the model is being built (the
-    attention kernel is chosen first), and a second one is ignored as well. With
-    checkpointing off the status is 6: a rerun would start over, so nothing may requeue
-    it as resumable."""
+def _signalled_during_set_up(args: list[str], *signals: int) -> tuple[int, str]:
+    """(exit status, output) of a one-process run sent `signals` while its model is being
+    built (the attention kernel is chosen first)."""
     proc = subprocess.Popen(
-        train_command(1)
-        + _args(tmp_path, synthetic_dir, f"--checkpoint.enable_checkpoint={checkpointing}"),
+        train_command(1) + args,
         cwd=ROOT,
         env=TRAIN_ENV,
         stdout=subprocess.PIPE,
@@ -161,17 +155,30 @@ def test_a_signal_during_set_up_ends_with_75_and_nothing_saved(
         for line in proc.stdout:
             seen.append(line)
             if "Attention kernel" in line:
-                proc.send_signal(signal.SIGUSR1)
-                proc.send_signal(signal.SIGTERM)
+                for sig in signals:
+                    proc.send_signal(sig)
                 break
         out = "".join(seen) + proc.communicate(timeout=300)[0]
     finally:
         proc.kill()  # (a no-op once it has ended)
+    return proc.returncode, out
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_a_signal_during_set_up_ends_with_75_and_nothing_saved(
+    checkpointing, tmp_path, synthetic_dir
+):
+    """Caught from the start: the signals land while the model is being built (the
+    attention kernel is chosen first), and a second one is ignored as well. With
+    checkpointing off the status is 6: a rerun would start over, so nothing may requeue
+    it as resumable."""
+    args = _args(tmp_path, synthetic_dir, f"--checkpoint.enable_checkpoint={checkpointing}")
+    returncode, out = _signalled_during_set_up(args, signal.SIGUSR1, signal.SIGTERM)
     if checkpointing:
-        assert proc.returncode == 75, out[-3000:]
+        assert returncode == 75, out[-3000:]
         assert "stopped: SIGUSR1 during set-up, before step 1: nothing new to save" in out, out
     else:
-        assert proc.returncode == 6, out[-3000:]
+        assert returncode == 6, out[-3000:]
         assert "stopped: SIGUSR1 during set-up: checkpointing is off (checkpoint." in out, out
         assert "nothing was saved and a rerun starts at step 1" in out
     assert "SIGTERM received again" in out
@@ -181,25 +188,8 @@ def test_a_signal_during_set_up_ends_with_75_and_nothing_saved(
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path, synthetic_dir):
     """SIGINT (no save: that is what SIGTERM and SIGUSR1 are for) ends the run with one
     line, not a traceback."""
-    proc = subprocess.Popen(
-        train_command(1) + _args(tmp_path, synthetic_dir),
-        cwd=ROOT,
-        env=TRAIN_ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    seen = []
-    try:
-        for line in proc.stdout:
-            seen.append(line)
-            if "Attention kernel" in line:
-                proc.send_signal(signal.SIGINT)
-                break
-        out = "".join(seen) + proc.communicate(timeout=300)[0]
-    finally:
-        proc.kill()  # (a no-op once it has ended)
-    assert proc.returncode == 130, out[-3000:]
+    returncode, out = _signalled_during_set_up(_args(tmp_path, synthetic_dir), signal.SIGINT)
+    assert returncode == 130, out[-3000:]
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
     assert out.rstrip().splitlines()[-1].startswith("stopped: interrupted (SIGINT): nothing saved")
 
