@@ -34,7 +34,7 @@ from titan.config import ConfigError, JobConfig
 from titan.data.held_out import IGNORE, HeldOut
 from titan.data.tokenizer import SEPARATOR
 from titan.distributed import ParallelDims, env_rank
-from titan.files import json_text, output_problem, written_atomically
+from titan.files import folder_problem, json_text, output_problem, written_atomically
 from titan.logging import init_logger, logger
 from titan.models.llama import build_model_args
 from titan.preflight import check_inputs, checkpoint_folder
@@ -142,9 +142,8 @@ def planned(cfg: JobConfig) -> tuple[Path, Path]:
     """(the checkpoint to evaluate, the results file), both checked before any work."""
     if cfg.eval.checkpoint:
         path = Path(cfg.eval.checkpoint)
-        if not path.is_dir():
-            what = "not a directory" if path.exists() else "no such directory"
-            raise ConfigError(f"eval.checkpoint {path}: {what}")
+        if problem := folder_problem(path):
+            raise ConfigError(f"eval.checkpoint {path}: {problem}")
         if not (path / ".metadata").is_file():
             raise ConfigError(f"eval.checkpoint {path}: not a DCP checkpoint (no .metadata)")
     else:

@@ -37,6 +37,13 @@ def written_atomically(out: Path, durable: bool = False) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def folder_problem(path: Path) -> str | None:
+    """ "no such directory" or "not a directory" when `path` is not a folder, else None."""
+    if path.is_dir():
+        return None
+    return "not a directory" if path.exists() else "no such directory"
+
+
 def output_problem(out: Path, suffix: str) -> str | None:
     """Why `out` cannot be written as a `suffix` file, as a phrase to follow "<out>: ",
     or None; for commands to check before any work."""

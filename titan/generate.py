@@ -58,7 +58,7 @@ from titan.convert import (
 from titan.convert.common import first_line
 from titan.data import sources
 from titan.data.tokenizer import MAX_COUNT, SEPARATOR, arrow_row_matrix, tokenize_row
-from titan.files import output_problem, written_atomically
+from titan.files import folder_problem, output_problem, written_atomically
 from titan.logging import init_logger, logger
 from titan.memory import gib
 from titan.models.llama import FLAVORS, ModelArgs, Transformer, num_params_from_args, param_shapes
@@ -145,9 +145,8 @@ def load_model(
     architecture, when neither its params.json nor its run's config.toml says); refused
     when it, a KV cache for `batch` samples and a pass over a `prompt_len`-token prompt
     cannot fit."""
-    if not path.is_dir():
-        what = "not a directory" if path.exists() else "no such directory"
-        raise GenerateError(f"--checkpoint {path}: {what}")
+    if problem := folder_problem(path):
+        raise GenerateError(f"--checkpoint {path}: {problem}")
     if (path / ".metadata").is_file():
         args, groups, origin, trained = _dcp_weights(path, flavor)
     elif (path / "config.json").is_file():
@@ -375,11 +374,12 @@ def _check(opts: argparse.Namespace) -> None:
             f"{SEPARATOR} counts)",
         ),
         (0 < opts.top_p <= 1, f"--top_p {opts.top_p}: must be in (0, 1]"),
-        (Path(opts.checkpoint).exists(), f"--checkpoint {opts.checkpoint}: no such directory"),
     ]
     for ok, message in rules:
         if not ok:
             raise GenerateError(message)
+    if problem := folder_problem(Path(opts.checkpoint)):
+        raise GenerateError(f"--checkpoint {opts.checkpoint}: {problem}")
     out, png = Path(opts.out), Path(opts.out).with_suffix(".png")
     problem = output_problem(out, ".npz")
     if problem is None and (chart := output_problem(png, ".png")):

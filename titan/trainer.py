@@ -199,8 +199,15 @@ class BadSteps:
             )
 
 
+NOTHING_SAVED = (
+    "checkpointing is off (checkpoint.enable_checkpoint), so nothing was saved and a rerun "
+    "starts at step 1"
+)
+
+
 def stop_and_save(run: Run, signal_name: str) -> None:
-    """Every rank agreed to stop after this step: save it completely, then end the run."""
+    """Every rank agreed to stop after this step: save it completely, then end the run
+    (with checkpointing off: end it, with nothing saved)."""
     step = run.train_state.step
     if not run.checkpointer.enabled:
         raise StoppedUnsaved(f"{signal_name} at step {step}: {NOTHING_SAVED}")
@@ -209,12 +216,6 @@ def stop_and_save(run: Run, signal_name: str) -> None:
         f"{signal_name} at step {step}: saved checkpoint step-{step}; run the same command "
         "again to continue"
     )
-
-
-NOTHING_SAVED = (
-    "checkpointing is off (checkpoint.enable_checkpoint), so nothing was saved and a rerun "
-    "starts at step 1"
-)
 
 
 def validate(run: Run) -> None:

@@ -75,7 +75,9 @@ def unwrapped(e: BaseException) -> BaseException:
 
 def interrupted(e: BaseException) -> bool:
     """Whether `e` is a KeyboardInterrupt or was raised because of one: DCP wraps a Ctrl-C
-    in its CheckpointException, and other code raises its own error on the way out."""
+    in its CheckpointException, and other code raises its own error on the way out (even
+    `raise ... from None` keeps the interrupt as `__context__`), so the scripts' one
+    check of the final error finds it wherever it happened."""
     seen: set[int] = set()
     todo: list[BaseException | None] = [e]
     while todo:
@@ -87,13 +89,6 @@ def interrupted(e: BaseException) -> bool:
         seen.add(id(error))
         todo += [unwrapped(error), error.__cause__, error.__context__]
     return False
-
-
-def reraise_interrupt(e: BaseException) -> None:
-    """Raise KeyboardInterrupt if `e` comes from one, so that a Ctrl-C caught by a broad
-    handler is not reported as a bad input or a failed write."""
-    if interrupted(e):
-        raise KeyboardInterrupt from None
 
 
 def first_line(e: BaseException) -> str:

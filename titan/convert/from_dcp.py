@@ -42,12 +42,12 @@ from titan.convert.common import (
     print_line,
     quiet_dcp,
     read_json,
-    reraise_interrupt,
     summary,
 )
 from titan.convert.hub import create_hub_repo, model_card, upload_to_hub
 from titan.convert.output import check_output, make_output, partial_until_done
 from titan.convert.writers import MetaCheckpointWriter, SafetensorsShardWriter
+from titan.files import folder_problem
 from titan.models import keymap
 from titan.models.llama import FLAVORS, ModelArgs, build_model_args, param_shapes
 
@@ -66,7 +66,6 @@ def read_dcp_model_metadata(folder: Path) -> Stored:
         metadata = FileSystemReader(str(folder)).read_metadata()
         entries = metadata.state_dict_metadata
     except Exception as e:  # pickle, OS and attribute errors of a damaged file
-        reraise_interrupt(e)
         raise ConvertError(f"{folder}: unreadable DCP metadata ({first_line(e)})") from None
     return {
         key.removeprefix("model."): (tuple(md.size), md.properties.dtype)
@@ -88,7 +87,6 @@ def read_dcp_model_groups(
             with quiet_dcp():
                 dcp.load(request, storage_reader=FileSystemReader(str(folder)), no_dist=True)
         except (Exception, CheckpointException) as e:  # DCP wraps the reader's errors
-            reraise_interrupt(e)
             raise ConvertError(f"{folder}: cannot read {group[0]}: {first_line(e)}") from None
         yield request.pop("model")
 
@@ -213,9 +211,8 @@ def step_architecture(
 
 
 def _check_input(input_dir: Path, allow_incomplete: bool) -> None:
-    if not input_dir.is_dir():
-        what = "not a directory" if input_dir.exists() else "no such directory"
-        raise ConvertError(f"--input_dir {input_dir}: {what}")
+    if problem := folder_problem(input_dir):
+        raise ConvertError(f"--input_dir {input_dir}: {problem}")
     if not (input_dir / ".metadata").is_file():
         steps = storage.list_steps(input_dir)  # by step number
         latest = ([s for s in steps if s.complete] or steps)[-1:]

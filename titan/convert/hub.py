@@ -12,7 +12,6 @@ from titan.convert.common import (
     TransferError,
     first_line,
     print_line,
-    reraise_interrupt,
 )
 from titan.models.llama import ModelArgs
 
@@ -107,7 +106,6 @@ def create_hub_repo(repo_name: str, private: bool) -> tuple[Any, str]:
         # create_repo leaves an existing repo as it is, public or not
         public = private and not api.repo_info(repo_id, repo_type="model").private
     except Exception as e:  # network, auth and HTTP errors have many types
-        reraise_interrupt(e)
         raise TransferError(
             f"--push_to_hub: cannot create the Hub repo {repo_name}: {first_line(e)}"
         ) from None
@@ -136,5 +134,4 @@ def upload_to_hub(api: Any, folder: Path, repo_id: str, log: Log = print_line) -
             delete_patterns=[*_WEIGHT_FILES],
         )
     except Exception as e:  # network, auth and HTTP errors have many types
-        reraise_interrupt(e)
         raise TransferError(f"--push_to_hub: upload to {repo_id} failed: {first_line(e)}") from None

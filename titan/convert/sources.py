@@ -21,8 +21,8 @@ from titan.convert.common import (
     first_line,
     listing,
     read_json,
-    reraise_interrupt,
 )
+from titan.files import folder_problem
 from titan.models import keymap
 from titan.models.llama import param_shapes
 
@@ -166,7 +166,6 @@ class HFSource:
             with safe_open(str(path), framework="pt") as f:
                 tensor = f.get_tensor(hf_name)
         except Exception as e:  # safetensors raises its own error types
-            reraise_interrupt(e)
             raise ConvertError(f"cannot read {hf_name} from {path}: {first_line(e)}") from None
         if name == "output.weight" and hf_name.endswith("embed_tokens.weight"):
             return tensor  # tied embeddings
@@ -180,7 +179,6 @@ def _load_pth(path: Path) -> dict[str, torch.Tensor]:
     try:
         sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch raises RuntimeError, pickle errors, ...
-        reraise_interrupt(e)
         raise ConvertError(f"cannot read {path}: {first_line(e)}") from None
     if not isinstance(sd, dict):
         raise ConvertError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
@@ -203,7 +201,6 @@ def _safetensors_header(path: Path) -> Iterator[tuple[str, tuple[int, ...], torc
             entries = [(k, f.get_slice(k)) for k in f.keys()]
             info = [(k, tuple(s.get_shape()), s.get_dtype()) for k, s in entries]
     except Exception as e:  # safetensors raises its own error types
-        reraise_interrupt(e)
         raise ConvertError(f"cannot read {path}: {first_line(e)}") from None
     for name, shape, dtype in info:
         if dtype not in ST_DTYPES:
@@ -225,9 +222,8 @@ def check_names(names: list[str], expected: dict[str, tuple[int, ...]], folder: 
 
 def detect_layout(folder: Path, requested: str = "auto") -> tuple[str, Path]:
     """('meta' | 'hf', folder holding the files); HF repos' `original/` is checked too."""
-    if not folder.is_dir():
-        what = "not a directory" if folder.exists() else "no such directory"
-        raise ConvertError(f"--input_dir {folder}: {what}")
+    if problem := folder_problem(folder):
+        raise ConvertError(f"--input_dir {folder}: {problem}")
 
     def is_hf(p: Path) -> bool:
         return (p / "config.json").is_file() and any(p.glob("*.safetensors"))

@@ -31,7 +31,6 @@ from titan.convert.common import (
     nbytes,
     print_line,
     quiet_dcp,
-    reraise_interrupt,
     summary,
     unwrapped,
     write_error,
@@ -133,7 +132,6 @@ def llama_to_dcp(
                 plan, storage_writer=writer, planner=_StreamingSavePlanner(produce), no_dist=True
             )
     except CheckpointException as e:  # wraps errors producing tensors and writing them
-        reraise_interrupt(e)
         if isinstance(unwrapped(e), ConvertError):
             raise ConvertError(first_line(e)) from None
         raise write_error(output_dir, e) from None

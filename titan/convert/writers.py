@@ -19,7 +19,6 @@ from titan.convert.common import (
     RemappedMap,
     byte_groups,
     nbytes,
-    reraise_interrupt,
     write_error,
 )
 
@@ -79,7 +78,6 @@ class SafetensorsShardWriter:
                 self._file.close()
                 self._file = None
         except OSError as e:  # a full disk, mostly
-            reraise_interrupt(e)
             if self._file is not None:
                 with contextlib.suppress(OSError):  # its buffer cannot be written either
                     self._file.close()
@@ -105,7 +103,6 @@ def _reserve(path: Path) -> None:
         try:
             os.posix_fallocate(f.fileno(), 0, path.stat().st_size)
         except OSError as e:
-            reraise_interrupt(e)
             if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise write_error(path.parent, e) from None
 
@@ -123,7 +120,6 @@ class MetaCheckpointWriter:
             with torch.serialization.skip_data():
                 torch.save(skeleton, path)
         except RuntimeError as e:  # torch's zip writer: 'unexpected pos' on a full disk
-            reraise_interrupt(e)
             raise write_error(path.parent, e) from None
         _reserve(path)
         self._map = RemappedMap(self._open_map)
