@@ -45,12 +45,15 @@ def partial_until_done(folder: Path) -> Iterator[None]:
     (folder / PARTIAL).unlink()
 
 
+def _holds_dcp_files(folder: Path) -> bool:
+    return (folder / ".metadata").is_file() or any(folder.glob("*.distcp"))
+
+
 def _partial(folder: Path) -> str | None:
     """What an interrupted earlier run left in `folder`, in words; None if nothing."""
     if (folder / PARTIAL).is_file():
         return f"a partial export (its {PARTIAL} marker is left: an earlier run was interrupted)"
-    dcp_files = (folder / ".metadata").is_file() or any(folder.glob("*.distcp"))
-    if dcp_files and not (folder / MARKER).is_file():
+    if _holds_dcp_files(folder) and not (folder / MARKER).is_file():
         return f"a partial conversion (no {MARKER} marker: an earlier run was interrupted)"
     return None
 
@@ -75,8 +78,7 @@ def _training_step(folder: Path) -> str | None:
     if (folder / MARKER).is_file():
         kind = storage.read_marker(folder).get("kind")
         return None if kind == storage.CONVERTED else f"a {kind or 'training'} checkpoint"
-    dcp_files = (folder / ".metadata").is_file() or any(folder.glob("*.distcp"))
-    if storage.STEP_DIR.match(folder.name) and dcp_files:
+    if storage.STEP_DIR.match(folder.name) and _holds_dcp_files(folder):
         return "a training checkpoint step"
     return None
 
