@@ -34,7 +34,8 @@ from titan.checkpoint.storage import checksums, complete, rank_files
 from titan.convert import dcp_to_llama
 from titan.data.synthetic import generate as make_dataset
 from titan.data.tokenizer import SEPARATOR, arrow_row_matrix, tokenize_row
-from titan.generate import load_model, main, read_row
+from titan.generate import main, read_row
+from titan.inference import load_model
 from titan.models.llama import KVCache, Transformer, build_model_args
 from titan.sampling import Sampling, generate_tokens, sample_counts, tokens_to_counts
 

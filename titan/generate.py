@@ -35,7 +35,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,166 +43,20 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from titan.checkpoint import MARKER
-from titan.checkpoint.resume import integrity_problem
 from titan.config import ConfigError, JobConfig
-from titan.convert import (
-    DTYPES,
-    ConvertError,
-    HFSource,
-    read_dcp_model_groups,
-    read_dcp_model_metadata,
-    step_architecture,
-)
+from titan.convert import DTYPES, ConvertError
 from titan.convert.common import first_line
 from titan.data import sources
 from titan.data.tokenizer import MAX_COUNT, SEPARATOR, arrow_row_matrix, tokenize_row
 from titan.files import folder_problem, output_problem, written_atomically
+from titan.inference import GenerateError, load_model
 from titan.logging import init_logger, logger
-from titan.memory import gib
-from titan.models.llama import FLAVORS, ModelArgs, Transformer, num_params_from_args, param_shapes
+from titan.models.llama import FLAVORS
 from titan.plot import plot_samples, samples_title
 from titan.sampling import Sampling, generate_tokens, tokens_to_counts
 
 ID_COLUMNS = ("subject_id", "session_id", "segment_id", "source_dataset")
 """String columns of a Neural Pile row, copied into the metadata."""
-
-
-class GenerateError(Exception):
-    """A bad input (exit status 2); the message is one line."""
-
-
-# ----------------------------------------------------------------------------- weights
-
-
-@dataclass
-class LoadedModel:
-    """A model ready for generation and what is known about it."""
-
-    model: Transformer
-    origin: str
-    """Where the weights and the architecture came from (for the log and the metadata)."""
-    trained_seq_len: int | None
-    """Context length the model was trained with, when the run's config says."""
-
-
-def _available_bytes(device: torch.device) -> int | None:
-    """Memory free for new tensors on `device` (None where it cannot be told)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def check_memory(
-    args: ModelArgs,
-    max_len: int,
-    batch: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    prompt_len: int = 0,
-) -> None:
-    """Refuse, before allocating, a generation whose weights, KV cache (every layer's keys
-    and values for `max_len` positions x `batch` samples), RoPE table and one pass over
-    the `prompt_len`-token prompt cannot fit."""
-    size = dtype.itemsize
-    need = {
-        "weights": num_params_from_args(args) * size,
-        "KV cache": 2 * args.n_layers * batch * args.n_kv_heads * max_len * args.head_dim * size,
-        "RoPE table": 2 * max_len * args.head_dim * 4,  # (with its temporaries)
-        # one block's largest activations (the SwiGLU hidden states, a few residual-width
-        # tensors) and the prompt's logits
-        "prompt pass": prompt_len * ((3 * args.ffn_hidden_dim + 6 * args.dim) * size
-                                     + args.vocab_size * 4),
-    }  # fmt: skip
-    available = _available_bytes(device)
-    if available is not None and sum(need.values()) > available:
-        parts = ", ".join(f"{k} {gib(v)}" for k, v in need.items())
-        raise GenerateError(
-            f"{max_len:,} tokens x {batch} samples need about {gib(sum(need.values()))} "
-            f"({parts}) but {device} has {gib(available)} available; generate fewer --bins "
-            "or --num_samples (or fewer neurons)"
-        )
-
-
-def load_model(
-    path: Path,
-    device: torch.device,
-    dtype: torch.dtype,
-    max_len: int,
-    flavor: str | None = None,
-    batch: int = 1,
-    prompt_len: int = 0,
-) -> LoadedModel:
-    """The model of a DCP directory or a Hugging Face export folder, on `device` in
-    `dtype`, with a RoPE table of `max_len` positions (`flavor`: a DCP directory's
-    architecture, when neither its params.json nor its run's config.toml says); refused
-    when it, a KV cache for `batch` samples and a pass over a `prompt_len`-token prompt
-    cannot fit."""
-    if problem := folder_problem(path):
-        raise GenerateError(f"--checkpoint {path}: {problem}")
-    if (path / ".metadata").is_file():
-        args, groups, origin, trained = _dcp_weights(path, flavor)
-    elif (path / "config.json").is_file():
-        source = HFSource(path)
-        args, origin, trained = source.args, f"{path} (Hugging Face export)", None
-        groups = ({name: source.load(name)} for name in param_shapes(args))
-    else:
-        steps = sorted((p for p in path.glob("step-*") if p.is_dir()), key=_step_number)
-        hint = f"; it holds step directories: pass one, e.g. {steps[-1]}" if steps else ""
-        raise GenerateError(
-            f"--checkpoint {path}: neither a DCP directory (.metadata) nor a Hugging Face "
-            f"export (config.json){hint}"
-        )
-    if args.vocab_size < SEPARATOR + 1:
-        raise GenerateError(
-            f"{path}: vocabulary of {args.vocab_size} tokens; spike-count models have 256"
-        )
-    args = dataclasses.replace(args, max_seq_len=max_len, attn_impl="sdpa")
-    check_memory(args, max_len, batch, dtype, device, prompt_len)
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.to(dtype).to_empty(device=device)
-    model.init_rope(device)  # float32, whatever the parameters' dtype
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for group in groups:
-            for name, tensor in group.items():
-                params[name].copy_(tensor)
-    return LoadedModel(model.eval(), origin, trained)
-
-
-def _step_number(path: Path) -> int:
-    number = path.name.removeprefix("step-")
-    return int(number) if number.isdigit() else -1
-
-
-def _dcp_weights(
-    path: Path, flavor: str | None
-) -> tuple[ModelArgs, Iterable[dict[str, torch.Tensor]], str, int | None]:
-    """(architecture, groups of model tensors read lazily, origin, trained seq_len)."""
-    if not (path / MARKER).is_file():
-        raise GenerateError(
-            f"{path}: incomplete checkpoint (no {MARKER} marker: its save did not finish); "
-            "use another step"
-        )
-    problem = integrity_problem(path, "model.")
-    if problem is not None:
-        raise GenerateError(f"{path} is damaged: {problem}; use another step")
-    stored = read_dcp_model_metadata(path)
-    if not stored:
-        raise GenerateError(f"{path}: no model tensors (keys model.*) in this checkpoint")
-    args, origin, job = step_architecture(path, stored, flavor, None, logger.info)
-    trained = None
-    if not (path / "params.json").is_file():  # a training step: its run's config is its own
-        trained = (job or {}).get("training", {}).get("seq_len")
-    groups = read_dcp_model_groups(path, list(param_shapes(args)), stored)
-    return args, groups, f"{path} (DCP; architecture from {origin})", trained
 
 
 # ----------------------------------------------------------------------------- data

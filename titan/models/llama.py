@@ -30,22 +30,32 @@ from titan.models.attention import attention_fn
 
 @dataclass
 class ModelArgs:
+    """The architecture (a flavor in `FLAVORS`) and the run-time choices the model needs."""
+
     dim: int = 256
+    """Width of the residual stream."""
     n_layers: int = 4
     n_heads: int = 8
+    """Query heads; head_dim = dim // n_heads."""
     n_kv_heads: int = 4
-    vocab_size: int = 256
+    """Key/value heads, shared by n_heads // n_kv_heads query heads each (GQA)."""
     multiple_of: int = 64
     ffn_dim_multiplier: float | None = None
+    """With multiple_of, sets the SwiGLU width (`ffn_hidden_dim`)."""
+    vocab_size: int = 256
+    """Spike data needs 256: counts 0..254 and the separator 255."""
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
     use_scaled_rope: bool = True
+    """Llama-3.1 frequency scaling, with the four rope_* settings below."""
     rope_scale_factor: float = 8.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_context: int = 8192
     max_seq_len: int = 2048
+    """Positions of the RoPE table (the training seq_len, or a generation's length)."""
     attn_impl: str = "sdpa"
+    """Attention kernel, one of `attention.IMPLS` (a run resolves "auto" to one of them)."""
 
     @property
     def head_dim(self) -> int:
