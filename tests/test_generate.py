@@ -207,7 +207,7 @@ def test_unconditional_from_the_hf_export(files, tmp_path, capsys):
     # A second run names the file it would replace; --overwrite replaces it.
     before = out.read_bytes()
     assert main([*argv, "--seed", "3"]) == 2
-    assert f"--out {out}: {out} exists; pass --overwrite" in capsys.readouterr().err
+    assert f"--out {out}: it exists; pass --overwrite" in capsys.readouterr().err
     assert out.read_bytes() == before
     assert main([*argv, "--seed", "3", "--overwrite"]) == 0
     assert out.read_bytes() != before
@@ -279,7 +279,7 @@ def _bad_inputs(files: dict[str, Path], root: Path) -> dict[str, tuple[list[str]
         ),
         "out's chart exists": (
             [*ckpt, *data, "--out", str(root / "taken.npz")],
-            f"{root / 'taken.png'} exists; pass --overwrite",
+            f"the chart beside it, {root / 'taken.png'}, exists; pass --overwrite",
         ),
         "no room": ([*ckpt, "--neurons", "3", "--bins", str(10**9)], "tokens x 1 samples need"),
         "damaged": (["--checkpoint", str(damaged), "--neurons", "4"], "is damaged: __0_0"),

@@ -177,10 +177,12 @@ def test_a_signal_during_set_up_ends_with_75_and_nothing_saved(
     if checkpointing:
         assert returncode == 75, out[-3000:]
         assert "stopped: SIGUSR1 during set-up, before step 1: nothing new to save" in out, out
+        assert "SIGUSR1 received: finishing this step, then saving and stopping" in out
     else:
         assert returncode == 6, out[-3000:]
         assert "stopped: SIGUSR1 during set-up: checkpointing is off (checkpoint." in out, out
         assert "nothing was saved and a rerun starts at step 1" in out
+        assert "then stopping (checkpointing is off)" in out and "saving" not in out, out
     assert "SIGTERM received again" in out
     assert not list((tmp_path / "checkpoint").glob("step-*")) and logged_step(tmp_path) == 0
 

@@ -238,8 +238,9 @@ def _check(opts: argparse.Namespace) -> None:
     if problem is None and (chart := output_problem(png, ".png")):
         problem = f"the chart beside it, {png}, {chart}"
     if problem is None and not opts.overwrite:
-        if existing := [p for p in (out, png) if p.exists()]:
-            problem = f"{existing[0]} exists; pass --overwrite to replace it, or choose another"
+        if out.exists() or png.exists():
+            which = "it" if out.exists() else f"the chart beside it, {png},"
+            problem = f"{which} exists; pass --overwrite to replace it, or choose another"
     if problem is not None:
         raise GenerateError(f"--out {out}: {problem}")
 

@@ -44,10 +44,12 @@ from titan.logging import logger
 
 class StopSignals:
     """Installs handlers for `names` (e.g. ["SIGTERM", "SIGUSR1"]) for the duration of a
-    `with` block; `stop_agreed()` is True on every rank once any rank got one."""
+    `with` block; `stop_agreed()` is True on every rank once any rank got one. `saving`:
+    whether the run saves a checkpoint when it stops (what the log line promises)."""
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], saving: bool = True) -> None:
         self.signals = [getattr(signal, n) for n in names]
+        self.ending = "saving and stopping" if saving else "stopping (checkpointing is off)"
         self.received: str | None = None
         self._previous: dict[int, Any] = {}
 
@@ -55,9 +57,9 @@ class StopSignals:
         name = signal.Signals(signum).name
         if self.received is None:
             self.received = name
-            logger.warning(f"{name} received: finishing this step, then saving and stopping")
+            logger.warning(f"{name} received: finishing this step, then {self.ending}")
         else:
-            logger.warning(f"{name} received again: still finishing the save (ignored)")
+            logger.warning(f"{name} received again: the run is already stopping (ignored)")
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():

@@ -241,7 +241,10 @@ def log_memory(run: Run) -> None:
 def setup_and_train(cfg: JobConfig) -> None:
     # The stop signals are caught from the start: a signal during set-up (a long checkpoint
     # load, say) must not kill the ranks, and the teardown runs with them still caught.
-    with StopSignals(cfg.checkpoint.save_on_signals) as stop, build_run(cfg) as run:
+    with (
+        StopSignals(cfg.checkpoint.save_on_signals, cfg.checkpoint.enable_checkpoint) as stop,
+        build_run(cfg) as run,
+    ):
         step = run.train_state.step
         if step >= cfg.training.steps:
             logger.info(f"Already trained {step} of {cfg.training.steps} steps: nothing to do")
