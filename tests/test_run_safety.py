@@ -71,9 +71,9 @@ def _launch(dump: Path, data: Path, *extra: str) -> subprocess.Popen:
     return launch_train(_args(dump, data, *extra), launcher="titan.launch")
 
 
-def _stop_and_check(proc: subprocess.Popen, dump: Path) -> int:
+def _stop_and_check(proc: subprocess.Popen, dump: Path) -> tuple[int, str]:
     """After the signals: exit 75, and the newest step is complete, verified, and the one
-    the run stopped at."""
+    the run stopped at; returns (that step, the run's output)."""
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 75, out[-3000:]
     line = next(x for x in out.splitlines() if x.startswith("stopped: "))
@@ -81,7 +81,7 @@ def _stop_and_check(proc: subprocess.Popen, dump: Path) -> int:
     assert f"saved checkpoint step-{step}; run the same command again" in line
     newest = list_steps(dump / "checkpoint")[-1]
     assert newest.step == step and newest.complete and verify(newest.path) is None
-    return step
+    return step, out
 
 
 @pytest.mark.slow
@@ -95,12 +95,17 @@ def test_signal_saves_the_step_and_the_rerun_is_exact(how, tmp_path, synthetic_d
         os.kill(proc.pid, signal.SIGUSR1)
     else:
         os.kill(proc.pid, signal.SIGTERM)  # the agent forwards it, as scancel/srun would
-        for pid in workers if how == "sigterm_twice" else []:
-            for _ in range(3):  # while they finish the step and save (Slurm signals them too)
-                time.sleep(0.05)
-                os.kill(pid, signal.SIGTERM)
-    step = _stop_and_check(proc, tmp_path)
+        deadline = time.monotonic() + 120
+        # more, to the workers directly (as Slurm signals them too), until they have ended:
+        # some land while they finish the step and while they save
+        while how == "sigterm_twice" and proc.poll() is None and time.monotonic() < deadline:
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):  # (already ended)
+                    os.kill(pid, signal.SIGTERM)
+            time.sleep(0.01)
+    step, out = _stop_and_check(proc, tmp_path)
     assert 13 <= step < STEPS
+    assert ("SIGTERM received again" in out) == (how == "sigterm_twice"), out[-3000:]
     result = run_train(_args(tmp_path, synthetic_dir), nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resumed from {tmp_path / 'checkpoint' / f'step-{step}'}" in result.stdout
