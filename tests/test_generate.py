@@ -6,7 +6,7 @@ randomly initialized debug model saved as a training step and exported to HF:
 - separators open every time bin and are never drawn elsewhere (even when the model
   prefers them); top_k = 1 and a tiny top_p are greedy, top_k keeps exactly k counts when
   logits tie, and no temperature is too small; a seed repeats its sample and another seed
-  does not;
+  does not, and sample i is the same whatever the number of samples beside it;
 - the .npz holds the row's prompt and real continuation (clipped to 254 as the model saw
   them), and each sample fed back through the Neural Pile schema and `tokenize_row` gives
   the generated tokens;
@@ -37,7 +37,13 @@ from titan.data.tokenizer import SEPARATOR, arrow_row_matrix, tokenize_row
 from titan.generate import main, read_row
 from titan.inference import load_model
 from titan.models.llama import KVCache, Transformer, build_model_args
-from titan.sampling import Sampling, generate_tokens, sample_counts, tokens_to_counts
+from titan.sampling import (
+    Sampling,
+    generate_tokens,
+    sample_counts,
+    sample_generators,
+    tokens_to_counts,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 TRAINED_SEQ_LEN = 64
@@ -106,9 +112,7 @@ def test_cached_generation_equals_full_recompute(model, files):
 
 def test_separators_every_bin_and_nowhere_else(model):
     n, bins = 6, 5
-    tokens = generate_tokens(
-        model, _prompt(np.zeros((n, 0))), n, bins, 3, Sampling(2.0), torch.Generator()
-    )
+    tokens = generate_tokens(model, _prompt(np.zeros((n, 0))), n, bins, 3, Sampling(2.0), seed=0)
     is_sep = (tokens == SEPARATOR).numpy()
     assert is_sep.shape == (3, bins * (n + 1))
     assert (is_sep == (np.arange(bins * (n + 1)) % (n + 1) == 0)).all()
@@ -116,7 +120,7 @@ def test_separators_every_bin_and_nowhere_else(model):
     logits = torch.zeros(64, 300)
     logits[:, SEPARATOR] = logits[:, 280] = 1e4
     for sampling in (GREEDY, Sampling(1.0), Sampling(1.0, top_k=5), Sampling(1.0, top_p=0.5)):
-        drawn = sample_counts(logits, sampling, torch.Generator().manual_seed(0))
+        drawn = sample_counts(logits, sampling, sample_generators(0, 64, torch.device("cpu")))
         assert drawn.max() < SEPARATOR, sampling
 
 
@@ -124,15 +128,15 @@ def test_ties_and_tiny_temperatures():
     # bf16 logits often tie: top_k keeps exactly k counts, and top_k = 1 is greedy
     logits = torch.full((2000, 256), -5.0)
     logits[:, [7, 9, 11]] = 3.0
-    generator = torch.Generator().manual_seed(0)
-    assert set(sample_counts(logits, Sampling(1.0, top_k=2), generator).tolist()) <= {7, 9, 11}
-    assert len(set(sample_counts(logits, Sampling(1.0, top_k=2), generator).tolist())) == 2
+    generators = sample_generators(0, 2000, torch.device("cpu"))
+    assert set(sample_counts(logits, Sampling(1.0, top_k=2), generators).tolist()) <= {7, 9, 11}
+    assert len(set(sample_counts(logits, Sampling(1.0, top_k=2), generators).tolist())) == 2
     greedy = sample_counts(logits, GREEDY, None)
-    assert torch.equal(sample_counts(logits, Sampling(1.0, top_k=1), generator), greedy)
+    assert torch.equal(sample_counts(logits, Sampling(1.0, top_k=1), generators), greedy)
     # however small the temperature, only the most likely counts are drawn (no NaN)
     # 1e-30 is divided by; the rest are below float32's smallest normal: greedy
     for temperature in (1e-30, 1e-39, 1e-45, 1e-46, 1e-300):
-        drawn = sample_counts(logits, Sampling(temperature), generator)
+        drawn = sample_counts(logits, Sampling(temperature), generators)
         assert set(drawn.tolist()) <= {7, 9, 11}
 
 
@@ -140,12 +144,17 @@ def test_seeds_and_truncation(model):
     n, bins = 5, 6
     prompt = _prompt(np.zeros((n, 0)))
 
-    def sample(seed: int, sampling: Sampling = PLAIN) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(seed)
-        return generate_tokens(model, prompt, n, bins, 2, sampling, generator)
+    def sample(seed: int, sampling: Sampling = PLAIN, num_samples: int = 2) -> torch.Tensor:
+        return generate_tokens(model, prompt, n, bins, num_samples, sampling, seed)
 
     assert torch.equal(sample(0), sample(0))
     assert not torch.equal(sample(0), sample(1))
+    # sample i is drawn from (seed, i) alone: the same beside more samples or none, and
+    # no sample of one seed is another seed's (as seed + i would make them)
+    four = sample(3, num_samples=4)
+    assert torch.equal(four[:2], sample(3)) and torch.equal(four[:1], sample(3, num_samples=1))
+    assert not any(torch.equal(a, b) for a in four for b in sample(4, num_samples=4))
+    assert torch.equal(sample(-1), sample(2**64 - 1))  # a negative seed is its 64-bit pattern
     greedy = generate_tokens(model, prompt, n, bins, 2, GREEDY)
     assert torch.equal(sample(0, Sampling(1.0, top_k=1)), greedy)
     assert torch.equal(sample(1, Sampling(1.0, top_p=1e-6)), greedy)
@@ -173,8 +182,7 @@ def test_npz_round_trips_to_the_neural_pile_schema(model, files, tmp_path, capsy
     assert meta["sampling"] == {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
 
     # The same sampling here gives the tokens that the saved rows tokenize back to.
-    generator = torch.Generator().manual_seed(7)
-    tokens = generate_tokens(model, _prompt(prompt), n, 8, 2, Sampling(1.0), generator).numpy()
+    tokens = generate_tokens(model, _prompt(prompt), n, 8, 2, Sampling(1.0), 7).numpy()
     assert np.array_equal(tokens_to_counts(tokens[:, 5 * (n + 1) :], n), generated)
     rows = [np.concatenate([prompt, g], axis=1) for g in generated]  # (neurons, 13) each
     spikes = pa.array([r.tolist() for r in rows], pa.list_(pa.list_(pa.uint8())))

@@ -162,7 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1)")
     s.add_argument("--top_k", type=int, default=0, help="keep the k likeliest counts (0 = all)")
     s.add_argument("--top_p", type=float, default=1.0, help="nucleus mass in (0, 1] (default 1)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the sampler (default 0)")
+    s.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="sample i is drawn from (seed, i) alone, the same whatever --num_samples (default 0)",
+    )
     r = p.add_argument_group("model and runtime")
     r.add_argument(
         "--flavor",
@@ -300,7 +305,6 @@ def generate(opts: argparse.Namespace) -> dict[str, Any]:
 
     sampling = Sampling(opts.temperature, opts.top_k, opts.top_p)
     prompt_tokens = np.concatenate([tokenize_row(prompt), [SEPARATOR]])
-    generator = torch.Generator(device=device).manual_seed(opts.seed)
     start = time.perf_counter()
     try:
         tokens = generate_tokens(
@@ -310,7 +314,7 @@ def generate(opts: argparse.Namespace) -> dict[str, Any]:
             opts.bins,
             opts.num_samples,
             sampling,
-            generator,
+            opts.seed,
         )
     except RuntimeError as e:
         if "probability tensor contains" not in str(e):

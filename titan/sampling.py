@@ -28,11 +28,25 @@ class Sampling:
     """Keep the smallest set of most likely counts whose probability reaches top_p."""
 
 
+def sample_generators(seed: int, num_samples: int, device: torch.device) -> list[torch.Generator]:
+    """One generator per sample, sample i's seeded from (seed, i) alone: a sample is the
+    same whatever the number of samples drawn beside it, and no sample of one seed repeats
+    a sample of another (each seed is an independent stream, not seed + i)."""
+    entropy = seed % 2**64  # the command takes any 64-bit seed, negative ones included
+    return [
+        torch.Generator(device=device).manual_seed(
+            int(np.random.SeedSequence(entropy, spawn_key=(i,)).generate_state(1, np.uint64)[0])
+        )
+        for i in range(num_samples)
+    ]
+
+
 def sample_counts(
-    logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None
+    logits: torch.Tensor, sampling: Sampling, generators: list[torch.Generator] | None
 ) -> torch.Tensor:
-    """The next count token (batch,) in 0..254 from logits (batch, vocab): the separator
-    (and any token above it) is never drawn."""
+    """The next count token (batch,) in 0..254 from logits (batch, vocab), row i drawn with
+    `generators[i]` (None: torch's global generator): the separator (and any token above
+    it) is never drawn."""
     logits = logits[:, :SEPARATOR].float()  # (batch, 255): counts only
     # below float32's smallest normal number (where GPUs may flush it to 0) is greedy
     if sampling.temperature < torch.finfo(torch.float32).tiny or sampling.top_k == 1:
@@ -49,8 +63,11 @@ def sample_counts(
         # drop a count once the more likely ones already reach top_p (the first always stays)
         ordered = ordered.masked_fill(probs.cumsum(dim=-1) - probs >= sampling.top_p, -torch.inf)
         logits = torch.empty_like(logits).scatter_(-1, order, ordered)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (batch,)
+    probs = logits.softmax(dim=-1)  # (batch, 255)
+    if generators is None:
+        return torch.multinomial(probs, 1)[:, 0]  # (batch,)
+    drawn = [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators, strict=True)]
+    return torch.cat(drawn)  # (batch,)
 
 
 @torch.inference_mode()
@@ -61,13 +78,14 @@ def generate_tokens(
     n_bins: int,
     num_samples: int,
     sampling: Sampling,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
     use_cache: bool = True,
 ) -> torch.Tensor:
     """Tokens (num_samples, prompt_bins * (n_neurons + 1) + n_bins * (n_neurons + 1)): the
-    prompt, then `n_bins` sampled time bins. `prompt` (1-D) is whole time bins followed by
-    the separator that opens the first generated bin. Without `use_cache`, every step
-    recomputes the whole sequence (the reference the cached path is tested against)."""
+    prompt, then `n_bins` sampled time bins, sample i drawn from (seed, i) alone (see
+    `sample_generators`). `prompt` (1-D) is whole time bins followed by the separator that
+    opens the first generated bin. Without `use_cache`, every step recomputes the whole
+    sequence (the reference the cached path is tested against)."""
     period = n_neurons + 1
     start = prompt.numel()
     assert start % period == 1, "the prompt must be whole time bins plus one separator"
@@ -75,6 +93,7 @@ def generate_tokens(
     device = model.tok_embeddings.weight.device
     tokens = torch.empty(num_samples, total, dtype=torch.long, device=device)
     tokens[:, :start] = prompt.to(device)
+    generators = sample_generators(seed, num_samples, device)
     cache = None
     if use_cache:
         cache = KVCache(model.args, num_samples, total, device, model.tok_embeddings.weight.dtype)
@@ -88,7 +107,7 @@ def generate_tokens(
         if pos % period == 0:
             tokens[:, pos] = SEPARATOR  # every time bin opens with the separator
         else:
-            tokens[:, pos] = sample_counts(logits, sampling, generator)
+            tokens[:, pos] = sample_counts(logits, sampling, generators)
         if pos + 1 < total:
             if use_cache:
                 logits = model(tokens[:, pos : pos + 1], cache, pos)[:, -1]

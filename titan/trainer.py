@@ -231,7 +231,7 @@ def validate(run: Run) -> None:
 def log_memory(run: Run) -> None:
     """The plan's estimate beside the measured peak, once the first step has run."""
     measured = peak_memory_gib(run.device)
-    what = "peak allocated" if run.device.type == "cuda" else "peak RSS (with Python itself)"
+    what = "peak allocated" if run.device.type == "cuda" else "peak RSS, Python itself included"
     logger.info(
         f"Memory after the first step: {measured:.2f} GiB measured ({what}), "
         f"{gib(run.memory.total)} planned ({run.memory.policy_summary()})"
