@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections import defaultdict
 from itertools import pairwise
 
@@ -320,3 +321,30 @@ def test_state_checks(data_dir):
         build_dataloader(make_cfg(data_dir, "stream"), 0, 2).load_state_dict(state)
     with pytest.raises(ValueError):
         build_dataloader(cfg, 2, 2)
+
+
+def test_a_position_carried_to_other_data_of_the_same_shape_is_logged(data_dir, tmp_path, caplog):
+    """A moved dataset folder (or other data with as many rows) passes the state check,
+    and the run says that it continues at the saved position."""
+    cfg = make_cfg(data_dir, "map")
+    first = build_dataloader(cfg, 0, 1)
+    take(first, 3)
+    state = json.loads(json.dumps(first.state_dict()))
+    expected = next(first)[0]
+    first.close()
+    moved = tmp_path / "moved"
+    shutil.copytree(data_dir, moved)
+    caplog.set_level(logging.WARNING, logger="titan")
+    for state_, path, warned in [
+        (state, data_dir, False),
+        ({k: v for k, v in state.items() if k != "source"}, str(moved), False),  # older state
+        (state, str(moved), True),
+    ]:
+        caplog.clear()
+        loader = restored(make_cfg(path, "map"), state_, 0, 1)
+        assert torch.equal(next(loader)[0], expected)  # the same position either way
+        loader.close()
+        lines = [r.getMessage() for r in caplog.records]
+        assert any("the saved loader position was reading" in x for x in lines) == warned, lines
+        if warned:
+            assert str(data_dir) in lines[0] and str(moved) in lines[0] and "\n" not in lines[0]

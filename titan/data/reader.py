@@ -180,6 +180,7 @@ class RowReader:
         return {
             "version": STATE_VERSION,
             "fingerprint": self.fingerprint,
+            "source": self.label,
             "dp_rank": self.dp_rank,
             "dp_world": self.dp_world,
             **pos.to_state(),
@@ -242,6 +243,16 @@ class RowReader:
                     f"[{self.fingerprint}]; set checkpoint.exclude_from_loading = ['dataloader'] "
                     "to restart the data from the beginning"
                 )
+        # The same shape of data under another name (a moved folder, or other data with as
+        # many rows): the position carries over, but say so (states before this key: silent).
+        others = sorted({s["source"] for s in states if s.get("source", self.label) != self.label})
+        if others and self.dp_rank == 0:
+            logger.warning(
+                f"data: the saved loader position was reading {', '.join(others)}; this run "
+                f"reads {self.label}, which matches it in size, split, seed and shuffle: "
+                "continuing at that position; set checkpoint.exclude_from_loading = ['dataloader'] to "
+                "start the data from the beginning instead"
+            )
         worlds = {s["dp_world"] for s in states}
         if len(states) > 1 and (
             worlds != {len(states)} or [s["dp_rank"] for s in states] != list(range(len(states)))
