@@ -45,6 +45,7 @@ import copy
 import queue
 import threading
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -281,6 +282,7 @@ def build_dataloader(
     reader = RowReader(
         units,
         label=label,
+        source=src.location if src.kind == "hub" else str(Path(src.location).resolve()),
         fingerprint=fingerprint,
         seed=t.seed,
         shuffle=d.shuffle,

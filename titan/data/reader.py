@@ -142,6 +142,7 @@ class RowReader:
         units: MapUnits | StreamUnits,
         *,
         label: str,
+        source: str,
         fingerprint: str,
         seed: int,
         shuffle: bool,
@@ -152,6 +153,8 @@ class RowReader:
         if not 0 <= dp_rank < dp_world:
             raise ValueError(f"dp_rank = {dp_rank}, dp_world = {dp_world}: need 0 <= rank < world")
         self.units, self.label, self.fingerprint = units, label, fingerprint
+        self.source = source
+        """Where the rows come from (a Hub id or a resolved path), saved with the position."""
         self.seed, self.shuffle, self.infinite = seed, shuffle, infinite
         self.dp_rank, self.dp_world = dp_rank, dp_world
         n = units.num_units
@@ -180,7 +183,7 @@ class RowReader:
         return {
             "version": STATE_VERSION,
             "fingerprint": self.fingerprint,
-            "source": self.label,
+            "source": self.source,
             "dp_rank": self.dp_rank,
             "dp_world": self.dp_world,
             **pos.to_state(),
@@ -243,15 +246,17 @@ class RowReader:
                     f"[{self.fingerprint}]; set checkpoint.exclude_from_loading = ['dataloader'] "
                     "to restart the data from the beginning"
                 )
-        # The same shape of data under another name (a moved folder, or other data with as
-        # many rows): the position carries over, but say so (states before this key: silent).
-        others = sorted({s["source"] for s in states if s.get("source", self.label) != self.label})
+        # Data of the same fingerprint elsewhere (a moved folder, or other data with as many
+        # units): the position carries over, but say so (states before this key: silent).
+        others = sorted(
+            {s["source"] for s in states if s.get("source", self.source) != self.source}
+        )
         if others and self.dp_rank == 0:
             logger.warning(
                 f"data: the saved loader position was reading {', '.join(others)}; this run "
-                f"reads {self.label}, which matches it in size, split, seed and shuffle: "
-                "continuing at that position; set checkpoint.exclude_from_loading = ['dataloader'] to "
-                "start the data from the beginning instead"
+                f"reads {self.source}, whose fingerprint [{self.fingerprint}] matches: "
+                "continuing at that position; set checkpoint.exclude_from_loading = "
+                "['dataloader'] to start the data from the beginning instead"
             )
         worlds = {s["dp_world"] for s in states}
         if len(states) > 1 and (
