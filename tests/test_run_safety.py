@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -71,6 +72,15 @@ def _launch(dump: Path, data: Path, *extra: str) -> subprocess.Popen:
     return launch_train(_args(dump, data, *extra), launcher="titan.launch")
 
 
+def _running(pid: int) -> bool:
+    """Whether `pid` runs still (not ended, not a zombie waiting for its parent)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def _stop_and_check(proc: subprocess.Popen, dump: Path) -> tuple[int, str]:
     """After the signals: exit 75, and the newest step is complete, verified, and the one
     the run stopped at; returns (that step, the run's output)."""
@@ -95,16 +105,21 @@ def test_signal_saves_the_step_and_the_rerun_is_exact(how, tmp_path, synthetic_d
         os.kill(proc.pid, signal.SIGUSR1)
     else:
         os.kill(proc.pid, signal.SIGTERM)  # the agent forwards it, as scancel/srun would
-        deadline = time.monotonic() + 120
-        # more, to the workers directly (as Slurm signals them too), until they have ended:
-        # some land while they finish the step and while they save
-        while how == "sigterm_twice" and proc.poll() is None and time.monotonic() < deadline:
-            for pid in workers:
-                with contextlib.suppress(ProcessLookupError):  # (already ended)
+        # more, to the workers directly (as Slurm signals them too), every 50 ms for 3 s or
+        # until they end: some land while they finish the step and while they save (a few
+        # dozen log lines; nothing reads the run's output pipe until it ends)
+        deadline = time.monotonic() + 3
+        while how == "sigterm_twice" and time.monotonic() < deadline:
+            live = [pid for pid in workers if _running(pid)]
+            if not live:
+                break
+            for pid in live:
+                with contextlib.suppress(ProcessLookupError):  # ended since
                     os.kill(pid, signal.SIGTERM)
-            time.sleep(0.01)
+            time.sleep(0.05)
     step, out = _stop_and_check(proc, tmp_path)
     assert 13 <= step < STEPS
+    assert "received: finishing this step, then saving and stopping" in out, out[-3000:]
     assert ("SIGTERM received again" in out) == (how == "sigterm_twice"), out[-3000:]
     result = run_train(_args(tmp_path, synthetic_dir), nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -182,14 +197,43 @@ def test_a_signal_during_set_up_ends_with_75_and_nothing_saved(
     if checkpointing:
         assert returncode == 75, out[-3000:]
         assert "stopped: SIGUSR1 during set-up, before step 1: nothing new to save" in out, out
-        assert "SIGUSR1 received: finishing this step, then saving and stopping" in out
+        assert "SIGUSR1 received: stopping once set-up is done, with nothing new to save" in out
     else:
         assert returncode == 6, out[-3000:]
         assert "stopped: SIGUSR1 during set-up: checkpointing is off (checkpoint." in out, out
         assert "nothing was saved and a rerun starts at step 1" in out
-        assert "then stopping (checkpointing is off)" in out and "saving" not in out, out
+        assert "SIGUSR1 received: stopping once set-up is done, with nothing new" in out
     assert "SIGTERM received again" in out
     assert not list((tmp_path / "checkpoint").glob("step-*")) and logged_step(tmp_path) == 0
+
+
+@pytest.mark.parametrize("saving", [True, False])
+def test_signal_lines_say_what_follows(saving, caplog):
+    """The line a stop signal logs promises what the run will do: during set-up, nothing
+    new to save; in the loop, the step then a save, or no save with checkpointing off."""
+    from titan.lifecycle import StopSignals
+
+    caplog.set_level(logging.WARNING, logger="titan")
+    before = signal.getsignal(signal.SIGUSR1)
+    with StopSignals(["SIGUSR1"], saving) as stop:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.received == "SIGUSR1"
+        stop.setting_up = False
+        os.kill(os.getpid(), signal.SIGUSR1)
+    loop = "then saving and stopping" if saving else "then stopping (checkpointing is off)"
+    assert [r.getMessage() for r in caplog.records] == [
+        "SIGUSR1 received: stopping once set-up is done, with nothing new to save",
+        "SIGUSR1 received again: the run is already stopping (ignored)",
+    ]
+    caplog.clear()
+    with StopSignals(["SIGUSR1"], saving) as stop:
+        stop.setting_up = False
+        os.kill(os.getpid(), signal.SIGUSR1)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"SIGUSR1 received: finishing this step, {loop}"
+    ]
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN  # ignored until the process ends
+    signal.signal(signal.SIGUSR1, before)
 
 
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path, synthetic_dir):

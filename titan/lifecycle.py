@@ -49,7 +49,9 @@ class StopSignals:
 
     def __init__(self, names: list[str], saving: bool = True) -> None:
         self.signals = [getattr(signal, n) for n in names]
-        self.ending = "saving and stopping" if saving else "stopping (checkpointing is off)"
+        self.saving = saving
+        self.setting_up = True
+        """Until the training loop starts: no step is in progress and nothing new to save."""
         self.received: str | None = None
         self._previous: dict[int, Any] = {}
 
@@ -57,7 +59,13 @@ class StopSignals:
         name = signal.Signals(signum).name
         if self.received is None:
             self.received = name
-            logger.warning(f"{name} received: finishing this step, then {self.ending}")
+            if self.setting_up:
+                ending = "stopping once set-up is done, with nothing new to save"
+            elif self.saving:
+                ending = "finishing this step, then saving and stopping"
+            else:
+                ending = "finishing this step, then stopping (checkpointing is off)"
+            logger.warning(f"{name} received: {ending}")
         else:
             logger.warning(f"{name} received again: the run is already stopping (ignored)")
 

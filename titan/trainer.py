@@ -257,6 +257,7 @@ def setup_and_train(cfg: JobConfig) -> None:
                 f"{when}, before step {step + 1}: nothing new to save; run the same command "
                 "again to continue"
             )
+        stop.setting_up = False
         train(run, stop)
 
 
