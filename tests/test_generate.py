@@ -16,6 +16,7 @@ randomly initialized debug model saved as a training step and exported to HF:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -38,6 +39,8 @@ from titan.generate import main, read_row
 from titan.inference import load_model
 from titan.models.llama import KVCache, Transformer, build_model_args
 from titan.sampling import (
+    NonFiniteLogits,
+    RaceNoise,
     Sampling,
     generate_tokens,
     sample_counts,
@@ -90,6 +93,39 @@ def _prompt(counts: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([tokenize_row(counts), [SEPARATOR]]).astype(np.int64))
 
 
+def _noise(rows: int) -> torch.Tensor:
+    """One token's sampling noise for `rows` samples."""
+    cpu = torch.device("cpu")
+    return RaceNoise(sample_generators(0, rows, cpu), cpu, block=1).next()
+
+
+def test_counts_are_drawn_with_the_models_probabilities():
+    """The exponential race draws each count with its probability (after temperature,
+    top-k and top-p), over 40,000 draws; a diverged model's NaN logits stop generation."""
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = torch.full((40_000, 256), -1e9)
+    logits[:, [3, 0, 254, 100]] = p.log()
+    for sampling, expected in [
+        (Sampling(1.0), p),
+        (Sampling(2.0), p.sqrt() / p.sqrt().sum()),
+        (Sampling(1.0, top_k=2), torch.tensor([0.5, 0.3, 0, 0]) / 0.8),
+        (Sampling(1.0, top_p=0.85), torch.tensor([0.5, 0.3, 0.15, 0]) / 0.95),
+    ]:
+        drawn = sample_counts(logits, sampling, _noise(40_000))
+        freq = torch.stack([(drawn == c).float().mean() for c in (3, 0, 254, 100)])
+        assert torch.allclose(freq, expected, atol=0.012), (sampling, freq, expected)
+        assert set(drawn.tolist()) <= {3, 0, 254, 100}
+
+
+def test_non_finite_logits_stop_generation(model):
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.output.weight[5, 0] = torch.nan
+    for sampling in (GREEDY, PLAIN):
+        with pytest.raises(NonFiniteLogits):
+            generate_tokens(broken, _prompt(np.zeros((4, 0))), 4, 3, 2, sampling)
+
+
 def test_kv_cache_forward_equals_full_forward(model):
     tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
     cache = KVCache(model.args, batch=2, max_len=40)
@@ -120,7 +156,7 @@ def test_separators_every_bin_and_nowhere_else(model):
     logits = torch.zeros(64, 300)
     logits[:, SEPARATOR] = logits[:, 280] = 1e4
     for sampling in (GREEDY, Sampling(1.0), Sampling(1.0, top_k=5), Sampling(1.0, top_p=0.5)):
-        drawn = sample_counts(logits, sampling, sample_generators(0, 64, torch.device("cpu")))
+        drawn = sample_counts(logits, sampling, _noise(64))
         assert drawn.max() < SEPARATOR, sampling
 
 
@@ -128,15 +164,14 @@ def test_ties_and_tiny_temperatures():
     # bf16 logits often tie: top_k keeps exactly k counts, and top_k = 1 is greedy
     logits = torch.full((2000, 256), -5.0)
     logits[:, [7, 9, 11]] = 3.0
-    generators = sample_generators(0, 2000, torch.device("cpu"))
-    assert set(sample_counts(logits, Sampling(1.0, top_k=2), generators).tolist()) <= {7, 9, 11}
-    assert len(set(sample_counts(logits, Sampling(1.0, top_k=2), generators).tolist())) == 2
+    top2 = sample_counts(logits, Sampling(1.0, top_k=2), _noise(2000)).tolist()
+    assert set(top2) <= {7, 9, 11} and len(set(top2)) == 2
     greedy = sample_counts(logits, GREEDY, None)
-    assert torch.equal(sample_counts(logits, Sampling(1.0, top_k=1), generators), greedy)
+    assert torch.equal(sample_counts(logits, Sampling(1.0, top_k=1), None), greedy)
     # however small the temperature, only the most likely counts are drawn (no NaN)
     # 1e-30 is divided by; the rest are below float32's smallest normal: greedy
     for temperature in (1e-30, 1e-39, 1e-45, 1e-46, 1e-300):
-        drawn = sample_counts(logits, Sampling(temperature), generators)
+        drawn = sample_counts(logits, Sampling(temperature), _noise(2000))
         assert set(drawn.tolist()) <= {7, 9, 11}
 
 
@@ -149,8 +184,9 @@ def test_seeds_and_truncation(model):
 
     assert torch.equal(sample(0), sample(0))
     assert not torch.equal(sample(0), sample(1))
-    # sample i is drawn from (seed, i) alone: the same beside more samples or none, and
-    # no sample of one seed is another seed's (as seed + i would make them)
+    # sample i's draws come from (seed, i) alone: the same beside more samples or none (in
+    # float32 on CPU, batching changes no draw of this tiny model), and no sample of one
+    # seed is another seed's (as seed + i would make them)
     four = sample(3, num_samples=4)
     assert torch.equal(four[:2], sample(3)) and torch.equal(four[:1], sample(3, num_samples=1))
     assert not any(torch.equal(a, b) for a in four for b in sample(4, num_samples=4))

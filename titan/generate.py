@@ -53,7 +53,7 @@ from titan.inference import GenerateError, load_model
 from titan.logging import init_logger, logger
 from titan.models.llama import FLAVORS
 from titan.plot import plot_samples, samples_title
-from titan.sampling import Sampling, generate_tokens, tokens_to_counts
+from titan.sampling import NonFiniteLogits, Sampling, generate_tokens, tokens_to_counts
 
 ID_COLUMNS = ("subject_id", "session_id", "segment_id", "source_dataset")
 """String columns of a Neural Pile row, copied into the metadata."""
@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed",
         type=int,
         default=0,
-        help="sample i is drawn from (seed, i) alone, the same whatever --num_samples (default 0)",
+        help="sample i's random draws come from (seed, i) alone, whatever --num_samples "
+        "(default 0)",
     )
     r = p.add_argument_group("model and runtime")
     r.add_argument(
@@ -316,12 +317,10 @@ def generate(opts: argparse.Namespace) -> dict[str, Any]:
             sampling,
             opts.seed,
         )
-    except RuntimeError as e:
-        if "probability tensor contains" not in str(e):
-            raise
+    except NonFiniteLogits:
         raise GenerateError(
-            f"{opts.checkpoint}: the model's next-count probabilities are not finite (NaN or "
-            "inf logits: a diverged checkpoint?); use an earlier step"
+            f"{opts.checkpoint}: the model's logits are NaN or infinite (a diverged "
+            "checkpoint?); use an earlier step"
         ) from None
     seconds = time.perf_counter() - start
     new_tokens = opts.num_samples * (total - prompt_tokens.size + 1)
@@ -345,6 +344,8 @@ def generate(opts: argparse.Namespace) -> dict[str, Any]:
         "num_samples": opts.num_samples,
         "sampling": dataclasses.asdict(sampling),
         "seed": opts.seed,
+        "seeding": "sample i: a torch generator seeded with numpy SeedSequence(seed mod 2**64, "
+        "spawn_key=(i,)).generate_state(1, uint64); each count = argmax(p / Exp(1) noise)",
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "seconds": round(seconds, 3),

@@ -27,11 +27,22 @@ class Sampling:
     top_p: float = 1.0
     """Keep the smallest set of most likely counts whose probability reaches top_p."""
 
+    @property
+    def greedy(self) -> bool:
+        """Always the most likely count: temperature 0 (or below float32's smallest normal
+        number, which GPUs may flush to 0) or top_k = 1."""
+        return self.temperature < torch.finfo(torch.float32).tiny or self.top_k == 1
+
+
+class NonFiniteLogits(RuntimeError):
+    """The model gave NaN or infinite logits (a diverged checkpoint?)."""
+
 
 def sample_generators(seed: int, num_samples: int, device: torch.device) -> list[torch.Generator]:
-    """One generator per sample, sample i's seeded from (seed, i) alone: a sample is the
-    same whatever the number of samples drawn beside it, and no sample of one seed repeats
-    a sample of another (each seed is an independent stream, not seed + i)."""
+    """One generator per sample, sample i's seeded from (seed, i) alone through numpy's
+    `SeedSequence`: independent streams that do not depend on how many samples are drawn
+    beside it (not seed + i, which would make seed 1's sample 0 seed 0's sample 1). A CPU
+    generator keeps 32 bits of its seed, a CUDA one all 64."""
     entropy = seed % 2**64  # the command takes any 64-bit seed, negative ones included
     return [
         torch.Generator(device=device).manual_seed(
@@ -41,16 +52,41 @@ def sample_generators(seed: int, num_samples: int, device: torch.device) -> list
     ]
 
 
+class RaceNoise:
+    """Exp(1) noise per sample and count, each sample's from its own generator, drawn
+    `block` tokens at a time: one call per sample per block, not per token."""
+
+    def __init__(self, generators: list[torch.Generator], device: torch.device, block: int = 256):
+        self.generators, self.device, self.block = generators, device, block
+        self.noise = torch.empty(0)
+        self.used = block
+
+    def next(self) -> torch.Tensor:
+        """The next token's noise (samples, 255)."""
+        if self.used == self.block:
+            draws = [
+                torch.empty(self.block, SEPARATOR, device=self.device).exponential_(generator=g)
+                for g in self.generators
+            ]
+            # never 0: p / 0 would be inf for a count of probability p > 0, NaN for p = 0
+            self.noise = torch.stack(draws).clamp_min_(torch.finfo(torch.float32).tiny)
+            self.used = 0
+        self.used += 1
+        return self.noise[:, self.used - 1]  # (samples, 255)
+
+
 def sample_counts(
-    logits: torch.Tensor, sampling: Sampling, generators: list[torch.Generator] | None
+    logits: torch.Tensor, sampling: Sampling, noise: torch.Tensor | None
 ) -> torch.Tensor:
-    """The next count token (batch,) in 0..254 from logits (batch, vocab), row i drawn with
-    `generators[i]` (None: torch's global generator): the separator (and any token above
-    it) is never drawn."""
+    """The next count token (batch,) in 0..254 from logits (batch, vocab): the separator
+    (and any token above it) is never drawn. Unless greedy, count c is drawn with
+    probability p_c as argmax_c p_c / E_c over `noise` E (batch, 255) of independent Exp(1)
+    draws (the first of independent exponential clocks of rates p_c to ring): an exact
+    draw, in one batched operation whatever the number of samples."""
     logits = logits[:, :SEPARATOR].float()  # (batch, 255): counts only
-    # below float32's smallest normal number (where GPUs may flush it to 0) is greedy
-    if sampling.temperature < torch.finfo(torch.float32).tiny or sampling.top_k == 1:
+    if sampling.greedy:
         return logits.argmax(dim=-1)
+    assert noise is not None, "sampling needs noise (RaceNoise.next())"
     # the most likely count at 0, so no temperature, however small, overflows to inf/NaN
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / sampling.temperature
     if 0 < sampling.top_k < logits.shape[-1]:
@@ -63,11 +99,8 @@ def sample_counts(
         # drop a count once the more likely ones already reach top_p (the first always stays)
         ordered = ordered.masked_fill(probs.cumsum(dim=-1) - probs >= sampling.top_p, -torch.inf)
         logits = torch.empty_like(logits).scatter_(-1, order, ordered)
-    probs = logits.softmax(dim=-1)  # (batch, 255)
-    if generators is None:
-        return torch.multinomial(probs, 1)[:, 0]  # (batch,)
-    drawn = [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators, strict=True)]
-    return torch.cat(drawn)  # (batch,)
+    probs = logits.softmax(dim=-1)  # (batch, 255); a dropped count has 0 and is never drawn
+    return (probs / noise).argmax(dim=-1)  # (batch,)
 
 
 @torch.inference_mode()
@@ -82,10 +115,11 @@ def generate_tokens(
     use_cache: bool = True,
 ) -> torch.Tensor:
     """Tokens (num_samples, prompt_bins * (n_neurons + 1) + n_bins * (n_neurons + 1)): the
-    prompt, then `n_bins` sampled time bins, sample i drawn from (seed, i) alone (see
-    `sample_generators`). `prompt` (1-D) is whole time bins followed by the separator that
-    opens the first generated bin. Without `use_cache`, every step recomputes the whole
-    sequence (the reference the cached path is tested against)."""
+    prompt, then `n_bins` sampled time bins, sample i drawing its noise from (seed, i)
+    alone (see `sample_generators`). `prompt` (1-D) is whole time bins followed by the
+    separator that opens the first generated bin. Without `use_cache`, every step
+    recomputes the whole sequence (the reference the cached path is tested against).
+    NonFiniteLogits when the model's logits are NaN or infinite (checked once per bin)."""
     period = n_neurons + 1
     start = prompt.numel()
     assert start % period == 1, "the prompt must be whole time bins plus one separator"
@@ -93,7 +127,7 @@ def generate_tokens(
     device = model.tok_embeddings.weight.device
     tokens = torch.empty(num_samples, total, dtype=torch.long, device=device)
     tokens[:, :start] = prompt.to(device)
-    generators = sample_generators(seed, num_samples, device)
+    noise = RaceNoise(sample_generators(seed, num_samples, device), device)
     cache = None
     if use_cache:
         cache = KVCache(model.args, num_samples, total, device, model.tok_embeddings.weight.dtype)
@@ -103,16 +137,23 @@ def generate_tokens(
         cache.share_first(start)
     else:
         logits = model(tokens[:, :start])[:, -1]  # (samples, vocab)
+    finite = torch.ones((), dtype=torch.bool, device=device)  # read once per bin: no sync
     for pos in range(start, total):
+        finite &= torch.isfinite(logits).all()
         if pos % period == 0:
+            if not finite:
+                raise NonFiniteLogits(f"NaN or infinite logits by position {pos}")
             tokens[:, pos] = SEPARATOR  # every time bin opens with the separator
         else:
-            tokens[:, pos] = sample_counts(logits, sampling, generators)
+            draws = None if sampling.greedy else noise.next()
+            tokens[:, pos] = sample_counts(logits, sampling, draws)
         if pos + 1 < total:
             if use_cache:
                 logits = model(tokens[:, pos : pos + 1], cache, pos)[:, -1]
             else:
                 logits = model(tokens[:, : pos + 1])[:, -1]
+    if not finite:
+        raise NonFiniteLogits("NaN or infinite logits in the last time bin")
     return tokens
 
 
