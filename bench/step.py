@@ -303,20 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="CPU, debug shapes, seconds")
     p.add_argument("--layers", type=int, default=4, help="8B-shaped layers (default 4)")
-    p.add_argument(
-        "--seqs", default="8192,32768,131072", help="sequence lengths (default %(default)s)"
-    )
-    p.add_argument(
-        "--policies",
-        default="none,attn,full,auto",
-        help="titan's AC policies, or N for every N-th block (default %(default)s)",
-    )
-    p.add_argument(
-        "--compile",
-        choices=["both", "on", "off"],
-        default="both",
-        help="eager, compiled or both (default)",
-    )
+    p.add_argument("--seqs", default="8192,32768,131072", help="sequence lengths (%(default)s)")
+    policies = "titan's AC policies, or N: every N-th block fully recomputed (%(default)s)"
+    p.add_argument("--policies", default="none,attn,full,auto", help=policies)
+    compiled = "eager (off), torch.compile (on) or each (both, the default)"
+    p.add_argument("--compile", choices=["both", "on", "off"], default="both", help=compiled)
     p.add_argument("--warmup", type=int, default=2, help="steps not timed (default 2)")
     p.add_argument("--steps", type=int, default=5, help="timed steps, median kept (default 5)")
     p.add_argument("--out", type=Path, default=None, help="results file (markdown)")
