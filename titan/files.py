@@ -44,6 +44,14 @@ def folder_problem(path: Path) -> str | None:
     return "not a directory" if path.exists() else "no such directory"
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path` if it exists, else its nearest ancestor that does (what decides whether it
+    can be created)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def output_problem(out: Path, suffix: str) -> str | None:
     """Why `out` cannot be written as a `suffix` file, as a phrase to follow "<out>: ",
     or None; for commands to check before any work."""
@@ -51,10 +59,10 @@ def output_problem(out: Path, suffix: str) -> str | None:
         return f"is a folder; name a {suffix} file"
     if out.suffix != suffix:
         return f"must end in {suffix}"
-    parent = next((p for p in out.absolute().parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
+    parent = nearest_existing(out.absolute().parent)
+    if not parent.is_dir():
         return f"cannot be written: {parent} is a file, not a folder"
-    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+    if not os.access(parent, os.W_OK | os.X_OK):
         return f"cannot be written: no write permission in {parent}"
     return None
 

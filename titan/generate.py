@@ -43,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from titan.cli import EXIT_INTERRUPTED
 from titan.config import ConfigError, JobConfig
 from titan.convert import DTYPES, ConvertError
 from titan.convert.common import first_line
@@ -375,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)
-        return 130
+        return EXIT_INTERRUPTED
     finally:
         torch.set_num_threads(threads)  # --threads is for this command, not its caller
     return 0

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from titan.checkpoint import MARKER
+from titan.checkpoint import MARKER, storage
 from titan.checkpoint.resume import integrity_problem
 from titan.convert import (
     HFSource,
@@ -109,8 +109,8 @@ def load_model(
         args, origin, trained = source.args, f"{path} (Hugging Face export)", None
         groups = ({name: source.load(name)} for name in param_shapes(args))
     else:
-        steps = sorted((p for p in path.glob("step-*") if p.is_dir()), key=_step_number)
-        hint = f"; it holds step directories: pass one, e.g. {steps[-1]}" if steps else ""
+        example = storage.example_step(path)
+        hint = f"; it holds step directories: pass one, e.g. {example}" if example else ""
         raise GenerateError(
             f"--checkpoint {path}: neither a DCP directory (.metadata) nor a Hugging Face "
             f"export (config.json){hint}"
@@ -131,11 +131,6 @@ def load_model(
             for name, tensor in group.items():
                 params[name].copy_(tensor)
     return LoadedModel(model.eval(), origin, trained)
-
-
-def _step_number(path: Path) -> int:
-    number = path.name.removeprefix("step-")
-    return int(number) if number.isdigit() else -1
 
 
 def _dcp_weights(

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-from titan.config import ConfigError, JobConfig
-from titan.config.sections import GPUS, gpu_gib
+from titan.config import JobConfig
+from titan.config.sections import gpu_gib
 from titan.distributed import ParallelDims
 from titan.models.llama import (
     ModelArgs,
@@ -55,12 +55,10 @@ GiB = 2**30
 
 
 def gpu_capacity(name: str) -> int:
-    """Bytes of a GPU named in `job.plan_for` (a GPUS key, or e.g. "75gib")."""
+    """Bytes of a GPU named in `job.plan_for` (a GPUS key, or e.g. "75gib": the config
+    check at load refuses any other name)."""
     size = gpu_gib(name)
-    if size is None:
-        raise ConfigError(
-            f"job.plan_for: unknown GPU {name!r}; use one of {', '.join(GPUS)} or a size like 80gib"
-        )
+    assert size is not None, f"job.plan_for {name!r} passed the config check"
     return int(size * GiB)
 
 
@@ -321,7 +319,7 @@ def _advice(
     # The global batch (sequences per optimizer step) stays: a smaller micro-batch that
     # divides it is made up by gradient accumulation.
     per_rank = dims.global_batch(cfg) // dims.dp_degree
-    batch = max((d for d in _divisors(per_rank) if d <= batch), default=0)
+    batch = next((d for d in range(batch, 0, -1) if per_rank % d == 0), 0)
     if batch:
         option = f"training.batch_size = {batch}"
         if t.global_batch_size == -1:  # keep the sequences per optimizer step
@@ -354,12 +352,6 @@ def _advice(
         else 'activation_checkpoint.mode = "auto" and '
     )
     return auto + " or ".join(options)
-
-
-def _divisors(n: int) -> list[int]:
-    """Every positive divisor of `n`, unordered."""
-    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
-    return small + [n // d for d in small]
 
 
 def refusal(cfg: JobConfig, plan: MemoryPlan, label: str) -> str:

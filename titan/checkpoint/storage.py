@@ -73,6 +73,13 @@ def list_steps(folder: Path) -> list[StepDir]:
     return sorted(found, key=lambda s: s.step)
 
 
+def example_step(folder: Path) -> Path | None:
+    """The step directory to suggest when `folder`, a folder of steps, was given where one
+    step is expected: the newest complete one, else the newest (None: it holds none)."""
+    steps = list_steps(folder)
+    return ([s for s in steps if s.complete] or steps)[-1].path if steps else None
+
+
 def read_marker(step_dir: Path) -> dict[str, Any]:
     """The marker's JSON ({} when it is missing or unreadable)."""
     try:

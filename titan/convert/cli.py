@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from titan.cli import EXIT_INTERRUPTED
 from titan.convert.common import (
     DTYPES,
     ConvertError,
@@ -127,7 +128,7 @@ def _failure(e: BaseException, ctrl_c: bool, output_dir: Path) -> tuple[int, str
     if isinstance(e, (SystemExit, GeneratorExit)):
         return None
     if ctrl_c or interrupted(e):
-        return 130, f"interrupted{left_partial(output_dir)}"
+        return EXIT_INTERRUPTED, f"interrupted{left_partial(output_dir)}"
     if isinstance(e, ConvertError):
         return (1 if isinstance(e, TransferError) else 2), str(e)
     if isinstance(e, OSError):  # disk full, permissions, ...

@@ -112,12 +112,6 @@ def locate_job_config(step_dir: Path) -> tuple[dict, Path] | None:
     return None
 
 
-def job_applies(job: dict | None, flavor: str | None) -> bool:
-    """Whether a found config.toml describes the checkpoint: an explicit --flavor that
-    names another flavor wins over it (the step may sit below an unrelated run)."""
-    return job is not None and (flavor is None or job["model"].get("flavor") == flavor)
-
-
 def _dcp_step(step_dir: Path) -> int | None:
     step = read_marker(step_dir).get("step")
     if step is None and (m := re.fullmatch(r"step-(\d+)", step_dir.name)):
@@ -132,19 +126,13 @@ def dcp_model_args(
     max_seq_len: int | None,
     job: dict | None,
     job_path: Path | None = None,
-    log: Log | None = None,
 ) -> tuple[ModelArgs, str]:
     """(architecture of a DCP directory, where it comes from): its params.json (converted
     directories), else --flavor, else the run's config.toml (`job`, read from `job_path`);
     checked against the stored shapes. A --flavor that disagrees with params.json is
-    refused; one that disagrees with config.toml wins over it (logged)."""
+    refused."""
     config = str(job_path) if job_path is not None else "the run's config.toml"
     job_flavor = (job or {}).get("model", {}).get("flavor")
-    if job is not None and not job_applies(job, flavor):
-        if log is not None:
-            theirs = f" (flavor {job_flavor})" if job_flavor is not None else ""
-            log(f"  note: --flavor {flavor} wins over {config}{theirs}; its settings are not used")
-        job = None
     embedding = stored.get("tok_embeddings.weight", stored.get("output.weight"))
     # Without embeddings (dropped on conversion) the vocabulary does not matter: the other
     # shapes are checked, then the missing tensors refused.
@@ -204,19 +192,25 @@ def step_architecture(
 ) -> tuple[ModelArgs, str, dict | None]:
     """(architecture, where it comes from, the run's config when it describes `folder`):
     `dcp_model_args` with the config.toml found above the step, which is None when there
-    is none or an explicit --flavor overrode it (then its seq_len and recipe are not used)."""
+    is none or an explicit --flavor that names another flavor overrode it (the step may
+    sit below an unrelated run; then its seq_len and recipe are not used, and `log` says
+    so)."""
     job, job_path = locate_job_config(folder) or (None, None)
-    args, origin = dcp_model_args(folder, stored, flavor, max_seq_len, job, job_path, log)
-    return args, origin, job if job_applies(job, flavor) else None
+    job_flavor = (job or {}).get("model", {}).get("flavor")
+    if job is not None and flavor is not None and job_flavor != flavor:
+        theirs = f" (flavor {job_flavor})" if job_flavor is not None else ""
+        log(f"  note: --flavor {flavor} wins over {job_path}{theirs}; its settings are not used")
+        job = None
+    args, origin = dcp_model_args(folder, stored, flavor, max_seq_len, job, job_path)
+    return args, origin, job
 
 
 def _check_input(input_dir: Path, allow_incomplete: bool) -> None:
     if problem := folder_problem(input_dir):
         raise ConvertError(f"--input_dir {input_dir}: {problem}")
     if not (input_dir / ".metadata").is_file():
-        steps = storage.list_steps(input_dir)  # by step number
-        latest = ([s for s in steps if s.complete] or steps)[-1:]
-        hint = f"; it holds step directories: pass one, e.g. {latest[0].path}" if latest else ""
+        example = storage.example_step(input_dir)
+        hint = f"; it holds step directories: pass one, e.g. {example}" if example else ""
         raise ConvertError(f"{input_dir}: not a DCP checkpoint directory (no .metadata){hint}")
     if (input_dir / MARKER).is_file():
         problem = integrity_problem(input_dir, "model.")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from titan.checkpoint import MARKER, storage
 from titan.convert.common import FULL_DISK, ConvertError, first_line, listing, write_error
+from titan.files import nearest_existing
 
 PARTIAL = ".partial"
 # Files these tools write (DCP's `.metadata.tmp` too, if it was cut short); --overwrite
@@ -97,9 +98,7 @@ def _meta_subfolder(folder: Path) -> Path | None:
 
 def _check_writable(folder: Path) -> None:
     """Refuse an output folder that cannot be written (or created), before any work."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(folder)
     if not os.access(existing, os.W_OK | os.X_OK):
         what = "cannot be written" if existing == folder else f"cannot be created in {existing}"
         raise ConvertError(
