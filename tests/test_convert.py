@@ -754,6 +754,7 @@ def test_an_output_folder_on_a_read_only_file_system_is_refused_first(
         output.os, "access", lambda path, mode: Path(path) != read_only and access(path, mode)
     )
     monkeypatch.setattr(convert.from_dcp, "read_dcp_model_groups", None)  # never reached
+    monkeypatch.setattr(convert.from_dcp, "integrity_problem", None)  # (reads every shard)
     monkeypatch.setattr(convert.sources.HFSource, "load", None)
     for main, inp, out, what in [
         (dcp_to_llama_main, dcp_dir, read_only, "cannot be written"),

@@ -250,6 +250,7 @@ def dcp_to_llama(
         raise ConvertError("--push_to_hub needs --hf_repo_name USER/NAME")
     if push and fmt == "meta":
         raise ConvertError("--push_to_hub uploads the Hugging Face layout: use --format hf or both")
+    check_output(output_dir, overwrite, [input_dir])  # cheap: before the input is hashed
     _check_input(input_dir, allow_incomplete)
     stored = read_dcp_model_metadata(input_dir)
     if not stored:
@@ -263,7 +264,6 @@ def dcp_to_llama(
         raise ConvertError(f"{input_dir}: stored dtypes {set(dtypes.values())}; pass --dtype")
     main_dtype = str(dtypes["layers.0.attention.wq.weight"]).removeprefix("torch.")
     log(f"dcp_to_llama: {input_dir}: {describe(args)} (from {origin}), {main_dtype}, {fmt}")
-    check_output(output_dir, overwrite, [input_dir])
     # Before anything is written: a failed token or repo check leaves no output folder.
     hub = create_hub_repo(hf_repo_name, private) if push and hf_repo_name else None
     make_output(output_dir, overwrite)
