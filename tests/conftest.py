@@ -125,6 +125,14 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
+def running(pid: int) -> bool:
+    """Whether process `pid` runs still (not ended, not a zombie waiting for its parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def worker_pids(dump: Path) -> list[int]:
     """The train.py workers of the run writing to `dump` (children of its torchrun agent,
     started by torchrun itself or by `python -m titan.launch`)."""

@@ -37,6 +37,7 @@ from conftest import (
     launch_train,
     logged_step,
     run_train,
+    running,
     train_command,
     train_losses,
     wait_for,
@@ -72,15 +73,6 @@ def _launch(dump: Path, data: Path, *extra: str) -> subprocess.Popen:
     return launch_train(_args(dump, data, *extra), launcher="titan.launch")
 
 
-def _running(pid: int) -> bool:
-    """Whether `pid` runs still (not ended, not a zombie waiting for its parent)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def _stop_and_check(proc: subprocess.Popen, dump: Path) -> tuple[int, str]:
     """After the signals: exit 75, and the newest step is complete, verified, and the one
     the run stopped at; returns (that step, the run's output)."""
@@ -110,7 +102,7 @@ def test_signal_saves_the_step_and_the_rerun_is_exact(how, tmp_path, synthetic_d
         # dozen log lines; nothing reads the run's output pipe until it ends)
         deadline = time.monotonic() + 3
         while how == "sigterm_twice" and time.monotonic() < deadline:
-            live = [pid for pid in workers if _running(pid)]
+            live = [pid for pid in workers if running(pid)]
             if not live:
                 break
             for pid in live:
@@ -208,13 +200,14 @@ def test_a_signal_during_set_up_ends_with_75_and_nothing_saved(
 
 
 @pytest.mark.parametrize("saving", [True, False])
-def test_signal_lines_say_what_follows(saving, caplog):
+def test_signal_lines_say_what_follows(saving, caplog, request):
     """The line a stop signal logs promises what the run will do: during set-up, nothing
     new to save; in the loop, the step then a save, or no save with checkpointing off."""
     from titan.lifecycle import StopSignals
 
     caplog.set_level(logging.WARNING, logger="titan")
     before = signal.getsignal(signal.SIGUSR1)
+    request.addfinalizer(lambda: signal.signal(signal.SIGUSR1, before))  # even on a failure
     with StopSignals(["SIGUSR1"], saving) as stop:
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stop.received == "SIGUSR1"
@@ -233,7 +226,6 @@ def test_signal_lines_say_what_follows(saving, caplog):
         f"SIGUSR1 received: finishing this step, {loop}"
     ]
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN  # ignored until the process ends
-    signal.signal(signal.SIGUSR1, before)
 
 
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path, synthetic_dir):

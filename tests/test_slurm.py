@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import read_metrics, worker_pids
+from conftest import read_metrics, running, worker_pids
 from dist_utils import free_port
 
 from titan.checkpoint import list_steps
@@ -233,13 +233,6 @@ PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
     return conf
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def _stop(pids: list[int], sig: int, grace_s: float) -> None:
     """Signal these processes, then wait up to grace_s for them to exit."""
     for pid in pids:
@@ -248,7 +241,7 @@ def _stop(pids: list[int], sig: int, grace_s: float) -> None:
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(map(_alive, pids)):
+    while time.monotonic() < deadline and any(map(running, pids)):
         time.sleep(0.2)
 
 
