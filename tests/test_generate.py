@@ -356,6 +356,42 @@ def test_every_bad_input_is_one_line_and_writes_nothing(files, tmp_path, capsys,
     assert not out.parent.exists() or not any(out.parent.iterdir())
 
 
+def test_ctrl_c_is_an_interrupt_wherever_it_lands(files, tmp_path, capsys, monkeypatch):
+    """Exit 130 and `error: interrupted`, not a bad input: also when the Ctrl-C arrives
+    while safetensors reads (it swallows the KeyboardInterrupt and raises its own error)
+    or while DCP reads (it wraps the interrupt)."""
+    import signal
+
+    import safetensors
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is not Python's default handler here")
+
+    def swallowing_open(*args, **kwargs):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            pass
+        raise TypeError("could not determine the shape of object type 'UntypedStorage'")
+
+    def interrupted_read(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "x.npz"
+    for checkpoint, target, patch in [
+        (files["hf"], safetensors, ("safe_open", swallowing_open)),
+        (files["dcp"], FileSystemReader, ("read_data", interrupted_read)),
+    ]:
+        with monkeypatch.context() as m:
+            m.setattr(target, *patch)
+            argv = ["--checkpoint", str(checkpoint), "--neurons", "2", "--out", str(out)]
+            assert main(argv) == 130, checkpoint
+        assert capsys.readouterr().err.strip().splitlines()[-1] == "error: interrupted"
+        assert not out.exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
 def test_command_line_error_has_no_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "generate.py"), "--checkpoint", str(tmp_path / "none"),

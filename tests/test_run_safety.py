@@ -237,6 +237,35 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, synthetic_dir):
     assert out.rstrip().splitlines()[-1].startswith("stopped: interrupted (SIGINT): nothing saved")
 
 
+@pytest.mark.parametrize("surfaces_as", ["save error", "DCP's wrapper"])
+def test_ctrl_c_is_130_whatever_error_it_surfaces_as(surfaces_as, tmp_path, capsys):
+    """A Ctrl-C during a save or a load comes out as another error (a save failure raised
+    while handling it, DCP's CheckpointException around it): still one `stopped:` line and
+    130, not a failed save (4, which a launcher would retry) or a traceback."""
+    from torch.distributed.checkpoint import CheckpointException
+
+    from titan.checkpoint import CheckpointSaveError
+    from titan.cli import run_command
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is not Python's default handler here")
+
+    def body(cfg) -> None:
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt as e:
+            if surfaces_as == "save error":
+                raise CheckpointSaveError("could not save step-3") from None
+            raise CheckpointException("load", {0: (e, None)}) from None
+
+    argv = ["--job.config_file", str(ROOT / "train_configs" / "debug_model.toml"),
+            f"--job.dump_folder={tmp_path}"]  # fmt: skip
+    assert run_command("train.py", argv, body) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("stopped: interrupted (SIGINT)"), err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
 def test_lock_is_written_whole_and_judges_its_owner(tmp_path, caplog):
     from titan.lifecycle import RunLock
 

@@ -20,11 +20,15 @@ torchrun may stop the other ranks as soon as the first has ended.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 
@@ -127,6 +131,31 @@ def _wait_for_status(message: str, timeout_s: float = 30.0) -> None:
         time.sleep(0.05)
 
 
+@contextlib.contextmanager
+def noting_ctrl_c() -> Iterator[list[int]]:
+    """Python's SIGINT handler (raise KeyboardInterrupt) that also notes the signal in
+    the list it yields: a library that catches the KeyboardInterrupt and raises its own
+    error instead (safetensors does) must not turn a Ctrl-C into a bad input. Left as it
+    is outside the main thread, or when SIGINT is not Python's default."""
+    received: list[int] = []
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield received
+        return
+
+    def note_and_raise(signum: int, frame: Any) -> None:
+        received.append(signum)
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, note_and_raise)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def run_command(prog: str, argv: list[str], body: Callable[[JobConfig], None]) -> int:
     """Parse the recipe and overrides, run `body(cfg)`, and return the exit status; the
     known endings print one line."""
@@ -141,37 +170,49 @@ def run_command(prog: str, argv: list[str], body: Callable[[JobConfig], None]) -
         if env_rank()[0] != 0:  # torchrun stops the others once one has ended: rank 0 first
             _wait_for_status(message)
         return _finish(code, message)
-    abandon = False  # a stuck peer: tearing the group down could wait for it too
+    ending: tuple[int, str, bool] | None = None
     try:
-        cfg = load_config(argv)
-        if cfg.job.config_file is None:  # never start a long run on defaults alone
-            usage = f"usage: {prog} --job.config_file FILE [--section.key=VALUE ...]"
-            print(usage, file=sys.stderr)
-            raise ConfigError(
-                "no recipe: pass --job.config_file FILE (e.g. train_configs/debug_model.toml); "
-                "--help lists every key"
-            )
-        body(cfg)
-    except tuple(EXIT_CODES) as e:
-        return _finish(EXIT_CODES[type(e)], str(e))
-    except KeyboardInterrupt:
-        abandon = True  # stop now: a peer still in a collective would hold the teardown
+        with noting_ctrl_c() as ctrl_c:
+            cfg = load_config(argv)
+            if cfg.job.config_file is None:  # never start a long run on defaults alone
+                usage = f"usage: {prog} --job.config_file FILE [--section.key=VALUE ...]"
+                print(usage, file=sys.stderr)
+                raise ConfigError(
+                    "no recipe: pass --job.config_file FILE (e.g. "
+                    "train_configs/debug_model.toml); --help lists every key"
+                )
+            body(cfg)
+    except BaseException as e:
+        ending = _ending(e, bool(ctrl_c), prog)
+        if ending is None:
+            raise
+        return _finish(*ending[:2])
+    finally:  # a stuck peer or a Ctrl-C: tearing the group down could wait for a peer
+        if dist.is_initialized() and (ending is None or not ending[2]):
+            dist.destroy_process_group()
+    return _finish(EXIT_OK, "")
+
+
+def _ending(e: BaseException, ctrl_c: bool, prog: str) -> tuple[int, str, bool] | None:
+    """(exit status, message, whether to leave the process group as it is) of a command
+    that raised `e`, after a Ctrl-C if `ctrl_c` (however the interrupt came out: DCP wraps
+    it, a save failure is raised from it); None for an unexpected error (a bug: its
+    traceback is wanted) or an exit."""
+    if isinstance(e, (SystemExit, GeneratorExit)):
+        return None
+    if ctrl_c or isinstance(e, KeyboardInterrupt):
         training = (
             ": nothing saved since the last checkpoint; SIGTERM or SIGUSR1 stop a run after "
             "saving its step"
         )
-        return _finish(EXIT_INTERRUPTED, "interrupted (SIGINT)" + training * (prog == "train.py"))
-    except RuntimeError as e:
-        if not _timed_out(e):
-            raise
+        return EXIT_INTERRUPTED, "interrupted (SIGINT)" + training * (prog == "train.py"), True
+    if type(e) in EXIT_CODES:
+        return EXIT_CODES[type(e)], str(e), False
+    if _timed_out(e):
         first = " ".join(str(e).split())[:200]
-        abandon = True
-        return _finish(
-            EXIT_STUCK,
+        message = (
             "a collective did not complete within job.collective_timeout_s: a rank is stuck "
-            f"or gone (check every rank's log; {first})",
+            f"or gone (check every rank's log; {first})"
         )
-    finally:
-        if dist.is_initialized() and not abandon:
-            dist.destroy_process_group()
-    return _finish(EXIT_OK, "")
+        return EXIT_STUCK, message, True
+    return None

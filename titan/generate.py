@@ -43,10 +43,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from titan.cli import EXIT_INTERRUPTED
+from titan.cli import EXIT_INTERRUPTED, noting_ctrl_c
 from titan.config import ConfigError, JobConfig
 from titan.convert import DTYPES, ConvertError
-from titan.convert.common import first_line
+from titan.convert.common import first_line, interrupted
 from titan.data import sources
 from titan.data.tokenizer import MAX_COUNT, SEPARATOR, arrow_row_matrix, tokenize_row
 from titan.files import folder_problem, output_problem, written_atomically
@@ -363,20 +363,31 @@ def main(argv: list[str] | None = None) -> int:
     init_logger(0)
     threads = torch.get_num_threads()
     try:
-        generate(build_parser().parse_args(argv))
-    except (GenerateError, ConfigError, ConvertError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except OSError as e:  # unreadable files, full disk, permissions
-        print(f"error: {first_line(e)}", file=sys.stderr, flush=True)
-        return 1
-    except (torch.OutOfMemoryError, MemoryError) as e:  # beyond what check_memory foresaw
-        print(f"error: out of memory ({first_line(e)}); generate fewer --bins or "
-              "--num_samples", file=sys.stderr, flush=True)  # fmt: skip
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+        with noting_ctrl_c() as ctrl_c:
+            generate(build_parser().parse_args(argv))
+    except BaseException as e:
+        failure = _failure(e, bool(ctrl_c))
+        if failure is None:
+            raise
+        print(f"error: {failure[1]}", file=sys.stderr, flush=True)
+        return failure[0]
     finally:
         torch.set_num_threads(threads)  # --threads is for this command, not its caller
     return 0
+
+
+def _failure(e: BaseException, ctrl_c: bool) -> tuple[int, str] | None:
+    """(exit status, message) of a generation that raised `e`, after a Ctrl-C if `ctrl_c`
+    (safetensors turns one into its own error while it reads); None for an unexpected
+    error (a bug: its traceback is wanted) or an exit."""
+    if isinstance(e, (SystemExit, GeneratorExit)):
+        return None
+    if ctrl_c or interrupted(e):
+        return EXIT_INTERRUPTED, "interrupted"
+    if isinstance(e, (GenerateError, ConfigError, ConvertError)):
+        return 2, str(e)
+    if isinstance(e, OSError):  # unreadable files, full disk, permissions
+        return 1, first_line(e)
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):  # beyond what check_memory saw
+        return 1, f"out of memory ({first_line(e)}); generate fewer --bins or --num_samples"
+    return None

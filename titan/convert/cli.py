@@ -5,17 +5,14 @@ failure is one `error:` line and an exit status."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import re
-import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from titan.cli import EXIT_INTERRUPTED
+from titan.cli import EXIT_INTERRUPTED, noting_ctrl_c
 from titan.convert.common import (
     DTYPES,
     ConvertError,
@@ -86,7 +83,7 @@ def run(convert: Callable[..., Any], **kwargs: Any) -> int:
     surfaced as on its way out."""
     _release_freed_memory_promptly()
     try:
-        with _noting_ctrl_c() as ctrl_c:
+        with noting_ctrl_c() as ctrl_c:
             convert(**kwargs)
     except BaseException as e:  # DCP's CheckpointException is not an Exception
         failure = _failure(e, bool(ctrl_c), Path(kwargs["output_dir"]))
@@ -95,31 +92,6 @@ def run(convert: Callable[..., Any], **kwargs: Any) -> int:
         print(f"error: {failure[1]}", file=sys.stderr, flush=True)
         return failure[0]
     return 0
-
-
-@contextlib.contextmanager
-def _noting_ctrl_c() -> Iterator[list[int]]:
-    """Python's SIGINT handler (raise KeyboardInterrupt) that also notes the signal in
-    the list it yields: a library that catches the KeyboardInterrupt and raises its own
-    error instead (safetensors does) must not turn a Ctrl-C into a bad input. Left as it
-    is outside the main thread, or when SIGINT is not Python's default."""
-    received: list[int] = []
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
-        yield received
-        return
-
-    def note_and_raise(signum: int, frame: Any) -> None:
-        received.append(signum)
-        signal.default_int_handler(signum, frame)
-
-    signal.signal(signal.SIGINT, note_and_raise)
-    try:
-        yield received
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _failure(e: BaseException, ctrl_c: bool, output_dir: Path) -> tuple[int, str] | None:
