@@ -103,6 +103,13 @@ def test_every_recipe_loads():
         (["--activation_checkpoint.mode=fulll"], "(did you mean 'full'?)"),
         (["--float8.enable_float8_linear"], "float8 training is not implemented"),
         (["--job.config_file=/nonexistent.toml"], "no such file"),
+        (
+            [f"--job.config_file={ROOT}/train_configs/debug.toml"],
+            f"no such file (beside it: {ROOT}/train_configs/debug_model.toml, ",
+        ),
+        (["train_configs/debug_model.toml"], "a recipe is passed as --job.config_file FILE"),
+        (["--config", "x.toml"], "'--config'; a recipe is passed as --job.config_file FILE"),
+        (["training.steps=3"], "options look like --section.key=value (see --help)"),
         (["--job.dryrun"], "unknown config key 'job.dryrun' (did you mean 'job.dry_run'?)"),
         (["--optimizer.beta1=2"], "optimizer.beta1 = 2.0: must be in [0, 1)"),
         (["--optimizer.eps=-1"], "optimizer.eps = -1.0: must be a positive finite number"),

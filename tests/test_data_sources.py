@@ -211,6 +211,17 @@ def test_unknown_dataset_name():
     assert "unknown dataset" in one_line(e)
 
 
+def test_a_missing_synthetic_dataset_says_how_to_get_one(tmp_path, monkeypatch):
+    """What generate.py and evaluate.py meet when run from another folder than training."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        build_dataloader(cfg_for(None, dataset="synthetic"), 0, 1)
+    assert one_line(e).endswith(
+        "no such folder (training generates it: run from the folder you trained in, or write "
+        "one with python -m titan.data.synthetic --out FOLDER)"
+    )
+
+
 def test_uncached_hub_dataset_offline(tmp_path, monkeypatch):
     import huggingface_hub.constants
 

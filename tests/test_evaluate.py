@@ -196,6 +196,33 @@ def test_evaluation_bad_inputs(trained, synthetic_dir, tmp_path):
     assert "validation.split = 'train' is the split training reads" in result.stderr
 
 
+def test_a_wrong_checkpoint_names_the_step_to_pass(trained, synthetic_dir, tmp_path):
+    """A run's output folder, its checkpoint folder, a step that is not there: each
+    refused naming a step that would do (the newest complete one)."""
+    from titan.checkpoint import list_steps
+    from titan.config import ConfigError, load_config
+    from titan.evaluate import planned
+
+    folder = trained / "checkpoint"
+    newest = folder / "step-6"
+    cases = {
+        trained: f"not a DCP checkpoint (no .metadata); it is a run's output folder: pass one "
+        f"of its steps, e.g. {newest}",
+        folder: f"(no .metadata); it holds step directories: pass one, e.g. {newest}",
+        folder / "step-7": f"no such directory; pass a step that exists, e.g. {newest}",
+    }
+    for path, words in cases.items():
+        cfg = load_config(_args(tmp_path, synthetic_dir, f"--eval.checkpoint={path}"))
+        with pytest.raises(ConfigError) as e:
+            planned(cfg)
+        assert str(e.value).endswith(words), str(e.value)
+    with pytest.raises(ConfigError) as e:
+        planned(load_config(_args(trained, synthetic_dir, "--checkpoint.load_step=5")))
+    steps = ", ".join(str(s.step) for s in list_steps(folder) if s.complete)
+    assert str(e.value).endswith(f"(complete steps: {steps}); choose one of them, or -1 for "
+                                 "the newest"), str(e.value)  # fmt: skip
+
+
 @pytest.mark.slow
 def test_validation_survives_kill9_and_resume(tmp_path, synthetic_dir):
     args = [

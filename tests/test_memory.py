@@ -345,7 +345,7 @@ def test_advice_names_auto_for_an_explicit_mode_and_a_shorter_sequence_last():
     plan = _debug_plan(need - 1, seq_len=8192, batch_size=1)
     none = plan(mode="none", memory_headroom=0)
     assert not none.fits and plan(mode="auto", memory_headroom=0).fits
-    assert none.advice.startswith('activation_checkpoint.mode = "auto" (blocks: '), none.advice
+    assert none.advice.startswith('would fit with: activation_checkpoint.mode = "auto" (blocks: ')
     assert (
         "does not fit with these policies; would fit with: activation_checkpoint.mode"
         in format_plan(none, "this CPU")
@@ -356,9 +356,16 @@ def test_advice_names_auto_for_an_explicit_mode_and_a_shorter_sequence_last():
     plan = _debug_plan(need, seq_len=8192, batch_size=2)
     full = plan(mode="full", memory_headroom=0)
     assert not full.fits and full.advice.startswith(
-        'activation_checkpoint.mode = "auto" and training.batch_size = 1, training.seq_len = 4096'
+        'would fit with: activation_checkpoint.mode = "auto" and training.batch_size = 1, '
+        "training.seq_len = 4096"
     ), full.advice
     assert "does not fit even with full recomputation" in format_plan(full, "this CPU")
+    # Where nothing smaller would fit, the advice does not pretend to name a fit.
+    tiny = _debug_plan(GiB // 1024, seq_len=8192, batch_size=2)(mode="auto")
+    assert tiny.advice == (
+        "nothing smaller would fit (micro-batch 1, sequences down to 1,024 tokens, up to 4,096 "
+        "ranks per replica): it needs a device with more memory"
+    )
 
 
 def test_plan_for_takes_known_gpus_and_sizes_once():

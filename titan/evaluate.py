@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tabulate import tabulate
 
+from titan.checkpoint import storage
 from titan.checkpoint.resume import newest_weights
 from titan.cli import run_command
 from titan.config import ConfigError, JobConfig
@@ -143,9 +144,12 @@ def planned(cfg: JobConfig) -> tuple[Path, Path]:
     if cfg.eval.checkpoint:
         path = Path(cfg.eval.checkpoint)
         if problem := folder_problem(path):
-            raise ConfigError(f"eval.checkpoint {path}: {problem}")
+            raise ConfigError(f"eval.checkpoint {path}: {problem}{storage.step_hint(path)}")
         if not (path / ".metadata").is_file():
-            raise ConfigError(f"eval.checkpoint {path}: not a DCP checkpoint (no .metadata)")
+            raise ConfigError(
+                f"eval.checkpoint {path}: not a DCP checkpoint (no .metadata)"
+                f"{storage.step_hint(path)}"
+            )
     else:
         path = newest_weights(checkpoint_folder(cfg), cfg.checkpoint.load_step)
     out = results_path(cfg, path)

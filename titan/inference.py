@@ -101,7 +101,7 @@ def load_model(
     when it, a KV cache for `batch` samples and a pass over a `prompt_len`-token prompt
     cannot fit."""
     if problem := folder_problem(path):
-        raise GenerateError(f"--checkpoint {path}: {problem}")
+        raise GenerateError(f"--checkpoint {path}: {problem}{storage.step_hint(path)}")
     if (path / ".metadata").is_file():
         args, groups, origin, trained = _dcp_weights(path, flavor)
     elif (path / "config.json").is_file():
@@ -109,11 +109,9 @@ def load_model(
         args, origin, trained = source.args, f"{path} (Hugging Face export)", None
         groups = ({name: source.load(name)} for name in param_shapes(args))
     else:
-        example = storage.example_step(path)
-        hint = f"; it holds step directories: pass one, e.g. {example}" if example else ""
         raise GenerateError(
             f"--checkpoint {path}: neither a DCP directory (.metadata) nor a Hugging Face "
-            f"export (config.json){hint}"
+            f"export (config.json){storage.step_hint(path)}"
         )
     if args.vocab_size < SEPARATOR + 1:
         raise GenerateError(

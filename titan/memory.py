@@ -291,8 +291,9 @@ def plan_memory(
 def _advice(
     cfg: JobConfig, args: ModelArgs, dims: ParallelDims, capacity: int, dtype: torch.dtype
 ) -> str:
-    """What would fit: the auto plan (for an explicit mode), else with auto a smaller
-    micro-batch that keeps the global batch, a shorter sequence, or more ranks."""
+    """'would fit with: ...': the auto plan (for an explicit mode), else with auto a
+    smaller micro-batch that keeps the global batch, a shorter sequence, or more ranks; or
+    why nothing would."""
     t = cfg.training
 
     def auto_plan(batch: int, seq: int, shard: int) -> MemoryPlan:
@@ -307,7 +308,10 @@ def _advice(
     if cfg.activation_checkpoint.mode != "auto":
         plan = auto_plan(t.batch_size, t.seq_len, dims.dp_shard)
         if plan.fits:
-            return f'activation_checkpoint.mode = "auto" (blocks: {plan.policy_summary()})'
+            return (
+                f'would fit with: activation_checkpoint.mode = "auto" '
+                f"(blocks: {plan.policy_summary()})"
+            )
     options = []
     batch, too_big = 0, t.batch_size  # bisection: `batch` fits (or is 0), `too_big` does not
     while too_big - batch > 1:
@@ -345,13 +349,16 @@ def _advice(
             ranks += f" with training.global_batch_size a multiple of {per_pass}"
         options.append(ranks)
     if not options:
-        return "no smaller batch or more ranks would fit"
+        return (
+            "nothing smaller would fit (micro-batch 1, sequences down to 1,024 tokens, up to "
+            "4,096 ranks per replica): it needs a device with more memory"
+        )
     auto = (
         ""
         if cfg.activation_checkpoint.mode == "auto"
         else 'activation_checkpoint.mode = "auto" and '
     )
-    return auto + " or ".join(options)
+    return "would fit with: " + auto + " or ".join(options)
 
 
 def refusal(cfg: JobConfig, plan: MemoryPlan, label: str) -> str:
@@ -359,8 +366,7 @@ def refusal(cfg: JobConfig, plan: MemoryPlan, label: str) -> str:
     t = cfg.training
     return (
         f"training.seq_len = {t.seq_len} with batch_size {t.batch_size} needs about "
-        f"{gib(plan.total)} per rank but {label} has {gib(plan.usable)} usable; "
-        f"would fit with: {plan.advice}"
+        f"{gib(plan.total)} per rank but {label} has {gib(plan.usable)} usable; {plan.advice}"
     )
 
 
@@ -384,5 +390,5 @@ def format_plan(plan: MemoryPlan, label: str) -> str:
             if set(plan.policies) == {"full"}
             else "with these policies"
         )
-        lines.append(f"    does not fit {how}; would fit with: {plan.advice}")
+        lines.append(f"    does not fit {how}; {plan.advice}")
     return "\n".join(lines)

@@ -73,11 +73,20 @@ def list_steps(folder: Path) -> list[StepDir]:
     return sorted(found, key=lambda s: s.step)
 
 
-def example_step(folder: Path) -> Path | None:
-    """The step directory to suggest when `folder`, a folder of steps, was given where one
-    step is expected: the newest complete one, else the newest (None: it holds none)."""
-    steps = list_steps(folder)
-    return ([s for s in steps if s.complete] or steps)[-1].path if steps else None
+def step_hint(path: Path) -> str:
+    """The end of a message about `path`, given where one step directory is expected but
+    not one: the step to pass instead (the newest complete one) when `path` is a folder of
+    steps, a run's output folder (its steps in `checkpoint/`) or a missing step beside
+    others; "" when there is none to suggest."""
+    for folder, says in [
+        (path, "it holds step directories: pass one"),
+        (path / "checkpoint", "it is a run's output folder: pass one of its steps"),
+        (path.parent if not path.exists() else None, "pass a step that exists"),
+    ]:
+        steps = list_steps(folder) if folder is not None else []
+        if steps:
+            return f"; {says}, e.g. {([s for s in steps if s.complete] or steps)[-1].path}"
+    return ""
 
 
 def read_marker(step_dir: Path) -> dict[str, Any]:

@@ -180,7 +180,10 @@ def _set(cfg: JobConfig, dotted: str, value: Any, from_cli: bool) -> None:
 def _load_toml(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"job.config_file = {path!r}: no such file")
+        near = sorted(str(f) for f in p.parent.glob("*.toml")) if p.parent.is_dir() else []
+        more = f" and {len(near) - 8} more" if len(near) > 8 else ""
+        hint = f" (beside it: {', '.join(near[:8])}{more})" if near else ""
+        raise ConfigError(f"job.config_file = {path!r}: no such file{hint}")
     try:
         with p.open("rb") as f:
             return tomllib.load(f)
@@ -199,9 +202,13 @@ def _parse_cli(argv: list[str]) -> list[tuple[str, Any]]:
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--") or "." not in arg:
-            raise ConfigError(
-                f"unexpected argument {arg!r}: options look like --section.key=value (see --help)"
+            recipe = arg.endswith(".toml") or (arg == "--config" and i + 1 < len(argv))
+            hint = (
+                "; a recipe is passed as --job.config_file FILE"
+                if recipe
+                else ": options look like --section.key=value (see --help)"
             )
+            raise ConfigError(f"unexpected argument {arg!r}{hint}")
         name, eq, value = arg[2:].partition("=")
         section, _, key = name.partition(".")
         key = key.replace("-", "_")

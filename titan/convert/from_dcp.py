@@ -207,11 +207,12 @@ def step_architecture(
 
 def _check_input(input_dir: Path, allow_incomplete: bool) -> None:
     if problem := folder_problem(input_dir):
-        raise ConvertError(f"--input_dir {input_dir}: {problem}")
+        raise ConvertError(f"--input_dir {input_dir}: {problem}{storage.step_hint(input_dir)}")
     if not (input_dir / ".metadata").is_file():
-        example = storage.example_step(input_dir)
-        hint = f"; it holds step directories: pass one, e.g. {example}" if example else ""
-        raise ConvertError(f"{input_dir}: not a DCP checkpoint directory (no .metadata){hint}")
+        raise ConvertError(
+            f"{input_dir}: not a DCP checkpoint directory (no .metadata)"
+            f"{storage.step_hint(input_dir)}"
+        )
     if (input_dir / MARKER).is_file():
         problem = integrity_problem(input_dir, "model.")
     elif allow_incomplete:  # no checksums to compare: at least every shard is whole

@@ -213,10 +213,13 @@ def _load(src: Source, streaming: bool) -> Any:
         with quiet_datasets():
             if src.kind == "disk":
                 if not Path(src.location).exists():
-                    raise ConfigError(
-                        f"{src.label}: no such folder (for the synthetic dataset, run "
-                        "titan.data.prepare_dataset or python -m titan.data.synthetic first)"
-                    )
+                    hint = ""
+                    if src.label.startswith("synthetic"):  # relative to the working folder
+                        hint = (
+                            " (training generates it: run from the folder you trained in, or "
+                            "write one with python -m titan.data.synthetic --out FOLDER)"
+                        )
+                    raise ConfigError(f"{src.label}: no such folder{hint}")
                 return datasets.load_from_disk(src.location)
             if src.kind == "files" and src.builder is not None:
                 return datasets.load_dataset(
@@ -228,9 +231,15 @@ def _load(src: Source, streaming: bool) -> Any:
     except Exception as e:  # datasets raises many types; report them as one clear line
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         hint = ""
-        if src.kind == "hub":
+        if src.kind == "hub" and datasets.config.HF_HUB_OFFLINE:
             hint = (
                 "; offline (HF_HUB_OFFLINE=1) it must already be in the HF cache "
+                f"({datasets.config.HF_DATASETS_CACHE})"
+            )
+        elif src.kind == "hub":
+            hint = (
+                "; check the Hub id and the network, or download it where there is a network "
+                "into the HF cache and run with HF_HUB_OFFLINE=1 "
                 f"({datasets.config.HF_DATASETS_CACHE})"
             )
         raise ConfigError(f"{src.label}: cannot load it ({type(e).__name__}: {first}){hint}") from e
