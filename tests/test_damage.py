@@ -92,6 +92,11 @@ def test_layout_changes_are_logged_and_lr_is_the_steps(trained, synthetic_dir):
     for r in records:  # the debug recipe: lr 2e-3, 10 warmup steps, cosine to 0.1x
         expected = 2e-3 * lr_factor(r["step"] - 1, 10, 6, "cosine", 0.1)
         assert math.isclose(r["lr"], expected, rel_tol=1e-9), r
+    peak = 2e-3 * lr_factor(5, 10, 6, "cosine", 0.1)
+    assert (
+        f"training.warmup_steps = 10 covers all 6 training.steps: the learning rate peaks at "
+        f"{peak:.3g}, never at optimizer.lr = 0.002" in result.stdout
+    )
 
 
 def test_recipe_mistake_under_the_launcher_is_one_line(tmp_path, synthetic_dir):

@@ -301,8 +301,9 @@ def generate(opts: argparse.Namespace) -> dict[str, Any]:
     logger.info(f"Model: {loaded.origin}, {device}, {str(dtype).removeprefix('torch.')}")
     if loaded.trained_seq_len is not None and total > loaded.trained_seq_len:
         logger.warning(
-            f"Generating {total} tokens ({prompt.shape[1]} + {opts.bins} bins x {period}), "
-            f"beyond the {loaded.trained_seq_len}-token context the model was trained with"
+            f"Generating {total:,} tokens (({prompt.shape[1]} prompt + {opts.bins} new bins) x "
+            f"({period - 1} neurons + a separator)), beyond the {loaded.trained_seq_len:,}-token "
+            "context the model was trained with: expect samples past it to degrade"
         )
 
     sampling = Sampling(opts.temperature, opts.top_k, opts.top_p)

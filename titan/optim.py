@@ -9,6 +9,7 @@ import torch.nn as nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from titan.config import JobConfig
+from titan.logging import logger
 
 
 def build_optimizer(model: nn.Module, cfg: JobConfig, device: torch.device) -> torch.optim.AdamW:
@@ -48,3 +49,15 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: JobConfig) -> Lamb
         optimizer,
         lambda step: lr_factor(step, t.warmup_steps, t.steps, s.decay_type, s.min_lr_ratio),
     )
+
+
+def warn_about_the_schedule(cfg: JobConfig) -> None:
+    """Say so when the warmup covers the whole run (a short test run, or a typo)."""
+    t = cfg.training
+    if t.warmup_steps >= t.steps:
+        peak = cfg.optimizer.lr * t.steps / (t.warmup_steps + 1)
+        logger.warning(
+            f"training.warmup_steps = {t.warmup_steps} covers all {t.steps} training.steps: the "
+            f"learning rate peaks at {peak:.3g}, never at optimizer.lr = {cfg.optimizer.lr:g}, "
+            "and never decays; lower warmup_steps for a full schedule"
+        )

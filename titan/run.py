@@ -28,6 +28,7 @@ from titan.config import ConfigError, JobConfig
 from titan.data import SpikeDataLoader, build_dataloader, prepare_dataset
 from titan.data.held_out import HeldOut
 from titan.distributed import ParallelDims, init_distributed, local_world_size, restart_count
+from titan.files import written_atomically
 from titan.kernel_choice import AttnShape, KernelChoice, choose_attention
 from titan.lifecycle import RunLock
 from titan.logging import init_logger, logger
@@ -41,7 +42,7 @@ from titan.memory import (
 )
 from titan.metrics import MetricsLogger
 from titan.models.llama import ModelArgs, Transformer, build_model_args, flops_per_token, num_params
-from titan.optim import build_lr_scheduler, build_optimizer
+from titan.optim import build_lr_scheduler, build_optimizer, warn_about_the_schedule
 from titan.parallelize import parallelize
 from titan.preflight import check_run
 
@@ -112,6 +113,7 @@ def build_run(cfg: JobConfig, *, train: bool = True) -> Run:
     try:
         if train:
             _log_start(cfg)
+            warn_about_the_schedule(cfg)
             run_on_rank0(check_run, cfg)  # inputs, folders, disk space: before heavy work
             run_on_rank0(_take_folder, run)  # one run per dump folder
             run_on_rank0(prepare_dataset, cfg)
@@ -161,10 +163,7 @@ def _take_folder(run: Run) -> None:
 
 
 def _log_start(cfg: JobConfig) -> None:
-    logger.info(
-        f"Resolved config (saved to {Path(cfg.job.dump_folder) / 'config.toml'}):\n"
-        + format_config(cfg)
-    )
+    logger.info("Resolved config:\n" + format_config(cfg))
     if restart_count():
         logger.warning(f"torchrun restart {restart_count()}: resuming from the newest checkpoint")
 
@@ -334,4 +333,6 @@ def save_config(cfg: JobConfig) -> None:
         lines.append("")
     folder = Path(cfg.job.dump_folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.toml").write_text("\n".join(lines))
+    with written_atomically(folder / "config.toml") as tmp:  # never half a recipe
+        tmp.write_text("\n".join(lines))
+    logger.info(f"Resolved config saved to {folder / 'config.toml'}")

@@ -247,7 +247,10 @@ def setup_and_train(cfg: JobConfig) -> None:
     ):
         step = run.train_state.step
         if step >= cfg.training.steps:
-            logger.info(f"Already trained {step} of {cfg.training.steps} steps: nothing to do")
+            logger.info(
+                f"Already trained {step} of {cfg.training.steps} steps: nothing to do (to train "
+                f"on, pass a larger --training.steps; to go back, --checkpoint.load_step)"
+            )
             return
         if stop.signals and stop.stop_agreed(run.device):
             when = f"{stop.received or 'a signal on another rank'} during set-up"
