@@ -283,6 +283,14 @@ def _bad_inputs(files: dict[str, Path], root: Path) -> dict[str, tuple[list[str]
             ["--checkpoint", str(files["dcp"].parent), "--neurons", "4"],
             "pass one, e.g.",
         ),
+        "run folder": (
+            ["--checkpoint", str(files["dcp"].parent.parent), "--neurons", "4"],
+            f"it is a run's output folder: pass one of its steps, e.g. {files['dcp']}",
+        ),
+        "step not there": (
+            ["--checkpoint", str(files["dcp"].parent / "step-9"), "--neurons", "4"],
+            f"no such directory; pass a step that exists, e.g. {files['dcp']}",
+        ),
         "incomplete": (["--checkpoint", str(incomplete), "--neurons", "4"], "incomplete"),
         "row out of range": ([*ckpt, *data, "--row", "3"], "--row 3: out of range"),
         "no such split": ([*ckpt, *data, "--split", "validation"], "no split 'validation'"),

@@ -43,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from titan.checkpoint.storage import step_hint
 from titan.cli import EXIT_INTERRUPTED, noting_ctrl_c
 from titan.config import ConfigError, JobConfig
 from titan.convert import DTYPES, ConvertError
@@ -238,8 +239,8 @@ def _check(opts: argparse.Namespace) -> None:
     for ok, message in rules:
         if not ok:
             raise GenerateError(message)
-    if problem := folder_problem(Path(opts.checkpoint)):
-        raise GenerateError(f"--checkpoint {opts.checkpoint}: {problem}")
+    if problem := folder_problem(checkpoint := Path(opts.checkpoint)):
+        raise GenerateError(f"--checkpoint {checkpoint}: {problem}{step_hint(checkpoint)}")
     out, png = Path(opts.out), Path(opts.out).with_suffix(".png")
     problem = output_problem(out, ".npz")
     if problem is None and (chart := output_problem(png, ".png")):

@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -166,7 +167,9 @@ def samples_title(meta: dict[str, Any]) -> str:
         what = f"{meta['dataset']} [{meta['split']}] row {meta['row']} ({ids.strip(', ')})"
     s = meta["sampling"]
     how = f"temperature {s['temperature']}, top_k {s['top_k']}, top_p {s['top_p']}"
-    return f"{meta['checkpoint']}: {what}\n{how}, seed {meta['seed']}"
+    lines = [str(meta["checkpoint"]), what, f"{how}, seed {meta['seed']}"]
+    # wrapped to the figure's width (long paths and ids are cut at any character)
+    return "\n".join(textwrap.fill(line, 100, break_on_hyphens=False) for line in lines)
 
 
 def plot_samples(
