@@ -37,6 +37,7 @@ from titan.distributed import ParallelDims
 from titan.memory import (
     POLICIES,
     GiB,
+    MemoryPlan,
     activation_bytes,
     device_capacity,
     format_plan,
@@ -366,6 +367,36 @@ def test_advice_names_auto_for_an_explicit_mode_and_a_shorter_sequence_last():
         "nothing smaller would fit (micro-batch 1, sequences down to 1,024 tokens, up to 4,096 "
         "ranks per replica): it needs a device with more memory"
     )
+
+
+def test_an_evaluation_is_planned_without_gradients_or_optimizer_state():
+    """Forward passes only: where training needs more memory than there is, evaluating
+    the same model may fit, with no block checkpointed; and its advice never names the
+    activation policy or a shorter sequence (what it measures)."""
+    cfg = load_config(["--job.config_file=train_configs/debug_model.toml"])
+    args = build_model_args("debugmodel", 256, cfg.training.seq_len)
+    dims = ParallelDims.from_config(cfg, 1, "cpu")
+
+    def plan(capacity: int, training: bool) -> MemoryPlan:
+        return plan_memory(cfg, args, dims, capacity, torch.float32, training=training)
+
+    evaluation = plan(GiB, training=False)
+    assert list(evaluation.components) == [
+        "parameters (fp32, sharded)",
+        "FSDP buffers",
+        "forward working set (largest)",
+    ]
+    assert evaluation.policies == ["none"] * args.n_layers
+    between = int(evaluation.total / (1 - cfg.activation_checkpoint.memory_headroom)) + 1
+    assert plan(between, training=False).fits and not plan(between, training=True).fits
+    assert "forward only (evaluation)" in format_plan(evaluation, "this CPU")
+    one = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, batch_size=1))
+    need = plan_memory(one, args, dims, GiB, torch.float32, training=False).total
+    refused = plan(int(need / (1 - cfg.activation_checkpoint.memory_headroom)) + 1, False)
+    assert not refused.fits and refused.advice.startswith(
+        "would fit with: training.batch_size = "
+    ), refused.advice
+    assert "activation_checkpoint" not in refused.advice and "seq_len" not in refused.advice
 
 
 def test_plan_for_takes_known_gpus_and_sizes_once():

@@ -24,6 +24,11 @@ saving per byte at long context, where attention dominates), then upgrades block
 "none" while they fit, and uses "none" everywhere when everything fits. More memory never
 gives any block a slower policy. Compiled blocks fuse the float32 up-casts of the norms
 and RoPE and usually need less than this eager estimate, which is then an upper bound.
+
+An evaluation (`training=False`) holds the sharded parameters, FSDP's gathered blocks and
+the largest transient of a forward pass without gradients, bounded above by what one
+block (or the output layer) would save for a backward; no gradients, no optimizer state,
+no checkpointing.
 """
 
 from __future__ import annotations
@@ -176,6 +181,8 @@ class MemoryPlan:
     usable: int
     fits: bool
     advice: str = ""
+    training: bool = True
+    """False: an evaluation's plan (forward passes only, no block checkpointed)."""
 
     @property
     def total(self) -> int:
@@ -192,14 +199,19 @@ class MemoryPlan:
         return ", ".join(f"{p} x {n}" for p, n in runs)
 
 
-def _fixed_bytes(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, e: int) -> dict[str, int]:
-    """Memory that does not depend on the activation policy."""
+def _fixed_bytes(
+    cfg: JobConfig, args: ModelArgs, dims: ParallelDims, e: int, training: bool = True
+) -> dict[str, int]:
+    """Memory that does not depend on the activation policy (`training`: with gradients
+    and optimizer state; evaluation has neither)."""
     shapes = param_shapes(args)
     total = sum(math.prod(s) for s in shapes.values())
     block = sum(math.prod(s) for n, s in shapes.items() if n.startswith("layers.0."))
     root = total - args.n_layers * block
     reduce_bytes = getattr(torch, cfg.training.mixed_precision_reduce).itemsize
     per_rank = math.ceil(total / dims.dp_shard)
+    if not training:  # two blocks gathered (current + prefetched), the root's parameters
+        return {"parameters (fp32, sharded)": per_rank * 4, "FSDP buffers": (2 * block + root) * e}
     return {
         "parameters (fp32, sharded)": per_rank * 4,
         "gradients (fp32, sharded)": per_rank * 4,
@@ -260,14 +272,25 @@ def plan_memory(
     capacity: int,
     dtype: torch.dtype,
     advise: bool = True,
+    training: bool = True,
 ) -> MemoryPlan:
     """The plan for the configured mode (auto: chosen here) on a device of `capacity`;
-    with `advise`, a plan that does not fit says what would."""
+    with `advise`, a plan that does not fit says what would. Without `training` (an
+    evaluation: forward passes without gradients) nothing is kept for a backward, so no
+    block is checkpointed, and the largest transient is one block's or the output layer's."""
     t = cfg.training
     e = dtype.itemsize
     act = activation_bytes(args, t.batch_size, t.seq_len, dtype)
-    fixed = _fixed_bytes(cfg, args, dims, e)
+    fixed = _fixed_bytes(cfg, args, dims, e, training)
     usable = int(capacity * (1 - cfg.activation_checkpoint.memory_headroom))
+    if not training:
+        components = {**fixed, "forward working set (largest)": max(act.kept["none"], act.head)}
+        fits = sum(components.values()) <= usable
+        plan = MemoryPlan(["none"] * args.n_layers, components, capacity, usable, fits,
+                          training=False)  # fmt: skip
+        if not fits and advise:
+            plan.advice = _advice(cfg, args, dims, capacity, dtype, training)
+        return plan
     budget = usable - sum(fixed.values())
     if cfg.activation_checkpoint.mode == "auto":
         policies = plan_policies(args.n_layers, act, budget)
@@ -289,23 +312,29 @@ def plan_memory(
 
 
 def _advice(
-    cfg: JobConfig, args: ModelArgs, dims: ParallelDims, capacity: int, dtype: torch.dtype
+    cfg: JobConfig,
+    args: ModelArgs,
+    dims: ParallelDims,
+    capacity: int,
+    dtype: torch.dtype,
+    training: bool = True,
 ) -> str:
     """'would fit with: ...': the auto plan (for an explicit mode), else with auto a
     smaller micro-batch that keeps the global batch, a shorter sequence, or more ranks; or
-    why nothing would."""
+    why nothing would. An evaluation is told only of a smaller batch or more ranks (its
+    sequence length is what it measures)."""
     t = cfg.training
 
     def auto_plan(batch: int, seq: int, shard: int) -> MemoryPlan:
         c = dataclasses.replace(cfg, training=dataclasses.replace(t, batch_size=batch, seq_len=seq))
         c.activation_checkpoint = dataclasses.replace(cfg.activation_checkpoint, mode="auto")
         d = dataclasses.replace(dims, dp_shard=shard, mesh=None)
-        return plan_memory(c, args, d, capacity, dtype, advise=False)
+        return plan_memory(c, args, d, capacity, dtype, advise=False, training=training)
 
     def fits(batch: int, seq: int, shard: int) -> bool:
         return auto_plan(batch, seq, shard).fits
 
-    if cfg.activation_checkpoint.mode != "auto":
+    if training and cfg.activation_checkpoint.mode != "auto":
         plan = auto_plan(t.batch_size, t.seq_len, dims.dp_shard)
         if plan.fits:
             return (
@@ -323,13 +352,14 @@ def _advice(
     # The global batch (sequences per optimizer step) stays: a smaller micro-batch that
     # divides it is made up by gradient accumulation.
     per_rank = dims.global_batch(cfg) // dims.dp_degree
-    batch = next((d for d in range(batch, 0, -1) if per_rank % d == 0), 0)
+    if training:
+        batch = next((d for d in range(batch, 0, -1) if per_rank % d == 0), 0)
     if batch:
         option = f"training.batch_size = {batch}"
-        if t.global_batch_size == -1:  # keep the sequences per optimizer step
+        if training and t.global_batch_size == -1:  # keep the sequences per optimizer step
             option += f" with training.global_batch_size = {dims.global_batch(cfg)}"
         options.append(option)
-    else:
+    elif training:
         seq = t.seq_len // 2
         while seq >= 1024 and not fits(1, seq, dims.dp_shard):
             seq //= 2
@@ -345,17 +375,18 @@ def _advice(
     if shard <= 4096:
         ranks = f"{shard} ranks per replica (training.data_parallel_shard_degree)"
         per_pass = t.batch_size * dims.dp_replicate * shard
-        if t.global_batch_size > 0 and t.global_batch_size % per_pass:
+        if training and t.global_batch_size > 0 and t.global_batch_size % per_pass:
             ranks += f" with training.global_batch_size a multiple of {per_pass}"
         options.append(ranks)
     if not options:
+        shorter = ", sequences down to 1,024 tokens" if training else ""
         return (
-            "nothing smaller would fit (micro-batch 1, sequences down to 1,024 tokens, up to "
-            "4,096 ranks per replica): it needs a device with more memory"
+            f"nothing smaller would fit (micro-batch 1{shorter}, up to 4,096 ranks per "
+            "replica): it needs a device with more memory"
         )
     auto = (
         ""
-        if cfg.activation_checkpoint.mode == "auto"
+        if cfg.activation_checkpoint.mode == "auto" or not training
         else 'activation_checkpoint.mode = "auto" and '
     )
     return "would fit with: " + auto + " or ".join(options)
@@ -378,17 +409,16 @@ def gib(nbytes: int) -> str:
 
 def format_plan(plan: MemoryPlan, label: str) -> str:
     """A few lines: the policy per block and the estimate per component."""
+    blocks = plan.policy_summary() if plan.training else "forward only (evaluation)"
     lines = [
         f"memory plan for {label}: {gib(plan.total)} estimated of "
-        f"{gib(plan.usable)} usable ({gib(plan.capacity)} total); "
-        f"blocks: {plan.policy_summary()}"
+        f"{gib(plan.usable)} usable ({gib(plan.capacity)} total); blocks: {blocks}"
     ]
     lines += [f"    {name:<36} {b / GiB:8.2f} GiB" for name, b in plan.components.items()]
     if not plan.fits:
-        how = (
-            "even with full recomputation"
-            if set(plan.policies) == {"full"}
-            else "with these policies"
-        )
-        lines.append(f"    does not fit {how}; {plan.advice}")
+        how = ""
+        if plan.training:
+            full = set(plan.policies) == {"full"}
+            how = " even with full recomputation" if full else " with these policies"
+        lines.append(f"    does not fit{how}; {plan.advice}")
     return "\n".join(lines)

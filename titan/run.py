@@ -117,7 +117,7 @@ def build_run(cfg: JobConfig, *, train: bool = True) -> Run:
             run_on_rank0(check_run, cfg)  # inputs, folders, disk space: before heavy work
             run_on_rank0(_take_folder, run)  # one run per dump folder
             run_on_rank0(prepare_dataset, cfg)
-        run.model, run.model_args, run.kernel, run.memory = build_model(cfg, dims, device)
+        run.model, run.model_args, run.kernel, run.memory = build_model(cfg, dims, device, train)
         if train:
             logger.info("\n" + plan_table(cfg, run.model_args, dims, run.kernel, run.memory))
         run.optimizer = build_optimizer(run.model, cfg, device)
@@ -192,21 +192,24 @@ def resolve_attention(
 
 
 def build_model(
-    cfg: JobConfig, dims: ParallelDims, device: torch.device
+    cfg: JobConfig, dims: ParallelDims, device: torch.device, train: bool = True
 ) -> tuple[Transformer, ModelArgs, KernelChoice, MemoryPlan]:
-    """Choose the attention kernel and the activation policy of each block, build on the
-    meta device, wrap (AC, compile, FSDP2), then materialize and initialize."""
+    """Choose the attention kernel and the activation policy of each block (for `train`;
+    an evaluation checkpoints nothing), build on the meta device, wrap (AC, compile,
+    FSDP2), then materialize and initialize."""
     t = cfg.training
     args = build_model_args(cfg.model.flavor, t.vocab_size, t.seq_len)
     kernel = resolve_attention(cfg, args, device)
     args = dataclasses.replace(args, attn_impl=kernel.impl)
     capacity = device_capacity(cfg, device, local_world_size())
-    memory = plan_memory(cfg, args, dims, capacity, activation_dtype(cfg, device.type))
+    memory = plan_memory(
+        cfg, args, dims, capacity, activation_dtype(cfg, device.type), training=train
+    )
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else "this CPU"
     logger.info(format_plan(memory, label))
     if not memory.fits:
         message = refusal(cfg, memory, label)
-        if cfg.activation_checkpoint.mode == "auto":
+        if cfg.activation_checkpoint.mode == "auto" or not train:
             raise ConfigError(message)
         logger.warning(message + " (training anyway: the estimate may be pessimistic)")
     with torch.device("meta"):
