@@ -217,8 +217,8 @@ def test_a_missing_synthetic_dataset_says_how_to_get_one(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as e:
         build_dataloader(cfg_for(None, dataset="synthetic"), 0, 1)
     assert one_line(e).endswith(
-        "no such folder (training generates it: run from the folder you trained in, or write "
-        "one with python -m titan.data.synthetic --out FOLDER)"
+        "data_cache/synthetic-64rows-seed0: no such folder (a run of the synthetic recipe "
+        "generates it there, relative to the folder it runs in: run this from that folder)"
     )
 
 
@@ -232,7 +232,8 @@ def test_uncached_hub_dataset_offline(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as e:
         prepare_dataset(cfg_for(None, dataset="primate"))
     msg = one_line(e)
-    assert "eminorhan/neural-pile-primate" in msg and "HF_HUB_OFFLINE" in msg
+    assert "eminorhan/neural-pile-primate" in msg
+    assert "offline (HF_HUB_OFFLINE=1) it must already be in the HF cache" in msg
 
 
 # ----------------------------------------------------------------------------- other formats

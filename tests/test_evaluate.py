@@ -126,6 +126,7 @@ def test_evaluation_on_one_and_two_ranks_matches_a_hand_computation(trained, syn
         assert run["rc"] == 0, run["err"][-3000:]
         results[nproc] = json.loads(out.read_text())
         assert "spike counts only" in run["out"] and "bits/token" in run["out"]
+        assert "blocks: forward only (evaluation)" in run["out"]  # planned as what it does
     one, two = results[1], results[2]
     assert one["checkpoint"] == str(step_dir) and one["tokens"] == two["tokens"]
     for key in ("loss", "loss_counts", "bits_per_token"):

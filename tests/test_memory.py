@@ -393,9 +393,9 @@ def test_an_evaluation_is_planned_without_gradients_or_optimizer_state():
     one = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, batch_size=1))
     need = plan_memory(one, args, dims, GiB, torch.float32, training=False).total
     refused = plan(int(need / (1 - cfg.activation_checkpoint.memory_headroom)) + 1, False)
-    assert not refused.fits and refused.advice.startswith(
-        "would fit with: training.batch_size = "
-    ), refused.advice
+    assert not refused.fits and refused.advice.startswith("would fit with: eval.batch_size = "), (
+        refused.advice
+    )
     assert "activation_checkpoint" not in refused.advice and "seq_len" not in refused.advice
 
 

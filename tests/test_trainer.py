@@ -59,6 +59,9 @@ def _losses(
     with build_run(cfg, train=False) as run:
         dims = run.dims
         assert dims.world_size == world
+        assert run.memory.training  # planned and checkpointed as training, not evaluation
+        if activation_checkpoint == "full":
+            assert set(run.memory.policies) == {"full"}, run.memory.policies
         per_rank = GLOBAL_BATCH // dims.dp_degree
         for step in range(STEPS):
             mine = windows[step % 2, dims.dp_rank() * per_rank : (dims.dp_rank() + 1) * per_rank]

@@ -172,10 +172,10 @@ def run_evaluation(cfg: JobConfig) -> dict[str, Any]:
     """Everything `evaluate.py` does; returns the results (on every rank)."""
     begin = time.perf_counter()
     path, out = planned(cfg)
-    with build_run(cfg, train=False) as run:
+    batch = cfg.eval.batch_size if cfg.eval.batch_size > 0 else cfg.training.batch_size
+    with build_run(cfg, train=False, eval_batch=batch) as run:
         run.checkpointer.load_weights(path)
         data = HeldOut.open(cfg, cfg.eval.split)
-        batch = cfg.eval.batch_size if cfg.eval.batch_size > 0 else cfg.training.batch_size
         dp = run.dims.dp_degree
         n_windows = data.windows_for(cfg.eval.steps, cfg.eval.max_tokens, dp, batch)
         result = evaluate(run.model, data, run.dims, batch, n_windows)

@@ -210,8 +210,9 @@ def _fixed_bytes(
     root = total - args.n_layers * block
     reduce_bytes = getattr(torch, cfg.training.mixed_precision_reduce).itemsize
     per_rank = math.ceil(total / dims.dp_shard)
-    if not training:  # two blocks gathered (current + prefetched), the root's parameters
-        return {"parameters (fp32, sharded)": per_rank * 4, "FSDP buffers": (2 * block + root) * e}
+    if not training:  # two blocks gathered (current + prefetched), the last one (never
+        # resharded after its forward: no backward follows) and the root's parameters
+        return {"parameters (fp32, sharded)": per_rank * 4, "FSDP buffers": (3 * block + root) * e}
     return {
         "parameters (fp32, sharded)": per_rank * 4,
         "gradients (fp32, sharded)": per_rank * 4,
@@ -321,8 +322,8 @@ def _advice(
 ) -> str:
     """'would fit with: ...': the auto plan (for an explicit mode), else with auto a
     smaller micro-batch that keeps the global batch, a shorter sequence, or more ranks; or
-    why nothing would. An evaluation is told only of a smaller batch or more ranks (its
-    sequence length is what it measures)."""
+    why nothing would. An evaluation is told only of a smaller eval.batch_size or more
+    ranks (its sequence length is what it measures)."""
     t = cfg.training
 
     def auto_plan(batch: int, seq: int, shard: int) -> MemoryPlan:
@@ -355,7 +356,7 @@ def _advice(
     if training:
         batch = next((d for d in range(batch, 0, -1) if per_rank % d == 0), 0)
     if batch:
-        option = f"training.batch_size = {batch}"
+        option = f"{'training' if training else 'eval'}.batch_size = {batch}"
         if training and t.global_batch_size == -1:  # keep the sequences per optimizer step
             option += f" with training.global_batch_size = {dims.global_batch(cfg)}"
         options.append(option)

@@ -6,7 +6,8 @@
 `Run.close()` runs however the block is left (success, exception, Ctrl-C): it finishes
 or gives up the checkpoint save in flight, releases the save group, stops the data
 loader's thread and closes the metrics files. Tests and benchmarks build the same object
-with `build_run(cfg, train=False)`: no data, no metrics, nothing written or resumed.
+with `build_run(cfg, train=False)`: no data, no metrics, nothing written or resumed;
+evaluation adds its batch size (`eval_batch`), and its memory plan is then forward-only.
 """
 
 from __future__ import annotations
@@ -90,11 +91,13 @@ class Run:
         self.close(failed=exc_type is not None)
 
 
-def build_run(cfg: JobConfig, *, train: bool = True) -> Run:
+def build_run(cfg: JobConfig, *, train: bool = True, eval_batch: int | None = None) -> Run:
     """Set up a run in the fixed order. With `train` (the trainer): prepare and load the
     data, resume from the newest checkpoint (or `initial_load_path`), save the resolved
-    config and open the metrics; without (tests, benchmarks): model, optimizer, schedule
-    and checkpointer only. A failure part-way closes what was built."""
+    config and open the metrics; without (tests, benchmarks, evaluation): model,
+    optimizer, schedule and checkpointer only. With `eval_batch` (evaluation: forward
+    passes of that many sequences) the memory is planned without gradients, optimizer
+    state or checkpointing. A failure part-way closes what was built."""
     device, rank, world = init_distributed(cfg.job.init_timeout_s)
     if train:  # tests and benchmarks set up logging themselves
         init_logger(rank)
@@ -117,7 +120,9 @@ def build_run(cfg: JobConfig, *, train: bool = True) -> Run:
             run_on_rank0(check_run, cfg)  # inputs, folders, disk space: before heavy work
             run_on_rank0(_take_folder, run)  # one run per dump folder
             run_on_rank0(prepare_dataset, cfg)
-        run.model, run.model_args, run.kernel, run.memory = build_model(cfg, dims, device, train)
+        run.model, run.model_args, run.kernel, run.memory = build_model(
+            cfg, dims, device, eval_batch
+        )
         if train:
             logger.info("\n" + plan_table(cfg, run.model_args, dims, run.kernel, run.memory))
         run.optimizer = build_optimizer(run.model, cfg, device)
@@ -192,24 +197,26 @@ def resolve_attention(
 
 
 def build_model(
-    cfg: JobConfig, dims: ParallelDims, device: torch.device, train: bool = True
+    cfg: JobConfig, dims: ParallelDims, device: torch.device, eval_batch: int | None = None
 ) -> tuple[Transformer, ModelArgs, KernelChoice, MemoryPlan]:
-    """Choose the attention kernel and the activation policy of each block (for `train`;
-    an evaluation checkpoints nothing), build on the meta device, wrap (AC, compile,
-    FSDP2), then materialize and initialize."""
+    """Choose the attention kernel and the activation policy of each block (none for an
+    evaluation of `eval_batch` sequences per forward), build on the meta device, wrap (AC,
+    compile, FSDP2), then materialize and initialize."""
     t = cfg.training
     args = build_model_args(cfg.model.flavor, t.vocab_size, t.seq_len)
     kernel = resolve_attention(cfg, args, device)
     args = dataclasses.replace(args, attn_impl=kernel.impl)
     capacity = device_capacity(cfg, device, local_world_size())
-    memory = plan_memory(
-        cfg, args, dims, capacity, activation_dtype(cfg, device.type), training=train
-    )
+    planned = cfg
+    if eval_batch is not None:
+        planned = dataclasses.replace(cfg, training=dataclasses.replace(t, batch_size=eval_batch))
+    dtype = activation_dtype(cfg, device.type)
+    memory = plan_memory(planned, args, dims, capacity, dtype, training=eval_batch is None)
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else "this CPU"
     logger.info(format_plan(memory, label))
     if not memory.fits:
-        message = refusal(cfg, memory, label)
-        if cfg.activation_checkpoint.mode == "auto" or not train:
+        message = refusal(planned, memory, label)
+        if cfg.activation_checkpoint.mode == "auto" or eval_batch is not None:
             raise ConfigError(message)
         logger.warning(message + " (training anyway: the estimate may be pessimistic)")
     with torch.device("meta"):

@@ -75,17 +75,22 @@ def list_steps(folder: Path) -> list[StepDir]:
 
 def step_hint(path: Path) -> str:
     """The end of a message about `path`, given where one step directory is expected but
-    not one: the step to pass instead (the newest complete one) when `path` is a folder of
-    steps, a run's output folder (its steps in `checkpoint/`) or a missing step beside
-    others; "" when there is none to suggest."""
+    not one: the newest complete step to pass instead when `path` is a folder of steps, a
+    run's output folder (its steps in `checkpoint/`) or a missing step beside others; ""
+    when there is none to suggest (or the folders cannot be read)."""
+    missing = not path.exists()
     for folder, says in [
         (path, "it holds step directories: pass one"),
         (path / "checkpoint", "it is a run's output folder: pass one of its steps"),
-        (path.parent if not path.exists() else None, "pass a step that exists"),
+        (path.parent if missing else None, "pass a step that exists"),
+        (path.parent / "checkpoint" if missing else None, "pass a step that exists"),
     ]:
-        steps = list_steps(folder) if folder is not None else []
-        if steps:
-            return f"; {says}, e.g. {([s for s in steps if s.complete] or steps)[-1].path}"
+        try:
+            complete = [s for s in list_steps(folder) if s.complete] if folder else []
+        except OSError:  # a folder that can be entered but not listed
+            complete = []
+        if complete:
+            return f"; {says}, e.g. {complete[-1].path}"
     return ""
 
 

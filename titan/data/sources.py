@@ -214,10 +214,10 @@ def _load(src: Source, streaming: bool) -> Any:
             if src.kind == "disk":
                 if not Path(src.location).exists():
                     hint = ""
-                    if src.label.startswith("synthetic"):  # relative to the working folder
-                        hint = (
-                            " (training generates it: run from the folder you trained in, or "
-                            "write one with python -m titan.data.synthetic --out FOLDER)"
+                    if src.label.startswith("synthetic") and not Path(src.location).is_absolute():
+                        hint = (  # what generate.py and evaluate.py meet in another folder
+                            " (a run of the synthetic recipe generates it there, relative to "
+                            "the folder it runs in: run this from that folder)"
                         )
                     raise ConfigError(f"{src.label}: no such folder{hint}")
                 return datasets.load_from_disk(src.location)
