@@ -189,14 +189,18 @@ class MemoryPlan:
         return sum(self.components.values())
 
     def policy_summary(self) -> str:
-        """`attn x 20, full x 12` in block order."""
-        runs: list[list] = []
-        for p in self.policies:
-            if runs and runs[-1][0] == p:
-                runs[-1][1] += 1
-            else:
-                runs.append([p, 1])
-        return ", ".join(f"{p} x {n}" for p, n in runs)
+        return summarize_policies(self.policies)
+
+
+def summarize_policies(policies: list[str]) -> str:
+    """`attn x 20, full x 12` in block order."""
+    runs: list[list] = []
+    for p in policies:
+        if runs and runs[-1][0] == p:
+            runs[-1][1] += 1
+        else:
+            runs.append([p, 1])
+    return ", ".join(f"{p} x {n}" for p, n in runs)
 
 
 def _fixed_bytes(

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from titan.config import JobConfig
 from titan.distributed import ParallelDims
 from titan.logging import logger
+from titan.memory import summarize_policies
 from titan.models.attention import SDPA_OPS
 
 # Outputs each selective policy keeps (the rest of the block is recomputed in the
@@ -120,7 +121,7 @@ def parallelize(
     model.to_empty(device=device)
     init_weights(model, cfg.training.seed, device)
     logger.info(
-        f"Applied activation checkpointing ({cfg.activation_checkpoint.mode}), "
+        f"Applied activation checkpointing ({summarize_policies(ac_policies)}), "
         f"compile={cfg.training.compile}, "
         f"FSDP2 (params {param_dtype}, reduce {cfg.training.mixed_precision_reduce})"
     )
