@@ -75,9 +75,10 @@ def list_steps(folder: Path) -> list[StepDir]:
 
 def step_hint(path: Path) -> str:
     """The end of a message about `path`, given where one step directory is expected but
-    not one: the newest complete step to pass instead when `path` is a folder of steps, a
-    run's output folder (its steps in `checkpoint/`) or a missing step beside others; ""
-    when there is none to suggest (or the folders cannot be read)."""
+    not one: the step to pass instead (the newest complete one, else the newest: its
+    message then says what it lacks) when `path` is a folder of steps, a run's output
+    folder (its steps in `checkpoint/`) or a missing step beside others; "" when there is
+    none to suggest (or the folders cannot be read)."""
     missing = not path.exists()
     for folder, says in [
         (path, "it holds step directories: pass one"),
@@ -86,11 +87,11 @@ def step_hint(path: Path) -> str:
         (path.parent / "checkpoint" if missing else None, "pass a step that exists"),
     ]:
         try:
-            complete = [s for s in list_steps(folder) if s.complete] if folder else []
+            steps = list_steps(folder) if folder else []
         except OSError:  # a folder that can be entered but not listed
-            complete = []
-        if complete:
-            return f"; {says}, e.g. {complete[-1].path}"
+            steps = []
+        if steps:
+            return f"; {says}, e.g. {([s for s in steps if s.complete] or steps)[-1].path}"
     return ""
 
 
