@@ -86,6 +86,12 @@ def check_memory(
         )
 
 
+def check_folder(path: Path) -> None:
+    """Refuse a --checkpoint that is not a folder, naming a step to pass instead."""
+    if problem := folder_problem(path):
+        raise GenerateError(f"--checkpoint {path}: {problem}{storage.step_hint(path)}")
+
+
 def load_model(
     path: Path,
     device: torch.device,
@@ -100,8 +106,7 @@ def load_model(
     architecture, when neither its params.json nor its run's config.toml says); refused
     when it, a KV cache for `batch` samples and a pass over a `prompt_len`-token prompt
     cannot fit."""
-    if problem := folder_problem(path):
-        raise GenerateError(f"--checkpoint {path}: {problem}{storage.step_hint(path)}")
+    check_folder(path)
     if (path / ".metadata").is_file():
         args, groups, origin, trained = _dcp_weights(path, flavor)
     elif (path / "config.json").is_file():

@@ -356,8 +356,8 @@ def _advice(
             too_big = middle
     # The global batch (sequences per optimizer step) stays: a smaller micro-batch that
     # divides it is made up by gradient accumulation.
-    per_rank = dims.global_batch(cfg) // dims.dp_degree
     if training:
+        per_rank = dims.global_batch(cfg) // dims.dp_degree
         batch = next((d for d in range(batch, 0, -1) if per_rank % d == 0), 0)
     if batch:
         option = f"{'training' if training else 'eval'}.batch_size = {batch}"

@@ -291,15 +291,19 @@ def newest_weights(folder: Path, load_step: int) -> Path:
     """The step directory of checkpoint folder `folder` that evaluation reads by default:
     `load_step` (when >= 0), else the newest complete step with model weights (a full save
     or a model-only export)."""
-    steps = [s for s in storage.list_steps(folder) if s.complete]
-    steps = [s for s in steps if s.kind in (storage.FULL, storage.MODEL_ONLY)]
-    if load_step >= 0 and load_step not in [s.step for s in steps]:
+    steps = [
+        s
+        for s in storage.list_steps(folder)
+        if s.complete and s.kind in (storage.FULL, storage.MODEL_ONLY)
+    ]
+    if load_step >= 0:
+        if chosen := [s.path for s in steps if s.step == load_step]:
+            return chosen[0]
         have = ", ".join(str(s.step) for s in steps) or "none"
         raise ConfigError(
             f"checkpoint.load_step = {load_step}: no complete checkpoint of that step in "
             f"{folder} (complete steps: {have}); choose one of them, or -1 for the newest"
         )
-    steps = [s for s in steps if load_step < 0 or s.step == load_step]
     if not steps:
         raise ConfigError(
             f"no complete checkpoint in {folder}; train first, or name one with "

@@ -79,15 +79,16 @@ def step_hint(path: Path) -> str:
     message then says what it lacks) when `path` is a folder of steps, a run's output
     folder (its steps in `checkpoint/`) or a missing step beside others; "" when there is
     none to suggest (or the folders cannot be read)."""
-    missing = not path.exists()
-    for folder, says in [
+    places = [
         (path, "it holds step directories: pass one"),
         (path / "checkpoint", "it is a run's output folder: pass one of its steps"),
-        (path.parent if missing else None, "pass a step that exists"),
-        (path.parent / "checkpoint" if missing else None, "pass a step that exists"),
-    ]:
+    ]
+    if not path.exists():
+        places += [(path.parent, "pass a step that exists"),
+                   (path.parent / "checkpoint", "pass a step that exists")]  # fmt: skip
+    for folder, says in places:
         try:
-            steps = list_steps(folder) if folder else []
+            steps = list_steps(folder)
         except OSError:  # a folder that can be entered but not listed
             steps = []
         if steps:
