@@ -42,10 +42,10 @@ def _args(dump: Path, data: Path, *extra: str) -> list[str]:
     return debug_args(dump, data, *extra, seq_len=SEQ)
 
 
-def _evaluate(args: list[str], nproc: int) -> dict:
+def _evaluate(args: list[str], nproc: int, launcher: str = "torch.distributed.run") -> dict:
     import subprocess
 
-    command = train_command(nproc)
+    command = train_command(nproc, launcher=launcher)
     command[-1] = str(ROOT / "evaluate.py")  # the same launch, the other script
     result = subprocess.run(
         command + args,
@@ -191,6 +191,15 @@ def test_evaluation_bad_inputs(trained, synthetic_dir, tmp_path):
     missing = _args(tmp_path, synthetic_dir, "--job.dry_run", f"--eval.checkpoint={tmp_path}/no")
     run = _evaluate(missing, 1)
     assert run["rc"] == 2 and f"eval.checkpoint {tmp_path}/no: no such directory" in run["err"]
+    # Neither the dry run nor the launcher's check asks for what only training reads.
+    for launcher, extra in [("torch.distributed.run", "--job.dry_run"),
+                            ("titan.launch", "--eval.max_tokens=200")]:  # fmt: skip
+        only_training = _args(tmp_path, synthetic_dir, extra, f"--eval.checkpoint={step_dir}",
+                              f"--eval.output={tmp_path / 'ok.json'}",
+                              f"--checkpoint.initial_load_path={tmp_path}/absent")  # fmt: skip
+        run = _evaluate(only_training, 1, launcher)
+        assert run["rc"] == 0, run["err"][-2000:]
+    assert json.loads((tmp_path / "ok.json").read_text())["tokens"] == 3 * SEQ
     result = run_train(_args(tmp_path, synthetic_dir, "--validation.enable",
                              "--validation.split=train"), timeout=120)  # fmt: skip
     assert result.returncode == 2

@@ -33,12 +33,12 @@ from titan.checkpoint.resume import newest_weights
 from titan.cli import run_command
 from titan.config import ConfigError, JobConfig
 from titan.data.held_out import IGNORE, HeldOut
+from titan.data.sources import resolve_source
 from titan.data.tokenizer import SEPARATOR
 from titan.distributed import ParallelDims, env_rank
 from titan.files import folder_problem, json_text, output_problem, written_atomically
 from titan.logging import init_logger, logger
-from titan.models.llama import build_model_args
-from titan.preflight import check_inputs, checkpoint_folder
+from titan.preflight import checkpoint_folder
 from titan.run import build_run
 
 
@@ -140,7 +140,10 @@ def _is_result(path: Path) -> bool:
 
 
 def planned(cfg: JobConfig) -> tuple[Path, Path]:
-    """(the checkpoint to evaluate, the results file), both checked before any work."""
+    """(the checkpoint to evaluate, the results file), both checked before any work, as is
+    the dataset's path: all an evaluation reads and writes (not what training would, such
+    as `checkpoint.initial_load_path` or room for a checkpoint)."""
+    resolve_source(cfg)
     if cfg.eval.checkpoint:
         path = Path(cfg.eval.checkpoint)
         if problem := folder_problem(path):
@@ -206,9 +209,6 @@ def run_evaluation(cfg: JobConfig) -> dict[str, Any]:
 def _evaluate(cfg: JobConfig) -> None:
     init_logger(env_rank()[0])
     if cfg.job.dry_run:  # the checks of a real start; nothing is loaded or written
-        t = cfg.training
-        args = build_model_args(cfg.model.flavor, t.vocab_size, t.seq_len)
-        check_inputs(cfg, args, training=False)
         path, out = planned(cfg)
         logger.info(f"dry run: would evaluate {path} on the {cfg.eval.split} split and write {out}")
         return

@@ -43,8 +43,9 @@ SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
 
 
 def _precheck(script: str, script_args: list[str], world: int | None) -> None:
-    """The recipe as train.py would check it before its heavy work (nothing written)."""
+    """The recipe as the script would check it before its heavy work (nothing written)."""
     from titan.distributed import ParallelDims
+    from titan.evaluate import planned
     from titan.preflight import check_dry_run
 
     cfg = load_config(script_args)
@@ -52,8 +53,12 @@ def _precheck(script: str, script_args: list[str], world: int | None) -> None:
         raise ConfigError("no recipe: pass --job.config_file FILE (--help lists every key)")
     if world is not None:
         ParallelDims.from_config(cfg, world, "cpu")
-    if not cfg.job.dry_run:
-        check_dry_run(cfg, training=Path(script).name == "train.py")
+    if cfg.job.dry_run:
+        return  # the script's own dry run checks
+    if Path(script).name == "train.py":
+        check_dry_run(cfg)
+    else:
+        planned(cfg)
 
 
 def _world(args) -> int | None:

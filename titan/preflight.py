@@ -8,14 +8,17 @@ Each failure is a `ConfigError`: one line naming the key, the value and the fix.
 
 - `training.dataset` / `training.dataset_path`: a local path exists and is of the kind the
   dataset name says (`titan.data.sources.resolve_source`); a Hub id is not looked up here.
-- `checkpoint.load_step`: the checkpoint folder holds that complete step (and, for
-  training, checkpointing is on: a run without it resumes nothing).
+- `checkpoint.load_step`: the checkpoint folder holds that complete step (and checkpointing
+  is on: a run without it resumes nothing).
 - `checkpoint.initial_load_path`, when no checkpoint will be resumed: a complete DCP
   directory whose settings and tensors fit the model (`titan.checkpoint.initial`).
 - `job.dump_folder` and, with checkpointing on, the checkpoint folder: created if missing,
   writable (a probe file is written and deleted), and with room for one checkpoint, estimated
   from the parameter count. The dry run writes nothing: it refuses a folder that can
   certainly not be made, and only warns about space (it may not run where the job will).
+
+These are training's checks; an evaluation checks what it reads and writes itself
+(`titan.evaluate.planned`).
 """
 
 from __future__ import annotations
@@ -42,15 +45,14 @@ ADAMW_BYTES_PER_PARAM = 4 + 4 + 4
 def check_run(cfg: JobConfig) -> None:
     """Everything, on rank 0 of a real training start (folders are created and probed)."""
     args = _model_args(cfg)
-    check_inputs(cfg, args, training=True)
+    check_inputs(cfg, args)
     check_outputs(cfg, args, write=True)
 
 
-def check_dry_run(cfg: JobConfig, *, training: bool = True) -> None:
-    """What the dry run can check without writing anything (`training`: for train.py;
-    evaluation reads `load_step` whether checkpointing is on or not)."""
+def check_dry_run(cfg: JobConfig) -> None:
+    """What the dry run can check without writing anything."""
     args = _model_args(cfg)
-    check_inputs(cfg, args, training=training)
+    check_inputs(cfg, args)
     check_outputs(cfg, args, write=False)
 
 
@@ -65,11 +67,11 @@ def checkpoint_folder(cfg: JobConfig) -> Path:
 # ----------------------------------------------------------------------------- inputs
 
 
-def check_inputs(cfg: JobConfig, args: ModelArgs, *, training: bool) -> None:
+def check_inputs(cfg: JobConfig, args: ModelArgs) -> None:
     """The dataset path, and the checkpoint the run will resume or start from."""
     resolve_source(cfg)
     c, folder = cfg.checkpoint, checkpoint_folder(cfg)
-    if training and c.load_step >= 0 and not c.enable_checkpoint:
+    if c.load_step >= 0 and not c.enable_checkpoint:
         raise ConfigError(
             f"checkpoint.load_step = {c.load_step} but checkpoint.enable_checkpoint is false, "
             "so nothing would be loaded; set --checkpoint.enable_checkpoint, or drop load_step"
