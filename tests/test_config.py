@@ -172,6 +172,32 @@ def test_bad_recipe_exits_with_one_line(tmp_path, overrides, nproc, message):
     assert err.count("\n") == 0 and err.startswith("error: ") and message in err, err
 
 
+def test_the_launcher_checks_the_layout_of_the_ranks_it_starts(tmp_path):
+    """`--standalone` (and torchrun's default) is nnodes 1:1, a fixed world size: the
+    launcher checks the recipe's layout for it before any rank starts (TITAN_CHECK_ONLY:
+    the check alone); an evaluation is not held to training's batch arithmetic."""
+    import subprocess
+
+    from conftest import TRAIN_ENV, assert_refused, train_command
+
+    recipe = ["--job.config_file=train_configs/debug_model.toml", f"--job.dump_folder={tmp_path}"]
+
+    def check(script: str, *overrides: str) -> subprocess.CompletedProcess:
+        command = train_command(2, launcher="titan.launch")
+        command[-1] = str(ROOT / script)
+        env = {**TRAIN_ENV, "TITAN_CHECK_ONLY": "1"}
+        return subprocess.run(command + recipe + list(overrides), cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    assert "--standalone" in train_command(2, launcher="titan.launch")
+    assert_refused(check("train.py", "--training.data_parallel_shard_degree=3"),
+                   "= 3, but the world size is 2")  # fmt: skip
+    assert_refused(check("train.py", "--training.global_batch_size=6"), "use a multiple of 8")
+    assert_refused(check("evaluate.py", "--training.global_batch_size=6"),
+                   "no complete checkpoint in")  # its own first problem  # fmt: skip
+    assert check("train.py").returncode == 0
+
+
 def test_help_lists_every_key_with_its_docstring():
     result = run_train(["--help"], timeout=120)
     assert result.returncode == 0

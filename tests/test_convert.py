@@ -589,6 +589,12 @@ def _bad_llama_inputs(root: Path, hf_dir: Path) -> dict[str, tuple[list[str], st
     }
 
 
+def _flip_a_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+
+
 def _bad_dcp_inputs(root: Path, dcp_dir: Path, hf_dir: Path) -> dict[str, tuple[list[str], str]]:
     """Name -> (dcp_to_llama argv, words the error line must contain)."""
     import shutil
@@ -602,6 +608,9 @@ def _bad_dcp_inputs(root: Path, dcp_dir: Path, hf_dir: Path) -> dict[str, tuple[
     (incomplete / ".complete").unlink()
     no_arch = copy("no_arch")
     (no_arch / "params.json").unlink()
+    no_arch_flipped = copy("no_arch_flipped")  # the architecture is asked for before a read
+    (no_arch_flipped / "params.json").unlink()
+    _flip_a_bit(max(no_arch_flipped.glob("*.distcp"), key=lambda p: p.stat().st_size))
     truncated = copy("truncated")
     for f in truncated.glob("*.distcp"):
         f.write_bytes(f.read_bytes()[:10])
@@ -615,10 +624,7 @@ def _bad_dcp_inputs(root: Path, dcp_dir: Path, hf_dir: Path) -> dict[str, tuple[
     dropped = root / "dropped"  # llama_to_dcp's default when the vocabulary changes
     convert.llama_to_dcp(hf_dir, dropped, vocab_size=512, log=lambda line: None)
     flipped = copy("flipped")  # complete, with one flipped bit in a weight
-    shard = max(flipped.glob("*.distcp"), key=lambda p: p.stat().st_size)
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 1
-    shard.write_bytes(bytes(data))
+    _flip_a_bit(max(flipped.glob("*.distcp"), key=lambda p: p.stat().st_size))
     trained = root / "run" / "checkpoint" / "step-5"  # a training checkpoint, as output
     _training_checkpoint(trained, single_file=True)
 
@@ -637,6 +643,7 @@ def _bad_dcp_inputs(root: Path, dcp_dir: Path, hf_dir: Path) -> dict[str, tuple[
         "unreadable metadata": (argv(garbage), "the .metadata file is unreadable"),
         "incomplete": (argv(incomplete), "incomplete checkpoint"),
         "unknown architecture": (argv(no_arch), "pass --flavor"),
+        "unknown architecture, damaged": (argv(no_arch_flipped), "pass --flavor"),
         "--flavor against params.json": (
             argv(dcp_dir, "--flavor", "debugmodel"),
             "--flavor debugmodel disagrees with params.json",

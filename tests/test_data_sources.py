@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_train
+from conftest import assert_refused, debug_args, run_train
 from datasets import Dataset, DatasetDict, NamedSplit
 from datasets.table import InMemoryTable
 
@@ -129,6 +129,14 @@ def test_a_data_error_of_one_rank_is_named(tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "rank 1 of 2 found no usable row" in last, last
+
+
+def test_a_filter_that_keeps_nothing_stops_the_run_before_its_model(tmp_path, synthetic_dir):
+    result = run_train(
+        debug_args(tmp_path, synthetic_dir, "--data.source_datasets=nosuch"), timeout=120
+    )
+    assert_refused(result, "no row has source_dataset in ['nosuch']; it has: synthetic_0")
+    assert "Applied activation checkpointing" not in result.stdout  # no model was built
 
 
 # ----------------------------------------------------------------------------- bad sources

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -191,15 +192,42 @@ def test_evaluation_bad_inputs(trained, synthetic_dir, tmp_path):
     missing = _args(tmp_path, synthetic_dir, "--job.dry_run", f"--eval.checkpoint={tmp_path}/no")
     run = _evaluate(missing, 1)
     assert run["rc"] == 2 and f"eval.checkpoint {tmp_path}/no: no such directory" in run["err"]
-    # Neither the dry run nor the launcher's check asks for what only training reads.
+    # Neither the dry run nor the launcher's check asks for what only training reads or
+    # needs (the initial weights, a global batch that divides among the ranks).
     for launcher, extra in [("torch.distributed.run", "--job.dry_run"),
                             ("titan.launch", "--eval.max_tokens=200")]:  # fmt: skip
         only_training = _args(tmp_path, synthetic_dir, extra, f"--eval.checkpoint={step_dir}",
                               f"--eval.output={tmp_path / 'ok.json'}",
-                              f"--checkpoint.initial_load_path={tmp_path}/absent")  # fmt: skip
+                              f"--checkpoint.initial_load_path={tmp_path}/absent",
+                              "--training.global_batch_size=6")  # fmt: skip
         run = _evaluate(only_training, 1, launcher)
         assert run["rc"] == 0, run["err"][-2000:]
     assert json.loads((tmp_path / "ok.json").read_text())["tokens"] == 3 * SEQ
+    # Refused before the model is built: data with no row to read, an incomplete step.
+    none_kept = _args(tmp_path, synthetic_dir, f"--eval.checkpoint={step_dir}",
+                      "--data.source_datasets=nosuch")  # fmt: skip
+    run = _evaluate(none_kept, 1)
+    assert run["rc"] == 2 and "no usable row to evaluate on" in run["err"], run["err"]
+    assert "Applied activation checkpointing" not in run["out"]
+    incomplete = tmp_path / "copy" / "step-6"
+    shutil.copytree(step_dir, incomplete)
+    (incomplete / ".complete").unlink()
+    for extra in ("--job.dry_run", "--eval.max_tokens=200"):
+        run = _evaluate(_args(tmp_path, synthetic_dir, extra, f"--eval.checkpoint={incomplete}"), 1)
+        assert run["rc"] == 2 and run["err"].count("\n") == 1, run["err"]
+        assert f"eval.checkpoint {incomplete}: incomplete (no .complete marker" in run["err"]
+        assert "evaluate a complete step" in run["err"]
+    # Another model is named before the data files are checksummed (tens of GB for 8B).
+    damaged = tmp_path / "damaged" / "step-6"
+    shutil.copytree(step_dir, damaged)
+    shard = max(damaged.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x04
+    shard.write_bytes(bytes(data))
+    for vocab, words in [("512", "check model.flavor"), ("256", "does not match its checksum")]:
+        run = _evaluate(_args(tmp_path, synthetic_dir, f"--eval.checkpoint={damaged}",
+                              f"--training.vocab_size={vocab}"), 1)  # fmt: skip
+        assert run["rc"] == 2 and words in run["err"], run["err"]
     result = run_train(_args(tmp_path, synthetic_dir, "--validation.enable",
                              "--validation.split=train"), timeout=120)  # fmt: skip
     assert result.returncode == 2

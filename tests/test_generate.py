@@ -291,7 +291,10 @@ def _bad_inputs(files: dict[str, Path], root: Path) -> dict[str, tuple[list[str]
             ["--checkpoint", str(files["dcp"].parent / "step-9"), "--neurons", "4"],
             f"no such directory; pass a step that exists, e.g. {files['dcp']}",
         ),
-        "incomplete": (["--checkpoint", str(incomplete), "--neurons", "4"], "incomplete"),
+        "incomplete, before the data": (  # the checkpoint is refused before a row is read
+            ["--checkpoint", str(incomplete), "--dataset_path", str(root / "nodata")],
+            "incomplete",
+        ),
         "row out of range": ([*ckpt, *data, "--row", "3"], "--row 3: out of range"),
         "no such split": ([*ckpt, *data, "--split", "validation"], "no split 'validation'"),
         "no such dataset": ([*ckpt, "--dataset_path", str(root / "nodata")], "nodata"),

@@ -37,7 +37,11 @@ class ParallelDims:
     mesh: DeviceMesh | None = field(default=None, repr=False)
 
     @classmethod
-    def from_config(cls, cfg: JobConfig, world_size: int, device_type: str) -> ParallelDims:
+    def from_config(
+        cls, cfg: JobConfig, world_size: int, device_type: str, *, training: bool = True
+    ) -> ParallelDims:
+        """The data-parallel layout of `world_size` ranks; for `training`, also checked
+        against the batch arithmetic (an evaluation reads its own batches)."""
         t = cfg.training
         replicate, shard = t.data_parallel_replicate_degree, t.data_parallel_shard_degree
         if shard == -1:
@@ -54,7 +58,8 @@ class ParallelDims:
                 "product equal the number of ranks (or set data_parallel_shard_degree = -1)"
             )
         dims = cls(replicate, shard, world_size, device_type)
-        dims.check_batch(cfg)
+        if training:
+            dims.check_batch(cfg)
         return dims
 
     @property

@@ -153,6 +153,13 @@ def planned(cfg: JobConfig) -> tuple[Path, Path]:
                 f"eval.checkpoint {path}: not a DCP checkpoint (no .metadata)"
                 f"{storage.step_hint(path)}"
             )
+        if not (path / storage.MARKER).is_file():
+            done = [s.path for s in storage.list_steps(path.parent) if s.complete]
+            raise ConfigError(
+                f"eval.checkpoint {path}: incomplete (no {storage.MARKER} marker: its save "
+                "was cut short, or is still being written); evaluate a complete step"
+                + (f", e.g. {done[-1]}" if done else "")
+            )
     else:
         path = newest_weights(checkpoint_folder(cfg), cfg.checkpoint.load_step)
     out = results_path(cfg, path)
@@ -176,9 +183,9 @@ def run_evaluation(cfg: JobConfig) -> dict[str, Any]:
     begin = time.perf_counter()
     path, out = planned(cfg)
     batch = cfg.eval.batch_size if cfg.eval.batch_size > 0 else cfg.training.batch_size
+    data = HeldOut.open(cfg, cfg.eval.split)  # its problems before the model is built
     with build_run(cfg, train=False, eval_batch=batch) as run:
         run.checkpointer.load_weights(path)
-        data = HeldOut.open(cfg, cfg.eval.split)
         dp = run.dims.dp_degree
         n_windows = data.windows_for(cfg.eval.steps, cfg.eval.max_tokens, dp, batch)
         result = evaluate(run.model, data, run.dims, batch, n_windows)

@@ -50,7 +50,7 @@ from titan.convert.common import first_line, interrupted
 from titan.data import sources
 from titan.data.tokenizer import MAX_COUNT, SEPARATOR, arrow_row_matrix, tokenize_row
 from titan.files import output_problem, written_atomically
-from titan.inference import GenerateError, check_folder, load_model
+from titan.inference import GenerateError, check_checkpoint, load_model
 from titan.logging import init_logger, logger
 from titan.models.llama import FLAVORS
 from titan.plot import plot_samples, samples_title
@@ -238,7 +238,7 @@ def _check(opts: argparse.Namespace) -> None:
     for ok, message in rules:
         if not ok:
             raise GenerateError(message)
-    check_folder(Path(opts.checkpoint))  # before the data is read
+    check_checkpoint(Path(opts.checkpoint))  # before the data is read
     out, png = Path(opts.out), Path(opts.out).with_suffix(".png")
     problem = output_problem(out, ".npz")
     if problem is None and (chart := output_problem(png, ".png")):

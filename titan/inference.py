@@ -86,10 +86,25 @@ def check_memory(
         )
 
 
-def check_folder(path: Path) -> None:
-    """Refuse a --checkpoint that is not a folder, naming a step to pass instead."""
+def check_checkpoint(path: Path) -> None:
+    """Refuse, from its small files alone, a --checkpoint that is not a complete DCP
+    directory or a Hugging Face export (naming a step to pass instead where it can)."""
     if problem := folder_problem(path):
         raise GenerateError(f"--checkpoint {path}: {problem}{storage.step_hint(path)}")
+    if not (path / ".metadata").is_file():
+        if (path / "config.json").is_file():
+            return
+        raise GenerateError(
+            f"--checkpoint {path}: neither a DCP directory (.metadata) nor a Hugging Face "
+            f"export (config.json){storage.step_hint(path)}"
+        )
+    if not (path / MARKER).is_file():
+        raise GenerateError(
+            f"{path}: incomplete checkpoint (no {MARKER} marker: its save did not finish); "
+            "use another step"
+        )
+    if problem := storage.metadata_problem(path):
+        raise GenerateError(f"{path} is damaged: {problem}; use another step")
 
 
 def load_model(
@@ -106,18 +121,13 @@ def load_model(
     architecture, when neither its params.json nor its run's config.toml says); refused
     when it, a KV cache for `batch` samples and a pass over a `prompt_len`-token prompt
     cannot fit."""
-    check_folder(path)
+    check_checkpoint(path)
     if (path / ".metadata").is_file():
         args, groups, origin, trained = _dcp_weights(path, flavor)
-    elif (path / "config.json").is_file():
+    else:
         source = HFSource(path)
         args, origin, trained = source.args, f"{path} (Hugging Face export)", None
         groups = ({name: source.load(name)} for name in param_shapes(args))
-    else:
-        raise GenerateError(
-            f"--checkpoint {path}: neither a DCP directory (.metadata) nor a Hugging Face "
-            f"export (config.json){storage.step_hint(path)}"
-        )
     if args.vocab_size < SEPARATOR + 1:
         raise GenerateError(
             f"{path}: vocabulary of {args.vocab_size} tokens; spike-count models have 256"
@@ -139,19 +149,15 @@ def load_model(
 def _dcp_weights(
     path: Path, flavor: str | None
 ) -> tuple[ModelArgs, Iterable[dict[str, torch.Tensor]], str, int | None]:
-    """(architecture, groups of model tensors read lazily, origin, trained seq_len)."""
-    if not (path / MARKER).is_file():
-        raise GenerateError(
-            f"{path}: incomplete checkpoint (no {MARKER} marker: its save did not finish); "
-            "use another step"
-        )
-    problem = integrity_problem(path, "model.")
-    if problem is not None:
-        raise GenerateError(f"{path} is damaged: {problem}; use another step")
+    """(architecture, groups of model tensors read lazily, origin, trained seq_len) of a
+    directory `check_checkpoint` accepted; its data files are verified once the
+    architecture is known (a missing --flavor is named before they are read)."""
     stored = read_dcp_model_metadata(path)
     if not stored:
         raise GenerateError(f"{path}: no model tensors (keys model.*) in this checkpoint")
     args, origin, job = step_architecture(path, stored, flavor, None, logger.info)
+    if problem := integrity_problem(path, "model."):
+        raise GenerateError(f"{path} is damaged: {problem}; use another step")
     trained = None
     if not (path / "params.json").is_file():  # a training step: its run's config is its own
         trained = (job or {}).get("training", {}).get("seq_len")

@@ -51,20 +51,26 @@ def _precheck(script: str, script_args: list[str], world: int | None) -> None:
     cfg = load_config(script_args)
     if cfg.job.config_file is None:
         raise ConfigError("no recipe: pass --job.config_file FILE (--help lists every key)")
+    training = Path(script).name == "train.py"
     if world is not None:
-        ParallelDims.from_config(cfg, world, "cpu")
+        ParallelDims.from_config(cfg, world, "cpu", training=training)
     if cfg.job.dry_run:
         return  # the script's own dry run checks
-    if Path(script).name == "train.py":
+    if training:
         check_dry_run(cfg)
     else:
         planned(cfg)
 
 
 def _world(args) -> int | None:
-    """Ranks the launch will start, when fixed (nnodes and nproc_per_node integers)."""
+    """Ranks the launch will start, when fixed: nnodes `N` or `N:N` (torchrun's default
+    and --standalone's `1:1`) and an integer nproc_per_node; None for an elastic range or
+    `gpu`/`auto` per node."""
+    low, _, high = str(args.nnodes).partition(":")
     try:
-        nodes = int(str(args.nnodes))
+        nodes = int(low)
+        if high and int(high) != nodes:
+            return None
         return nodes * int(args.nproc_per_node)
     except (TypeError, ValueError):
         return None

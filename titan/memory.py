@@ -400,8 +400,9 @@ def _advice(
 def refusal(cfg: JobConfig, plan: MemoryPlan, label: str) -> str:
     """Why a run does not fit on `label` (a plan that does not fit) and what would."""
     t = cfg.training
+    batch = "batch_size" if plan.training else "eval.batch_size"
     return (
-        f"training.seq_len = {t.seq_len} with batch_size {t.batch_size} needs about "
+        f"training.seq_len = {t.seq_len} with {batch} {t.batch_size} needs about "
         f"{gib(plan.total)} per rank but {label} has {gib(plan.usable)} usable; {plan.advice}"
     )
 

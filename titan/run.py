@@ -101,7 +101,7 @@ def build_run(cfg: JobConfig, *, train: bool = True, eval_batch: int | None = No
     device, rank, world = init_distributed(cfg.job.init_timeout_s)
     if train:  # tests and benchmarks set up logging themselves
         init_logger(rank)
-    dims = ParallelDims.from_config(cfg, world, device.type)
+    dims = ParallelDims.from_config(cfg, world, device.type, training=eval_batch is None)
     dims.build_mesh()
     torch.manual_seed(cfg.training.seed)
     if cfg.training.deterministic:
@@ -120,6 +120,11 @@ def build_run(cfg: JobConfig, *, train: bool = True, eval_batch: int | None = No
             run_on_rank0(check_run, cfg)  # inputs, folders, disk space: before heavy work
             run_on_rank0(_take_folder, run)  # one run per dump folder
             run_on_rank0(prepare_dataset, cfg)
+            # Every rank's data, before the heavy work: an empty source filter or a missing
+            # validation split stops the run here.
+            run.dataloader = build_dataloader(cfg, dims.dp_rank(), dims.dp_degree)
+            if cfg.validation.enable:
+                run.held_out = HeldOut.open(cfg, cfg.validation.split)
         run.model, run.model_args, run.kernel, run.memory = build_model(
             cfg, dims, device, eval_batch
         )
@@ -127,10 +132,6 @@ def build_run(cfg: JobConfig, *, train: bool = True, eval_batch: int | None = No
             logger.info("\n" + plan_table(cfg, run.model_args, dims, run.kernel, run.memory))
         run.optimizer = build_optimizer(run.model, cfg, device)
         run.scheduler = build_lr_scheduler(run.optimizer, cfg)
-        if train:
-            run.dataloader = build_dataloader(cfg, dims.dp_rank(), dims.dp_degree)
-            if cfg.validation.enable:
-                run.held_out = HeldOut.open(cfg, cfg.validation.split)
         run.checkpointer = Checkpointer(
             cfg,
             model=run.model,

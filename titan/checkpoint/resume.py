@@ -171,20 +171,24 @@ def _model_mismatch(model: torch.nn.Module, path: Path) -> str | None:
     return None
 
 
+def _trusted_mismatch(model: torch.nn.Module, path: Path) -> str | None:
+    """`_model_mismatch` once the marker and `.metadata` are intact, so that a step of
+    another model is named before its data files (tens of GB for 8B) are checksummed;
+    None while they are not, for `integrity_problem` to report."""
+    return None if storage.metadata_problem(path) else _model_mismatch(model, path)
+
+
 def check(ckpt: Checkpointer, path: Path) -> str | None:
     """The integrity problem of a step directory in a few words, or None; CheckpointError
     when the step holds another model (no other step would do better)."""
-    problem = integrity_problem(path)
-    if problem is not None:
-        return problem
-    mismatch = _model_mismatch(ckpt.model, path)
+    mismatch = _trusted_mismatch(ckpt.model, path)
     if mismatch is not None:
         raise CheckpointError(
             f"checkpoint {path} was saved by another model: {mismatch} (model.flavor or "
             "training.vocab_size changed?); resume with the run's own settings (its "
             "config.toml), or start a new job.dump_folder"
         )
-    return None
+    return integrity_problem(path)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -317,11 +321,11 @@ def load_weights(ckpt: Checkpointer, path: Path) -> None:
     a conversion), and nothing else: the optimizer's state is never read."""
     if not (path / ".metadata").is_file():
         raise ConfigError(f"{path}: not a DCP checkpoint directory (no .metadata)")
+    mismatch = _trusted_mismatch(ckpt.model, path)
+    if mismatch is not None:
+        raise CheckpointError(f"{path}: {mismatch}; check model.flavor and training.vocab_size")
     problem = integrity_problem(path, "model.")
     if problem is not None:
         raise CheckpointError(f"checkpoint {path} is corrupted: {problem}")
-    mismatch = _model_mismatch(ckpt.model, path)
-    if mismatch is not None:
-        raise CheckpointError(f"{path}: {mismatch}; check model.flavor and training.vocab_size")
     dcp.load({"model": ckpt.states["model"]}, checkpoint_id=str(path))
     logger.info(f"Loaded the model weights of {path}")

@@ -126,6 +126,16 @@ def marker_problem(step_dir: Path) -> str | None:
     return None
 
 
+def metadata_problem(step_dir: Path) -> str | None:
+    """The problem of a complete directory's small files (its marker and `.metadata`, no
+    data file read) in a few words, or None: what must hold before `.metadata` is trusted
+    to say which model the directory holds, ahead of the data files' checksums."""
+    problem = marker_problem(step_dir) or data_files(step_dir)[1]
+    if problem is None and ".metadata" in read_marker(step_dir).get("checksums", {}):
+        problem = verify_checksums(step_dir, [".metadata"])
+    return problem
+
+
 def file_checksum(path: Path) -> str:
     """CRC-32 of a file's bytes, as 8 hex digits."""
     crc = 0

@@ -206,6 +206,9 @@ def step_architecture(
 
 
 def _check_input(input_dir: Path, allow_incomplete: bool) -> None:
+    """The input's kind and its small files (marker, `.metadata`); the data files are
+    checked by `_check_data` once the architecture is known, so that a missing `--flavor`
+    is named before tens of GB are read."""
     if problem := folder_problem(input_dir):
         raise ConvertError(f"--input_dir {input_dir}: {problem}{storage.step_hint(input_dir)}")
     if not (input_dir / ".metadata").is_file():
@@ -214,14 +217,25 @@ def _check_input(input_dir: Path, allow_incomplete: bool) -> None:
             f"{storage.step_hint(input_dir)}"
         )
     if (input_dir / MARKER).is_file():
-        problem = integrity_problem(input_dir, "model.")
-    elif allow_incomplete:  # no checksums to compare: at least every shard is whole
-        problem = storage.verify(input_dir, "model.")
+        problem = storage.metadata_problem(input_dir)
+    elif allow_incomplete:
+        problem = storage.data_files(input_dir)[1]  # no checksum: at least readable
     else:
         raise ConvertError(
             f"{input_dir}: incomplete checkpoint (no {MARKER} marker: its save did not finish); "
             "use another step or pass --allow_incomplete"
         )
+    if problem is not None:
+        raise ConvertError(f"{input_dir} is damaged: {problem}; use another step")
+
+
+def _check_data(input_dir: Path) -> None:
+    """The model's data files: checksums where the marker has them, else (an incomplete
+    step) at least every shard whole."""
+    if (input_dir / MARKER).is_file():
+        problem = integrity_problem(input_dir, "model.")
+    else:  # no checksums to compare
+        problem = storage.verify(input_dir, "model.")
     if problem is not None:
         raise ConvertError(f"{input_dir} is damaged: {problem}; use another step")
 
@@ -257,6 +271,7 @@ def dcp_to_llama(
     if not stored:
         raise ConvertError(f"{input_dir}: no model tensors (keys model.*) in this checkpoint")
     args, origin, job = step_architecture(input_dir, stored, flavor, max_seq_len, log)
+    _check_data(input_dir)
     names = list(param_shapes(args))
     shapes = {n: stored[n][0] for n in names}
     out_dtype = None if dtype == "auto" else DTYPES[dtype]
