@@ -152,8 +152,28 @@ def test_a_damaged_marker_is_a_problem(tmp_path):
     (path / storage.MARKER).write_text(marker[:-5])  # not JSON any more
     assert storage.marker_problem(path) is not None
     converted = _save(tmp_path, 2, kind=None)
-    storage.write_marker(converted, {"kind": storage.CONVERTED})  # older conversions: no sums
-    assert storage.marker_problem(converted) is None
+    for older in ({}, {"checksums": None}):  # older conversions: no sums, or null
+        storage.write_marker(converted, {"kind": storage.CONVERTED, **older})
+        assert storage.marker_problem(converted) is None
+        assert storage.metadata_problem(converted) is None  # .metadata still readable
+
+
+def test_metadata_problem_reads_no_data_file(tmp_path):
+    """The marker and `.metadata` alone: a damaged shard is not its business, a damaged
+    or unreadable `.metadata` is."""
+    path = _save(tmp_path, 1)
+    shard = path / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-1] + b"?")
+    assert storage.metadata_problem(path) is None
+    metadata = path / ".metadata"
+    data = bytearray(metadata.read_bytes())
+    data[-2] ^= 0x01
+    metadata.write_bytes(bytes(data))
+    problem = storage.metadata_problem(path)
+    assert problem in (".metadata does not match its checksum (damaged on disk)",
+                       "the .metadata file is unreadable (UnpicklingError)"), problem  # fmt: skip
+    metadata.write_bytes(b"garbage")
+    assert storage.metadata_problem(path).startswith("the .metadata file is unreadable")
 
 
 def test_moves_aside_never_collide_and_purge_unlinks_links(tmp_path):

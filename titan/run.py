@@ -1,7 +1,7 @@
 """One training run's objects, built in one order and closed in one place.
 
-    with build_run(cfg) as run:          # distributed -> mesh -> model -> optimizer ->
-        train(run)                       # schedule -> data -> checkpointer (-> resume)
+    with build_run(cfg) as run:          # distributed -> mesh -> data -> model ->
+        train(run)                       # optimizer -> schedule -> checkpointer (-> resume)
 
 `Run.close()` runs however the block is left (success, exception, Ctrl-C): it finishes
 or gives up the checkpoint save in flight, releases the save group, stops the data

@@ -155,7 +155,7 @@ def integrity_problem(path: Path, prefix: str = "") -> str | None:
     problem = storage.marker_problem(path) or problem or storage.size_problem(path, needed)
     if problem is None:
         files = {".metadata", *needed}
-        recorded = sorted(set(storage.read_marker(path).get("checksums", {})) & files)
+        recorded = sorted(set(storage.recorded_checksums(path)) & files)
         problem = storage.verify_checksums(path, recorded[rank::world])
     return _gathered_problem(problem) if group else problem
 

@@ -111,6 +111,12 @@ def write_marker(step_dir: Path, info: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(info))
 
 
+def recorded_checksums(step_dir: Path) -> dict[str, str]:
+    """File name -> CRC-32 as the marker records them ({} when it records none)."""
+    checksums = read_marker(step_dir).get("checksums")
+    return checksums if isinstance(checksums, dict) else {}
+
+
 def marker_problem(step_dir: Path) -> str | None:
     """What is wrong with a complete directory's marker in a few words, or None: titan's
     own saves always record the kind and every file's checksum."""
@@ -131,7 +137,7 @@ def metadata_problem(step_dir: Path) -> str | None:
     data file read) in a few words, or None: what must hold before `.metadata` is trusted
     to say which model the directory holds, ahead of the data files' checksums."""
     problem = marker_problem(step_dir) or data_files(step_dir)[1]
-    if problem is None and ".metadata" in read_marker(step_dir).get("checksums", {}):
+    if problem is None and ".metadata" in recorded_checksums(step_dir):
         problem = verify_checksums(step_dir, [".metadata"])
     return problem
 
@@ -164,7 +170,7 @@ def complete(step_dir: Path, info: dict[str, Any], sums: dict[str, str]) -> None
 def verify_checksums(step_dir: Path, names: list[str]) -> str | None:
     """Compare `names` (a share of the marker's files) with the marker's checksums; the
     first problem in a few words, or None."""
-    recorded = read_marker(step_dir).get("checksums", {})
+    recorded = recorded_checksums(step_dir)
     for name in names:
         path = step_dir / name
         if not path.is_file():
