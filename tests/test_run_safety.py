@@ -151,6 +151,12 @@ def test_one_run_per_folder_and_stale_locks(tmp_path, synthetic_dir):
     assert not (tmp_path / ".lock").exists()  # released at the end
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """A run started from a terminal has SIGINT's default action (Python's Ctrl-C); a child
+    of a background job would inherit it ignored, and Python keeps it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _signalled_during_set_up(args: list[str], *signals: int) -> tuple[int, str]:
     """(exit status, output) of a one-process run sent `signals` while its model is being
     built (the attention kernel is chosen first)."""
@@ -161,6 +167,7 @@ def _signalled_during_set_up(args: list[str], *signals: int) -> tuple[int, str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=_sigint_as_in_a_terminal,
     )
     seen = []
     try:
