@@ -154,10 +154,7 @@ def planned(cfg: JobConfig) -> tuple[Path, Path]:
                 f"{storage.step_hint(path)}"
             )
         if not (path / storage.MARKER).is_file():
-            try:
-                done = [s.path for s in storage.list_steps(path.parent) if s.complete]
-            except OSError:  # a folder that can be entered but not listed
-                done = []
+            done = [s.path for s in storage.listed_steps(path.parent) if s.complete]
             raise ConfigError(
                 f"eval.checkpoint {path}: incomplete (no {storage.MARKER} marker: its save "
                 "was cut short, or is still being written); evaluate a complete step"

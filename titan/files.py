@@ -96,3 +96,9 @@ def _sync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def listing(names: list[str], most: int = 3) -> str:
+    """'a, b, c and 4 more': the first `most` names and how many were left out."""
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more

@@ -53,9 +53,10 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: JobConfig) -> Lamb
 
 def warn_about_the_schedule(cfg: JobConfig) -> None:
     """Say so when the warmup covers the whole run (a short test run, or a typo)."""
-    t = cfg.training
-    if t.warmup_steps >= t.steps:
-        peak = cfg.optimizer.lr * t.steps / (t.warmup_steps + 1)
+    s, t = cfg.lr_scheduler, cfg.training
+    if t.warmup_steps >= t.steps:  # the last step's rate is the highest
+        last = lr_factor(t.steps - 1, t.warmup_steps, t.steps, s.decay_type, s.min_lr_ratio)
+        peak = cfg.optimizer.lr * last
         logger.warning(
             f"training.warmup_steps = {t.warmup_steps} covers all {t.steps} training.steps: the "
             f"learning rate peaks at {peak:.3g}, never at optimizer.lr = {cfg.optimizer.lr:g}, "

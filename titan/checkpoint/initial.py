@@ -39,6 +39,7 @@ from titan.checkpoint import storage
 from titan.checkpoint.errors import CheckpointError
 from titan.checkpoint.resume import integrity_problem
 from titan.config import ConfigError
+from titan.files import listing
 from titan.logging import logger
 from titan.models import keymap
 from titan.models.llama import FLAVORS, ModelArgs, build_model_args, param_shapes
@@ -75,11 +76,6 @@ class InitialLoad:
 
 def _error(value: str, what: str) -> ConfigError:
     return ConfigError(f"{KEY} = {value!r}: {what}")
-
-
-def _listing(items: list[str], most: int = 3) -> str:
-    more = f" and {len(items) - most} more" if len(items) > most else ""
-    return ", ".join(items[:most]) + more
 
 
 def _how_to_make(value: str, args: ModelArgs) -> str:
@@ -231,7 +227,7 @@ def plan_initial_load(value: str, args: ModelArgs, allow: list[str]) -> InitialL
         outline = f" (source vs this model: {', '.join(differ)})" if differ else ""
         raise _error(
             value,
-            f"{len(refused)} tensors do not match this model: {_listing(refused)}{outline}; "
+            f"{len(refused)} tensors do not match this model: {listing(refused)}{outline}; "
             "start from a checkpoint of this model's architecture, or list the tensors that "
             f"may differ in {ALLOW_KEY} (patterns such as 'layers.5.*')",
         )
@@ -261,7 +257,7 @@ def load_initial(model: nn.Module, value: str, allow: list[str]) -> None:
         if plan.fresh:
             message += f"; kept fresh initialization for {len(plan.fresh)}: {', '.join(plan.fresh)}"
         if plan.ignored:
-            message += f"; ignored {len(plan.ignored)} source tensors: {_listing(plan.ignored)}"
+            message += f"; ignored {len(plan.ignored)} source tensors: {listing(plan.ignored)}"
         if plan.settings:
             message += f"; settings differ: {', '.join(plan.settings)}"
         logger.warning(f"{message} (allowed by {ALLOW_KEY})")

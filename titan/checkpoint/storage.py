@@ -73,6 +73,14 @@ def list_steps(folder: Path) -> list[StepDir]:
     return sorted(found, key=lambda s: s.step)
 
 
+def listed_steps(folder: Path) -> list[StepDir]:
+    """`list_steps` for a hint: [] for a folder that can be entered but not listed."""
+    try:
+        return list_steps(folder)
+    except OSError:
+        return []
+
+
 def step_hint(path: Path) -> str:
     """The end of a message about `path`, given where one step directory is expected but
     not one: the step to pass instead (the newest complete one, else the newest: its
@@ -87,11 +95,7 @@ def step_hint(path: Path) -> str:
         places += [(path.parent, "pass a step that exists"),
                    (path.parent / "checkpoint", "pass a step that exists")]  # fmt: skip
     for folder, says in places:
-        try:
-            steps = list_steps(folder)
-        except OSError:  # a folder that can be entered but not listed
-            steps = []
-        if steps:
+        if steps := listed_steps(folder):
             return f"; {says}, e.g. {([s for s in steps if s.complete] or steps)[-1].path}"
     return ""
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from titan.config.sections import UNIMPLEMENTED, JobConfig, Rule
+from titan.files import listing
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -181,8 +182,7 @@ def _load_toml(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         near = sorted(str(f) for f in p.parent.glob("*.toml")) if p.parent.is_dir() else []
-        more = f" and {len(near) - 8} more" if len(near) > 8 else ""
-        hint = f" (beside it: {', '.join(near[:8])}{more})" if near else ""
+        hint = f" (beside it: {listing(near, 8)})" if near else ""
         raise ConfigError(f"job.config_file = {path!r}: no such file{hint}")
     try:
         with p.open("rb") as f:

@@ -58,12 +58,6 @@ def describe(args: ModelArgs) -> str:
     )
 
 
-def listing(names: list[str], most: int = 3) -> str:
-    """'a, b, c and 4 more': the first `most` names and how many were left out."""
-    more = f" and {len(names) - most} more" if len(names) > most else ""
-    return ", ".join(names[:most]) + more
-
-
 def unwrapped(e: BaseException) -> BaseException:
     """The first error inside DCP's CheckpointException ({rank: (error, tb)}), else `e`."""
     failures = getattr(e, "failures", None)

@@ -37,7 +37,6 @@ from titan.convert.common import (
     config_error,
     describe,
     first_line,
-    listing,
     nbytes,
     print_line,
     quiet_dcp,
@@ -47,7 +46,7 @@ from titan.convert.common import (
 from titan.convert.hub import create_hub_repo, model_card, upload_to_hub
 from titan.convert.output import check_output, make_output, partial_until_done
 from titan.convert.writers import MetaCheckpointWriter, SafetensorsShardWriter
-from titan.files import folder_problem
+from titan.files import folder_problem, listing
 from titan.models import keymap
 from titan.models.llama import FLAVORS, ModelArgs, build_model_args, param_shapes
 

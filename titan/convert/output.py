@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from titan.checkpoint import MARKER, storage
-from titan.convert.common import FULL_DISK, ConvertError, first_line, listing, write_error
-from titan.files import nearest_existing
+from titan.convert.common import FULL_DISK, ConvertError, first_line, write_error
+from titan.files import listing, nearest_existing
 
 PARTIAL = ".partial"
 # Files these tools write (DCP's `.metadata.tmp` too, if it was cut short); --overwrite

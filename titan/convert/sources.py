@@ -19,10 +19,9 @@ from titan.convert.common import (
     config_error,
     describe,
     first_line,
-    listing,
     read_json,
 )
-from titan.files import folder_problem
+from titan.files import folder_problem, listing
 from titan.models import keymap
 from titan.models.llama import param_shapes
 
