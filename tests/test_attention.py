@@ -17,15 +17,18 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_train
+from conftest import ROOT, run_train
 from dist_utils import run_ranks
+from packaging.requirements import Requirement
 
+from titan.config.loading import tomllib
 from titan.kernel_choice import (
     AttnShape,
     choose_attention,
@@ -36,6 +39,7 @@ from titan.kernel_choice import (
 )
 from titan.models.attention import (
     IMPLS,
+    INSTALL,
     FlashKernel,
     attention_fn,
     flash_attention,
@@ -124,7 +128,20 @@ def test_train_py_names_the_install_command(tmp_path):
     assert result.returncode == 2
     err = result.stderr.strip()
     assert err.startswith("error: model.attn_impl = 'flash4': flash4 cannot import")
-    assert "pip install flash-attn-4" in err and "\n" not in err
+    assert INSTALL["flash4"] in err and "\n" not in err
+
+
+def test_flash4_install_commands_let_pip_take_a_prerelease():
+    """FlashAttention-4 is published as pre-releases only: for a requirement without a
+    pre-release bound pip finds "no matching distribution"."""
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    hint = re.search(r"pip install '([^']+)'", INSTALL["flash4"]).group(1)
+    for text in (*extras["hopper"], *extras["hopper-cu13"], hint):
+        requirement = Requirement(text)
+        assert requirement.name == "flash-attn-4", text
+        assert requirement.specifier.contains("4.0.0b36"), text  # the newest when written
+    assert Requirement(extras["hopper-cu13"][0]).extras == {"cu13"}
 
 
 # ----------------------------------------------------------------------------- custom op

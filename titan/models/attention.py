@@ -7,7 +7,7 @@ is native everywhere: K/V heads are never repeated.
 - "sdpa": `torch.nn.functional.scaled_dot_product_attention`, backend chosen by torch
   (always available, CPU too); "sdpa_cudnn" / "sdpa_flash": SDPA restricted to its cuDNN
   or FlashAttention-2 backend.
-- "flash4": FlashAttention-4 (`flash_attn.cute`, `pip install flash-attn-4`);
+- "flash4": FlashAttention-4 (`flash_attn.cute`, `pip install 'flash-attn-4>=4.0.0b10'`);
   "flash3": FlashAttention-3 (`flash_attn_interface`, built from source on Hopper);
   "flash2": FlashAttention-2 (`flash_attn` >= 2.7, `pip install flash-attn`).
 
@@ -40,8 +40,13 @@ FLASH_MODULES = {
     "flash3": "flash_attn_interface",
     "flash2": "flash_attn",
 }
+# FlashAttention-4 is published as pre-releases only, which a bare `pip install flash-attn-4`
+# refuses to pick; a pre-release bound lets it. 4.0.0b10 is the first with the `cu13` extra
+# (its CUTLASS DSL libraries for CUDA 13), which a CUDA 13 build of torch wants.
+_CU13 = (torch.version.cuda or "").startswith("13.")
 INSTALL = {
-    "flash4": "pip install flash-attn-4 (or pip install -e '.[hopper]')",
+    "flash4": f"pip install 'flash-attn-4{'[cu13]' * _CU13}>=4.0.0b10' "
+    f"(or pip install -e '.[hopper{'-cu13' * _CU13}]')",
     "flash3": "build FlashAttention-3 from source: git clone https://github.com/Dao-AILab/"
     "flash-attention && cd flash-attention/hopper && python setup.py install",
     "flash2": "pip install 'flash-attn>=2.7' --no-build-isolation",
