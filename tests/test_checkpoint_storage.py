@@ -1,7 +1,8 @@
 """The checkpoint storage layer on its own (no process group): step listing, completion
 markers with checksums, verification of a DCP directory (sizes, then every checksum),
 retention, settling saves without a marker (completed when whole, moved aside otherwise,
-never deleted) and setting newer steps aside for a branch."""
+never deleted), setting newer steps aside for a branch, and what a command that reads one
+step says about a path that is not one."""
 
 from __future__ import annotations
 
@@ -174,6 +175,34 @@ def test_metadata_problem_reads_no_data_file(tmp_path):
                        "the .metadata file is unreadable (UnpicklingError)"), problem  # fmt: skip
     metadata.write_bytes(b"garbage")
     assert storage.metadata_problem(path).startswith("the .metadata file is unreadable")
+
+
+def test_step_problem_names_what_a_step_lacks_and_what_to_pass(tmp_path):
+    """What the commands that read one step (evaluation, generation, export) say about it,
+    from its small files alone: each kind of wrong path, with the step to pass instead."""
+    good = _save(tmp_path, 1)
+    incomplete = _save(tmp_path, 2, kind=None)
+    assert storage.step_problem(good) is None
+    assert storage.step_problem(tmp_path / "step-9") == (
+        f"no such directory; pass a step that exists, e.g. {good}"
+    )
+    assert storage.step_problem(good / ".metadata") == "not a directory"
+    assert storage.step_problem(tmp_path) == (
+        f"not a DCP checkpoint directory (no .metadata); it holds step directories: pass "
+        f"one, e.g. {good}"
+    )
+    assert storage.step_problem(incomplete) == (
+        f"incomplete (no {storage.MARKER} marker: its save was cut short, or is still being "
+        f"written); use a complete step, e.g. {good}"
+    )
+    assert storage.step_problem(incomplete, allow_incomplete=True) is None
+    (incomplete / ".metadata").write_bytes(b"garbage")  # readable is all that is asked then
+    assert storage.step_problem(incomplete, allow_incomplete=True).startswith(
+        "damaged: the .metadata file is unreadable"
+    )
+    (good / ".metadata").write_bytes(b"garbage")
+    assert storage.step_problem(good).startswith("damaged: ")
+    assert storage.step_problem(good).endswith("; use another step")
 
 
 def test_moves_aside_never_collide_and_purge_unlinks_links(tmp_path):

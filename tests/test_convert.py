@@ -641,7 +641,7 @@ def _bad_dcp_inputs(root: Path, dcp_dir: Path, hf_dir: Path) -> dict[str, tuple[
             "with the embeddings dropped",
         ),
         "unreadable metadata": (argv(garbage), "the .metadata file is unreadable"),
-        "incomplete": (argv(incomplete), "incomplete checkpoint"),
+        "incomplete": (argv(incomplete), "incomplete (no .complete marker"),
         "unknown architecture": (argv(no_arch), "pass --flavor"),
         "unknown architecture, damaged": (argv(no_arch_flipped), "pass --flavor"),
         "--flavor against params.json": (

@@ -216,7 +216,7 @@ def test_evaluation_bad_inputs(trained, synthetic_dir, tmp_path):
         run = _evaluate(_args(tmp_path, synthetic_dir, extra, f"--eval.checkpoint={incomplete}"), 1)
         assert run["rc"] == 2 and run["err"].count("\n") == 1, run["err"]
         assert f"eval.checkpoint {incomplete}: incomplete (no .complete marker" in run["err"]
-        assert "evaluate a complete step" in run["err"]
+        assert "use a complete step" in run["err"]
     # Another model is named before the data files are checksummed (tens of GB for 8B).
     damaged = tmp_path / "damaged" / "step-6"
     shutil.copytree(step_dir, damaged)
@@ -244,8 +244,8 @@ def test_a_wrong_checkpoint_names_the_step_to_pass(trained, synthetic_dir, tmp_p
     folder = trained / "checkpoint"
     newest = folder / "step-6"
     cases = {
-        trained: f"not a DCP checkpoint (no .metadata); it is a run's output folder: pass one "
-        f"of its steps, e.g. {newest}",
+        trained: f"not a DCP checkpoint directory (no .metadata); it is a run's output folder: "
+        f"pass one of its steps, e.g. {newest}",
         folder: f"(no .metadata); it holds step directories: pass one, e.g. {newest}",
         folder / "step-7": f"no such directory; pass a step that exists, e.g. {newest}",
     }

@@ -36,7 +36,7 @@ from titan.data.held_out import IGNORE, HeldOut
 from titan.data.sources import resolve_source
 from titan.data.tokenizer import SEPARATOR
 from titan.distributed import ParallelDims, env_rank
-from titan.files import folder_problem, json_text, output_problem, written_atomically
+from titan.files import json_text, output_problem, written_atomically
 from titan.logging import init_logger, logger
 from titan.preflight import checkpoint_folder
 from titan.run import build_run
@@ -146,20 +146,8 @@ def planned(cfg: JobConfig) -> tuple[Path, Path]:
     resolve_source(cfg)
     if cfg.eval.checkpoint:
         path = Path(cfg.eval.checkpoint)
-        if problem := folder_problem(path):
-            raise ConfigError(f"eval.checkpoint {path}: {problem}{storage.step_hint(path)}")
-        if not (path / ".metadata").is_file():
-            raise ConfigError(
-                f"eval.checkpoint {path}: not a DCP checkpoint (no .metadata)"
-                f"{storage.step_hint(path)}"
-            )
-        if not (path / storage.MARKER).is_file():
-            done = [s.path for s in storage.listed_steps(path.parent) if s.complete]
-            raise ConfigError(
-                f"eval.checkpoint {path}: incomplete (no {storage.MARKER} marker: its save "
-                "was cut short, or is still being written); evaluate a complete step"
-                + (f", e.g. {done[-1]}" if done else "")
-            )
+        if problem := storage.step_problem(path):
+            raise ConfigError(f"eval.checkpoint {path}: {problem}")
     else:
         path = newest_weights(checkpoint_folder(cfg), cfg.checkpoint.load_step)
     out = results_path(cfg, path)

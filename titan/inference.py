@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from titan.checkpoint import MARKER, storage
+from titan.checkpoint import storage
 from titan.checkpoint.resume import integrity_problem
 from titan.convert import (
     HFSource,
@@ -21,7 +21,6 @@ from titan.convert import (
     step_architecture,
 )
 from titan.data.tokenizer import SEPARATOR
-from titan.files import folder_problem
 from titan.logging import logger
 from titan.memory import gib
 from titan.models.llama import ModelArgs, Transformer, num_params_from_args, param_shapes
@@ -89,22 +88,15 @@ def check_memory(
 def check_checkpoint(path: Path) -> None:
     """Refuse, from its small files alone, a --checkpoint that is not a complete DCP
     directory or a Hugging Face export (naming a step to pass instead where it can)."""
-    if problem := folder_problem(path):
-        raise GenerateError(f"--checkpoint {path}: {problem}{storage.step_hint(path)}")
-    if not (path / ".metadata").is_file():
+    if path.is_dir() and not (path / ".metadata").is_file():
         if (path / "config.json").is_file():
             return
         raise GenerateError(
             f"--checkpoint {path}: neither a DCP directory (.metadata) nor a Hugging Face "
             f"export (config.json){storage.step_hint(path)}"
         )
-    if not (path / MARKER).is_file():
-        raise GenerateError(
-            f"{path}: incomplete checkpoint (no {MARKER} marker: its save did not finish); "
-            "use another step"
-        )
-    if problem := storage.metadata_problem(path):
-        raise GenerateError(f"{path} is damaged: {problem}; use another step")
+    if problem := storage.step_problem(path):
+        raise GenerateError(f"--checkpoint {path}: {problem}")
 
 
 def load_model(

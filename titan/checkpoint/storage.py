@@ -24,7 +24,7 @@ from typing import Any
 
 from torch.distributed.checkpoint import FileSystemReader
 
-from titan.files import written_atomically
+from titan.files import folder_problem, written_atomically
 from titan.logging import logger
 
 MARKER = ".complete"
@@ -98,6 +98,28 @@ def step_hint(path: Path) -> str:
         if steps := listed_steps(folder):
             return f"; {says}, e.g. {([s for s in steps if s.complete] or steps)[-1].path}"
     return ""
+
+
+def step_problem(path: Path, allow_incomplete: bool = False) -> str | None:
+    """Why `path` cannot be read as one checkpoint step, judged from its small files alone
+    (the folder, `.metadata`, the marker, the checksum of `.metadata`), as a phrase to
+    follow "<path>: " that names a step to pass instead where there is one; None when it
+    can. `allow_incomplete`: a step without a marker passes if its `.metadata` reads."""
+    if problem := folder_problem(path):
+        return problem + step_hint(path)
+    if not (path / ".metadata").is_file():
+        return "not a DCP checkpoint directory (no .metadata)" + step_hint(path)
+    if (path / MARKER).is_file():
+        problem = metadata_problem(path)
+    elif allow_incomplete:
+        problem = data_files(path)[1]  # no checksum to compare: at least readable
+    else:
+        done = [s.path for s in listed_steps(path.parent) if s.complete]
+        return (
+            f"incomplete (no {MARKER} marker: its save was cut short, or is still being "
+            "written); use a complete step" + (f", e.g. {done[-1]}" if done else "")
+        )
+    return f"damaged: {problem}; use another step" if problem else None
 
 
 def read_marker(step_dir: Path) -> dict[str, Any]:

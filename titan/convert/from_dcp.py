@@ -46,7 +46,7 @@ from titan.convert.common import (
 from titan.convert.hub import create_hub_repo, model_card, upload_to_hub
 from titan.convert.output import check_output, make_output, partial_until_done
 from titan.convert.writers import MetaCheckpointWriter, SafetensorsShardWriter
-from titan.files import folder_problem, listing
+from titan.files import listing
 from titan.models import keymap
 from titan.models.llama import FLAVORS, ModelArgs, build_model_args, param_shapes
 
@@ -208,24 +208,10 @@ def _check_input(input_dir: Path, allow_incomplete: bool) -> None:
     """The input's kind and its small files (marker, `.metadata`); the data files are
     checked by `_check_data` once the architecture is known, so that a missing `--flavor`
     is named before tens of GB are read."""
-    if problem := folder_problem(input_dir):
-        raise ConvertError(f"--input_dir {input_dir}: {problem}{storage.step_hint(input_dir)}")
-    if not (input_dir / ".metadata").is_file():
-        raise ConvertError(
-            f"{input_dir}: not a DCP checkpoint directory (no .metadata)"
-            f"{storage.step_hint(input_dir)}"
-        )
-    if (input_dir / MARKER).is_file():
-        problem = storage.metadata_problem(input_dir)
-    elif allow_incomplete:
-        problem = storage.data_files(input_dir)[1]  # no checksum: at least readable
-    else:
-        raise ConvertError(
-            f"{input_dir}: incomplete checkpoint (no {MARKER} marker: its save did not finish); "
-            "use another step or pass --allow_incomplete"
-        )
-    if problem is not None:
-        raise ConvertError(f"{input_dir} is damaged: {problem}; use another step")
+    if problem := storage.step_problem(input_dir, allow_incomplete):
+        if problem.startswith("incomplete"):
+            problem += " (or pass --allow_incomplete)"
+        raise ConvertError(f"--input_dir {input_dir}: {problem}")
 
 
 def _check_data(input_dir: Path) -> None:
