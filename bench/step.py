@@ -2,6 +2,7 @@
 
     python bench/step.py --out bench/results/$(date +%F)-h200.md          # a GPU node
     python bench/step.py --seqs 131072 --policies attn,full --compile on   # a subset
+    python bench/step.py --seqs 131072 --configs titan:full:off,titan:attn:on,transformers:ckpt:off
     python bench/step.py --tiny                                            # CPU, seconds
 
 In one process, on one device: the bf16 matmul ceiling; every attention kernel that can
@@ -242,40 +243,51 @@ def step_rows(opts, device, args, fastest, report) -> list[list]:
     """Every configuration's row; `report(rows, done)` is called as rows are finished, so
     a run cut short (a time limit) leaves what it measured."""
     peak = peak_tflops(device)
-    total = len(opts.seqs) * len(opts.compile_modes) * (2 + len(opts.policies))
-    finished: list[Result] = []
-
-    def measure(fn, result: Result) -> Result:
-        finished.append(_measure(fn, device, result))
-        outcome = f"{result.seconds:.3f} s" if result.seconds is not None else result.note
-        print(f"[{len(finished)}/{total}] {result.seq} tokens, {result.system} {result.policy}, "
-              f"compile {result.compiled}: {outcome}", file=sys.stderr, flush=True)  # fmt: skip
-        return result
-
+    total = len(opts.seqs) * len(opts.configs)
     rows: list[list] = []
     for seq in opts.seqs:
-        baselines = [
-            measure(
-                partial(transformers_step_time, opts, device, args, seq, checkpointing, compiled),
-                Result(
-                    seq, "transformers", "gradient ckpt" if checkpointing else "no ckpt", compiled
-                ),
-            )
-            for compiled in opts.compile_modes
-            for checkpointing in (True, False)
-        ]
-        baseline = max((seq / r.seconds for r in baselines if r.seconds), default=None)
-        rows += [step_row(r, args, peak, baseline) for r in baselines]
-        report(rows, len(finished) == total)
-        for compiled in opts.compile_modes:
-            for policy in opts.policies:
-                r = measure(
-                    partial(titan_step_time, opts, seq, policy, compiled, fastest[seq]),
-                    Result(seq, "titan", policy, compiled),
+        results: list[Result] = []
+        for system, setting, compiled in opts.configs:  # transformers first: the baseline
+            if system == "transformers":
+                checkpointing = setting == "ckpt"
+                fn = partial(
+                    transformers_step_time, opts, device, args, seq, checkpointing, compiled
                 )
-                rows.append(step_row(r, args, peak, baseline))
-                report(rows, len(finished) == total)
+                label = "gradient ckpt" if checkpointing else "no ckpt"
+            else:
+                fn = partial(titan_step_time, opts, seq, setting, compiled, fastest[seq])
+                label = setting
+            r = _measure(fn, device, Result(seq, system, label, compiled))
+            results.append(r)
+            outcome = f"{r.seconds:.3f} s" if r.seconds is not None else r.note
+            print(f"[{len(rows) + len(results)}/{total}] {seq} tokens, {system} {label}, compile "
+                  f"{compiled}: {outcome}", file=sys.stderr, flush=True)  # fmt: skip
+            timed = [seq / b.seconds for b in results if b.system == "transformers" and b.seconds]
+            baseline = max(timed, default=None)
+            report(rows + [step_row(b, args, peak, baseline) for b in results], False)
+        rows += [step_row(b, args, peak, baseline) for b in results]
     return rows
+
+
+SYSTEMS = {"titan": POLICIES, "transformers": ("ckpt", "no_ckpt")}
+
+
+def parse_configs(text: str) -> list[tuple[str, str, bool]]:
+    """`--configs`' SYSTEM:SETTING:COMPILE items as (system, setting, compiled), the
+    transformers ones first; ValueError naming the first wrong item."""
+    configs = []
+    for item in text.split(","):
+        parts = item.split(":")
+        system = parts[0] if len(parts) == 3 else None
+        if system not in SYSTEMS or parts[2] not in ("on", "off"):
+            raise ValueError(f"--configs {item!r}: write SYSTEM:SETTING:COMPILE, e.g. "
+                             "titan:attn:on or transformers:ckpt:off")  # fmt: skip
+        if parts[1] not in SYSTEMS[system] and not (system == "titan" and parts[1].isdigit()):
+            choices = ", ".join(SYSTEMS[system])
+            raise ValueError(f"--configs {item!r}: a {system} setting is one of {choices}"
+                             + " or a block interval N" * (system == "titan"))  # fmt: skip
+        configs.append((system, parts[1], parts[2] == "on"))
+    return sorted(configs, key=lambda c: c[0] != "transformers")
 
 
 def environment(device: torch.device) -> list[str]:
@@ -308,21 +320,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", default="none,attn,full,auto", help=policies)
     compiled = "eager (off), torch.compile (on) or each (both, the default)"
     p.add_argument("--compile", choices=["both", "on", "off"], default="both", help=compiled)
+    configs = (
+        "exactly these configurations instead of every combination of the two options "
+        "above: comma-separated SYSTEM:SETTING:COMPILE, e.g. titan:full:off,titan:attn:on,"
+        "transformers:ckpt:off (SETTING: a --policies value for titan, ckpt or no_ckpt for "
+        "transformers; COMPILE: on or off)"
+    )
+    p.add_argument("--configs", default=None, help=configs)
     p.add_argument("--warmup", type=int, default=2, help="steps not timed (default 2)")
     p.add_argument("--steps", type=int, default=5, help="timed steps, median kept (default 5)")
     p.add_argument("--out", type=Path, default=None, help="results file (markdown)")
     opts = p.parse_args(argv)
-    opts.compile_modes = {"both": (False, True), "on": (True,), "off": (False,)}[opts.compile]
-    opts.policies = opts.policies.split(",")
-    unknown = [p for p in opts.policies if p not in POLICIES and not p.isdigit()]
+    compile_modes = {"both": (False, True), "on": (True,), "off": (False,)}[opts.compile]
+    if opts.tiny:
+        compile_modes = (False,)
+    policies = opts.policies.split(",")
+    unknown = [p for p in policies if p not in POLICIES and not p.isdigit()]
     if unknown:
         print(f"error: --policies {','.join(unknown)}: each must be one of "
               f"{', '.join(POLICIES)} or a block interval N", file=sys.stderr)  # fmt: skip
         return 2
+    if opts.configs is None:
+        opts.configs = [
+            ("transformers", setting, compiled)
+            for compiled in compile_modes
+            for setting in SYSTEMS["transformers"]
+        ] + [("titan", policy, compiled) for compiled in compile_modes for policy in policies]
+    else:
+        try:
+            opts.configs = parse_configs(opts.configs)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if opts.tiny:
         device, base, opts.dtype = torch.device("cpu"), "debugmodel", "float32"
         opts.seqs, opts.layers, opts.warmup, opts.steps = [64, 128], 2, 1, 2
-        opts.compile_modes = (False,)
         n = 256
     else:
         if not torch.cuda.is_available():
@@ -370,8 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         return text
 
     report([], False)
-    rows = step_rows(opts, device, args, fastest, report)
-    print(report(rows, True))
+    print(report(step_rows(opts, device, args, fastest, report), True))
     return 0
 
 

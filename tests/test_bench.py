@@ -1,7 +1,9 @@
 """The speed benchmark's CPU smoke mode runs and writes its results file: environment,
 the attention table and titan's steps beside transformers' for every AC policy, with the
 memory planner's estimate; progress goes to stderr, and a configuration that fails is a
-note in the table, not the end of the benchmark."""
+note in the table, not the end of the benchmark. `--configs` runs exactly the
+configurations it names (the transformers baseline first) and refuses a wrong item in one
+line."""
 
 from __future__ import annotations
 
@@ -64,3 +66,38 @@ def test_a_failing_configuration_is_a_note(tmp_path):
     assert result.seconds is None and result.note == "RuntimeError: no kernel for this shape"
     row = step.step_row(result, None, None, None)
     assert row[4] == "-" and row[-1] == result.note
+
+
+def test_configs_names_exactly_what_runs(tmp_path):
+    step = _bench_module()
+    assert step.parse_configs("titan:full:off,transformers:ckpt:on,titan:2:on") == [
+        ("transformers", "ckpt", True),
+        ("titan", "full", False),
+        ("titan", "2", True),
+    ]
+    for wrong, words in {
+        "titan:attn": "write SYSTEM:SETTING:COMPILE",
+        "titan:attn:yes": "write SYSTEM:SETTING:COMPILE",
+        "transformers:full:off": "a transformers setting is one of ckpt, no_ckpt",
+        "titan:attn:on,titan:bogus:off": "'titan:bogus:off': a titan setting is one of none",
+    }.items():
+        try:
+            step.parse_configs(wrong)
+        except ValueError as e:
+            assert words in str(e), (wrong, e)
+        else:
+            raise AssertionError(f"{wrong} was accepted")
+    out = tmp_path / "results.md"
+    configs = "titan:attn:off,transformers:ckpt:off"
+    result = subprocess.run(
+        [sys.executable, "bench/step.py", "--tiny", "--configs", configs, "--out", str(out)],
+        cwd=ROOT, env=TRAIN_ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = out.read_text().split("## Training step")[1]
+    cells = [[c.strip() for c in line.split("|")] for line in steps.splitlines()]
+    assert [row[2:4] for row in cells if row[1:2] == ["64"]] == [
+        ["transformers", "gradient ckpt"],
+        ["titan", "attn"],
+    ]
+    assert "[4/4] 128 tokens, titan attn, compile False: " in result.stderr
