@@ -99,7 +99,34 @@ def test_chart_without_validation_and_bad_inputs(tmp_path, capsys):
     assert (run / "metrics.png").read_bytes()[:8] == PNG
     capsys.readouterr()
     assert main([str(tmp_path / "nope")]) == 2
-    _one_error_line(capsys, "metrics.jsonl: no such file")
+    _one_error_line(capsys, "nope: no such file or folder; pass a run's output folder")
+    assert main([str(tmp_path / "charts")]) == 2  # a folder without metrics.jsonl
+    _one_error_line(capsys, "charts/metrics.jsonl: no such file")
+    # A file that is not a PNG is never replaced (a chart is); the default path says --out.
+    notes = tmp_path / "notes.png"
+    notes.write_text("notes")
+    assert main([str(run), "--out", str(notes)]) == 2
+    _one_error_line(capsys, f"--out {notes}: exists and is not a PNG image")
+    assert notes.read_text() == "notes"
+    assert main([str(run), "--out", str(out)]) == 0  # the chart of before: replaced
+    (run / "metrics.png").unlink()
+    (run / "metrics.png").mkdir()
+    assert main([str(run)]) == 2
+    _one_error_line(capsys, "metrics.png: is a folder; name another .png file with --out")
+    # Not a metrics log: a folder in its place, another file, records with a wrong loss.
+    (run / "metrics.jsonl").rename(run / "kept.jsonl")
+    (run / "metrics.jsonl").mkdir()
+    assert main([str(run)]) == 2
+    _one_error_line(capsys, "metrics.jsonl: a folder, not a metrics file")
+    (run / "metrics.jsonl").rmdir()
+    (run / "config.toml").write_text('[job]\ndump_folder = "x"\n')
+    assert main([str(run / "config.toml")]) == 2
+    _one_error_line(capsys, "none of its 2 lines is a training or validation record")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": "abc"}\n{"step": 2, "loss": null}\n')
+    assert main([str(run), "--out", str(out)]) == 0  # the null: a step that was not finite
+    assert "1 training and 0 validation records (skipped 1 unreadable lines)" in (
+        capsys.readouterr().out
+    )
     (run / "metrics.jsonl").write_text("\n")
     assert main([str(run)]) == 2
     _one_error_line(capsys, "no training or validation records")

@@ -7,7 +7,9 @@ the step, read from the run's `metrics.jsonl`) and the rasters of generated spik
 Training records have `step`, `loss`, `lr`, `tokens_per_s`, ...; validation records are
 separate lines with `step` and `val_loss` (and maybe `val_loss_by_source`, a dict) but no
 `loss`. A resumed run may log a step twice: the later record wins. Series a run does not
-have (no validation) are left out. A missing or empty metrics file is one `error:` line.
+have (no validation) are left out. A missing or empty metrics file, or one that holds no
+record, is one `error:` line; so is an output path holding a file that is not a PNG (a
+chart is replaced, anything else never).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class PlotError(Exception):
 def read_metrics(path: Path) -> tuple[dict[int, dict], dict[int, dict], int]:
     """(training records by step, validation records by step, unreadable lines) of a
     metrics.jsonl; a later record of a step replaces an earlier one of the same kind."""
+    if path.is_dir():
+        raise PlotError(f"{path}: a folder, not a metrics file; pass the run's output folder")
     try:
         lines = path.read_bytes().decode(errors="replace").splitlines()  # a torn write, say
     except FileNotFoundError:
@@ -56,13 +60,23 @@ def read_metrics(path: Path) -> tuple[dict[int, dict], dict[int, dict], int]:
         if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
             bad += 1
             continue
-        if "loss" in rec:
-            train[rec["step"]] = rec
-        if "val_loss" in rec:
-            val[rec["step"]] = rec
+        kinds = [(key, records) for key, records in (("loss", train), ("val_loss", val))
+                 if key in rec]  # fmt: skip
+        if not kinds or not all(_number_or_null(rec[key]) for key, _ in kinds):
+            bad += 1  # (a step whose loss was not finite is logged with null)
+            continue
+        for _, records in kinds:
+            records[rec["step"]] = rec
     if not train and not val:
+        if bad:
+            raise PlotError(f"{path}: none of its {bad} lines is a training or validation "
+                            "record; pass a run's output folder or its metrics.jsonl")  # fmt: skip
         raise PlotError(f"{path}: no training or validation records (the run logged nothing yet)")
     return train, val, bad
+
+
+def _number_or_null(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
 def _series(
@@ -238,13 +252,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="PNG to write (default OUTPUT_DIR/metrics.png)")
     try:
         opts = p.parse_args(argv)
-        metrics = Path(opts.output_dir)
-        if not metrics.is_file():
-            metrics = metrics / "metrics.jsonl"
+        given = Path(opts.output_dir)
+        if not given.exists():
+            raise PlotError(f"{given}: no such file or folder; pass a run's output folder")
+        metrics = given if given.is_file() else given / "metrics.jsonl"
         folder = metrics.parent
         train, val, bad = read_metrics(metrics)
         out = Path(opts.out) if opts.out else folder / "metrics.png"
-        if problem := output_problem(out, ".png"):
+        if problem := output_problem(out, ".png") or _not_a_png(out):
+            if not opts.out:  # a path the user did not name: say how to name one
+                problem = problem.split(";")[0] + "; name another .png file with --out"
             raise PlotError(f"--out {out}: {problem}" if opts.out else f"{out}: {problem}")
         save_png(build_figure(train, val, _title(folder, train, val)), out)
     except PlotError as e:
@@ -256,6 +273,18 @@ def main(argv: list[str] | None = None) -> int:
     skipped = f" (skipped {bad} unreadable lines)" if bad else ""
     print(f"wrote {out}: {len(train)} training and {len(val)} validation records{skipped}")
     return 0
+
+
+def _not_a_png(out: Path) -> str | None:
+    """Refuse to replace a file that is not a PNG image (a chart is replaced freely)."""
+    try:
+        with out.open("rb") as f:
+            head = f.read(8)
+    except FileNotFoundError:
+        return None
+    if head == b"\x89PNG\r\n\x1a\n":
+        return None
+    return "exists and is not a PNG image, which is never replaced; name another file"
 
 
 def _title(folder: Path, train: dict[int, Any], val: dict[int, Any]) -> str:
