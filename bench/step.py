@@ -34,8 +34,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from tabulate import tabulate
@@ -45,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from titan.config import load_config  # noqa: E402
 from titan.distributed import exit_process  # noqa: E402
+from titan.files import output_problem  # noqa: E402
 from titan.kernel_choice import CUDA_CANDIDATES, AttnShape, time_forward_backward  # noqa: E402
 from titan.metrics import peak_tflops  # noqa: E402
 from titan.models import keymap, llama  # noqa: E402
@@ -272,6 +275,31 @@ def step_rows(opts, device, args, fastest, report) -> list[list]:
 SYSTEMS = {"titan": POLICIES, "transformers": ("ckpt", "no_ckpt")}
 
 
+def _titan_setting(value: str) -> bool:
+    """A titan activation policy, or a block interval N >= 1."""
+    return value in POLICIES or (value.isdigit() and int(value) >= 1)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _count(least: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < least:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= {least}")
+        return int(text)
+
+    return parse
+
+
+def _lengths(text: str) -> list[int]:
+    """Comma-separated sequence lengths, each a whole number >= 2."""
+    return [_count(2)(item) for item in text.split(",")]
+
+
 def parse_configs(text: str) -> list[tuple[str, str, bool]]:
     """`--configs`' SYSTEM:SETTING:COMPILE items as (system, setting, compiled), the
     transformers ones first; ValueError naming the first wrong item."""
@@ -282,10 +310,10 @@ def parse_configs(text: str) -> list[tuple[str, str, bool]]:
         if system not in SYSTEMS or parts[2] not in ("on", "off"):
             raise ValueError(f"--configs {item!r}: write SYSTEM:SETTING:COMPILE, e.g. "
                              "titan:attn:on or transformers:ckpt:off")  # fmt: skip
-        if parts[1] not in SYSTEMS[system] and not (system == "titan" and parts[1].isdigit()):
+        if not (_titan_setting(parts[1]) if system == "titan" else parts[1] in SYSTEMS[system]):
             choices = ", ".join(SYSTEMS[system])
             raise ValueError(f"--configs {item!r}: a {system} setting is one of {choices}"
-                             + " or a block interval N" * (system == "titan"))  # fmt: skip
+                             + " or a block interval N >= 1" * (system == "titan"))  # fmt: skip
         configs.append((system, parts[1], parts[2] == "on"))
     return sorted(configs, key=lambda c: c[0] != "transformers")
 
@@ -312,14 +340,15 @@ def environment(device: torch.device) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = _Parser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="CPU, debug shapes, seconds")
-    p.add_argument("--layers", type=int, default=4, help="8B-shaped layers (default 4)")
-    p.add_argument("--seqs", default="8192,32768,131072", help="sequence lengths (%(default)s)")
+    p.add_argument("--layers", type=_count(1), help="8B-shaped layers (default 4; --tiny: 2)")
+    p.add_argument("--seqs", type=_lengths, help="sequence lengths (default 8192,32768,131072; "
+                   "--tiny: 64,128)")  # fmt: skip
     policies = "titan's AC policies, or N: every N-th block fully recomputed (%(default)s)"
     p.add_argument("--policies", default="none,attn,full,auto", help=policies)
-    compiled = "eager (off), torch.compile (on) or each (both, the default)"
-    p.add_argument("--compile", choices=["both", "on", "off"], default="both", help=compiled)
+    compiled = "eager (off), torch.compile (on) or each (both, the default; --tiny: off)"
+    p.add_argument("--compile", choices=["both", "on", "off"], default=None, help=compiled)
     configs = (
         "exactly these configurations instead of every combination of the two options "
         "above: comma-separated SYSTEM:SETTING:COMPILE, e.g. titan:full:off,titan:attn:on,"
@@ -327,18 +356,24 @@ def main(argv: list[str] | None = None) -> int:
         "transformers; COMPILE: on or off)"
     )
     p.add_argument("--configs", default=None, help=configs)
-    p.add_argument("--warmup", type=int, default=2, help="steps not timed (default 2)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps, median kept (default 5)")
-    p.add_argument("--out", type=Path, default=None, help="results file (markdown)")
+    p.add_argument("--warmup", type=_count(0), help="steps not timed (default 2; --tiny: 1)")
+    p.add_argument("--steps", type=_count(1), help="timed steps, median kept (default 5; "
+                   "--tiny: 2)")  # fmt: skip
+    p.add_argument("--out", type=Path, default=None, help="results file (markdown, .md)")
     opts = p.parse_args(argv)
-    compile_modes = {"both": (False, True), "on": (True,), "off": (False,)}[opts.compile]
+    defaults = {"seqs": [8192, 32768, 131072], "layers": 4, "warmup": 2, "steps": 5,
+                "compile": "both"}  # fmt: skip
     if opts.tiny:
-        compile_modes = (False,)
+        defaults = {"seqs": [64, 128], "layers": 2, "warmup": 1, "steps": 2, "compile": "off"}
+    for name, value in defaults.items():
+        if getattr(opts, name) is None:
+            setattr(opts, name, value)
+    compile_modes = {"both": (False, True), "on": (True,), "off": (False,)}[opts.compile]
     policies = opts.policies.split(",")
-    unknown = [p for p in policies if p not in POLICIES and not p.isdigit()]
+    unknown = [p for p in policies if not _titan_setting(p)]
     if unknown:
         print(f"error: --policies {','.join(unknown)}: each must be one of "
-              f"{', '.join(POLICIES)} or a block interval N", file=sys.stderr)  # fmt: skip
+              f"{', '.join(POLICIES)} or a block interval N >= 1", file=sys.stderr)  # fmt: skip
         return 2
     if opts.configs is None:
         opts.configs = [
@@ -352,16 +387,17 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    if opts.out is not None and (problem := output_problem(opts.out, ".md")):
+        print(f"error: --out {opts.out}: {problem}", file=sys.stderr)
+        return 2
     if opts.tiny:
         device, base, opts.dtype = torch.device("cpu"), "debugmodel", "float32"
-        opts.seqs, opts.layers, opts.warmup, opts.steps = [64, 128], 2, 1, 2
         n = 256
     else:
         if not torch.cuda.is_available():
             print("error: no CUDA device; use --tiny for the CPU smoke mode", file=sys.stderr)
             return 2
         device, base, opts.dtype = torch.device("cuda"), "8B", "bfloat16"
-        opts.seqs = [int(s) for s in opts.seqs.split(",")]
         n = 8192
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     llama.FLAVORS["bench"] = dataclasses.replace(llama.FLAVORS[base], n_layers=opts.layers)

@@ -2,8 +2,9 @@
 the attention table and titan's steps beside transformers' for every AC policy, with the
 memory planner's estimate; progress goes to stderr, and a configuration that fails is a
 note in the table, not the end of the benchmark. `--configs` runs exactly the
-configurations it names (the transformers baseline first) and refuses a wrong item in one
-line."""
+configurations it names (the transformers baseline first); a wrong option value (also
+under --tiny, which only changes the defaults) or an output it cannot write is one line
+before any work."""
 
 from __future__ import annotations
 
@@ -101,3 +102,27 @@ def test_configs_names_exactly_what_runs(tmp_path):
         ["titan", "attn"],
     ]
     assert "[4/4] 128 tokens, titan attn, compile False: " in result.stderr
+
+
+def test_wrong_options_are_one_line_before_any_work(tmp_path, capsys):
+    step = _bench_module()
+    (tmp_path / "a_file").write_text("")
+    for argv, words in {
+        ("--seqs", "64,abc"): "argument --seqs: 'abc' is not a whole number >= 2",
+        ("--seqs", "0"): "argument --seqs: '0' is not a whole number >= 2",
+        ("--steps", "0"): "argument --steps: '0' is not a whole number >= 1",
+        ("--warmup", "-1"): "argument --warmup: '-1' is not a whole number >= 0",
+        ("--layers", "0"): "argument --layers: '0' is not a whole number >= 1",
+        ("--policies", "attn,0"): "--policies 0: each must be one of none, attn",
+        ("--out", str(tmp_path)): "is a folder; name a .md file",
+        ("--out", str(tmp_path / "a_file" / "r.md")): "is a file, not a folder",
+        ("--out", str(tmp_path / "r.txt")): "must end in .md",
+    }.items():
+        try:
+            status = step.main(["--tiny", *argv])
+        except SystemExit as e:  # argparse's own errors
+            status = e.code
+        err = capsys.readouterr().err
+        assert status == 2 and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
+        assert words in err, (argv, err)
+    assert not list(tmp_path.glob("*.md"))
