@@ -37,7 +37,6 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import NoReturn
 
 import torch
 from tabulate import tabulate
@@ -45,6 +44,7 @@ from tabulate import tabulate
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from titan.cli import OneLineParser  # noqa: E402
 from titan.config import load_config  # noqa: E402
 from titan.distributed import exit_process  # noqa: E402
 from titan.files import output_problem  # noqa: E402
@@ -280,12 +280,6 @@ def _titan_setting(value: str) -> bool:
     return value in POLICIES or (value.isdigit() and int(value) >= 1)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def _count(least: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         if not text.isdigit() or int(text) < least:
@@ -340,7 +334,7 @@ def environment(device: torch.device) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="CPU, debug shapes, seconds")
     p.add_argument("--layers", type=_count(1), help="8B-shaped layers (default 4; --tiny: 2)")
     p.add_argument("--seqs", type=_lengths, help="sequence lengths (default 8192,32768,131072; "

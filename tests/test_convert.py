@@ -660,6 +660,7 @@ def _bad_dcp_inputs(root: Path, dcp_dir: Path, hf_dir: Path) -> dict[str, tuple[
         "output inside the input": (argv(dcp_dir, out=dcp_dir / "export"), "inside the input"),
         "no model tensors": (argv(optim_only), "no model tensors"),
         "push without repo": (argv(dcp_dir, "--push_to_hub"), "--hf_repo_name"),
+        "private without push": (argv(dcp_dir, "--private"), "add --push_to_hub"),
         "push meta only": (
             argv(dcp_dir, "--push_to_hub", "--hf_repo_name", "a/b", "--format", "meta"),
             "--format hf",
@@ -683,14 +684,21 @@ def test_every_bad_input_fails_with_one_line(hf_dir, dcp_dir, tmp_path, capsys):
         assert not re.search(r"(Convert|OS|Value|Type|Key)Error", err[0]), (name, err[0])
 
 
-def test_out_of_range_numbers_are_refused_by_the_parser(tmp_path):
-    for script, option, value in [
-        ("dcp_to_llama.py", "--max_seq_len", "-5"),
-        ("dcp_to_llama.py", "--max_seq_len", "0"),
-        ("llama_to_dcp.py", "--vocab_size", "12"),
+def test_option_mistakes_are_one_line_from_the_parser(capsys):
+    """Values out of range and unknown options: one `error:` line, not argparse's usage."""
+    for main, option, value, words in [
+        (dcp_to_llama_main, "--max_seq_len", "-5", "argument --max_seq_len: -5 is below 1"),
+        (dcp_to_llama_main, "--max_seq_len", "0", "argument --max_seq_len: 0 is below 1"),
+        (dcp_to_llama_main, "--max_shard_size", "0", "'0': a size of at least one byte"),
+        (dcp_to_llama_main, "--format", "gguf", "argument --format: invalid choice: 'gguf'"),
+        (dcp_to_llama_main, "--fromat", "hf", "unrecognized arguments: --fromat hf"),
+        (llama_to_dcp_main, "--vocab_size", "12", "argument --vocab_size: 12 is below 256"),
     ]:
-        result = _cli(script, "--input_dir", "in", "--output_dir", "out", option, value)
-        assert result.returncode == 2 and f"argument {option}: {value} is below" in result.stderr
+        with pytest.raises(SystemExit) as exit_:
+            main(["--input_dir", "in", "--output_dir", "out", option, value])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith("error: "), (option, err)
+        assert err.count("\n") == 1 and words in err, (option, err)
 
 
 def test_a_full_disk_is_a_write_failure_in_one_line(hf_dir, dcp_dir, tmp_path):

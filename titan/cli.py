@@ -20,6 +20,7 @@ torchrun may stop the other ranks as soon as the first has ended.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import signal
@@ -28,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch.distributed as dist
 
@@ -41,6 +42,15 @@ EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_SAVE_FAILED, EXIT_STUCK = 0, 2, 3, 
 EXIT_STOPPED_UNSAVED = 6
 EXIT_INTERRUPTED = 130  # the shell's 128 + SIGINT
 EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: try again later (a Slurm launcher requeues)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse for the scripts' own options: a usage mistake is one `error:` line and
+    exit status 2, like every other bad input, not argparse's usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 class TrainingDiverged(RuntimeError):

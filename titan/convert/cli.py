@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from titan.cli import EXIT_INTERRUPTED, noting_ctrl_c
+from titan.cli import EXIT_INTERRUPTED, OneLineParser, noting_ctrl_c
 from titan.convert.common import (
     DTYPES,
     ConvertError,
@@ -29,7 +29,7 @@ def parser(
 ) -> argparse.ArgumentParser:
     """An argument parser with the options both scripts have: --input_dir, --output_dir,
     --dtype, --flavor and --overwrite."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = OneLineParser(prog=prog, description=description)
     p.add_argument("--input_dir", required=True, help=input_help)
     p.add_argument("--output_dir", required=True, help="folder to create")
     p.add_argument(
@@ -64,7 +64,9 @@ def size(text: str) -> int:
     if not m:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a size like 5GB, 500MB or 1000000")
     unit = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}[m.group(2).removesuffix("B")]
-    return int(float(m.group(1)) * unit)
+    if (value := int(float(m.group(1)) * unit)) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size of at least one byte, e.g. 5GB")
+    return value
 
 
 def _release_freed_memory_promptly() -> None:

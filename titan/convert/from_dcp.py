@@ -248,6 +248,8 @@ def dcp_to_llama(
     push = push_to_hub
     if push and not hf_repo_name:
         raise ConvertError("--push_to_hub needs --hf_repo_name USER/NAME")
+    if private and not push:
+        raise ConvertError("--private sets up the Hub repo of --push_to_hub: add --push_to_hub")
     if push and fmt == "meta":
         raise ConvertError("--push_to_hub uploads the Hugging Face layout: use --format hf or both")
     check_output(output_dir, overwrite, [input_dir])  # cheap: before the input is hashed
