@@ -109,6 +109,11 @@ def test_chart_without_validation_and_bad_inputs(tmp_path, capsys):
     _one_error_line(capsys, f"--out {notes}: exists and is not a PNG image")
     assert notes.read_text() == "notes"
     assert main([str(run), "--out", str(out)]) == 0  # the chart of before: replaced
+    step = tmp_path / "checkpoint" / "step-5"  # nothing goes into a checkpoint (the output
+    step.mkdir(parents=True)  # check every command shares)
+    (step / ".metadata").write_bytes(b"")
+    assert main([str(run), "--out", str(step / "charts" / "m.png")]) == 2
+    _one_error_line(capsys, f"is inside the checkpoint {step}; nothing is written into")
     (run / "metrics.png").unlink()
     (run / "metrics.png").mkdir()
     assert main([str(run)]) == 2

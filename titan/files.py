@@ -59,6 +59,12 @@ def output_problem(out: Path, suffix: str) -> str | None:
         return f"is a folder; name a {suffix} file"
     if out.suffix != suffix:
         return f"must end in {suffix}"
+    for folder in out.absolute().parents:  # a DCP directory holds a `.metadata` file
+        if (folder / ".metadata").is_file():
+            return (
+                f"is inside the checkpoint {folder}; nothing is written into a checkpoint "
+                "(its step is moved or deleted whole): name a file outside it"
+            )
     parent = nearest_existing(out.absolute().parent)
     if not parent.is_dir():
         return f"cannot be written: {parent} is a file, not a folder"
