@@ -203,6 +203,16 @@ def test_step_problem_names_what_a_step_lacks_and_what_to_pass(tmp_path):
     (good / ".metadata").write_bytes(b"garbage")
     assert storage.step_problem(good).startswith("damaged: ")
     assert storage.step_problem(good).endswith("; use another step")
+    (good / ".metadata").unlink()  # a step's own files, without its .metadata: damaged
+    assert storage.step_problem(good) == "damaged: its .metadata file is missing; use another step"
+    export = tmp_path / "export"  # weights in another layout: how to convert them
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    (export / "model.safetensors").write_bytes(b"")
+    assert storage.step_problem(export) == (
+        f"a Hugging Face export, not a DCP directory: convert it with python llama_to_dcp.py "
+        f"--input_dir {export} --output_dir <new folder> and pass that folder"
+    )
 
 
 def test_moves_aside_never_collide_and_purge_unlinks_links(tmp_path):

@@ -86,15 +86,10 @@ def check_memory(
 
 
 def check_checkpoint(path: Path) -> None:
-    """Refuse, from its small files alone, a --checkpoint that is not a complete DCP
-    directory or a Hugging Face export (naming a step to pass instead where it can)."""
-    if path.is_dir() and not (path / ".metadata").is_file():
-        if (path / "config.json").is_file():
-            return
-        raise GenerateError(
-            f"--checkpoint {path}: neither a DCP directory (.metadata) nor a Hugging Face "
-            f"export (config.json){storage.step_hint(path)}"
-        )
+    """Refuse, from its small files alone, a --checkpoint that is neither a complete DCP
+    directory nor a Hugging Face export (naming a step to pass instead where it can)."""
+    if path.is_dir() and not (path / ".metadata").is_file() and (path / "config.json").is_file():
+        return  # a Hugging Face export
     if problem := storage.step_problem(path):
         raise GenerateError(f"--checkpoint {path}: {problem}")
 

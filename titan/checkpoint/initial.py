@@ -110,11 +110,8 @@ def check_source(value: str, args: ModelArgs) -> Path:
                 raise _error(value, "a folder of step directories, none of them complete")
             example = complete[-1].path
             raise _error(value, f"a folder of step directories: pass one, e.g. {example}")
-        if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
-            what = "a Hugging Face export"
-        elif (path / "params.json").is_file() and any(path.glob("consolidated.*.pth")):
-            what = "Llama weights in Meta's layout"
-        else:
+        what = storage.foreign_weights(path)
+        if what is None:
             raise _error(
                 value, f"not a DCP checkpoint directory (no .metadata); {_how_to_make(value, args)}"
             )

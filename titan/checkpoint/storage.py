@@ -108,6 +108,13 @@ def step_problem(path: Path, allow_incomplete: bool = False) -> str | None:
     if problem := folder_problem(path):
         return problem + step_hint(path)
     if not (path / ".metadata").is_file():
+        if (path / MARKER).is_file() or any(path.glob("*.distcp")):
+            return "damaged: its .metadata file is missing; use another step"
+        if what := foreign_weights(path):
+            return (
+                f"{what}, not a DCP directory: convert it with python llama_to_dcp.py "
+                f"--input_dir {path} --output_dir <new folder> and pass that folder"
+            )
         return "not a DCP checkpoint directory (no .metadata)" + step_hint(path)
     if (path / MARKER).is_file():
         problem = metadata_problem(path)
@@ -120,6 +127,16 @@ def step_problem(path: Path, allow_incomplete: bool = False) -> str | None:
             "written); use a complete step" + (f", e.g. {done[-1]}" if done else "")
         )
     return f"damaged: {problem}; use another step" if problem else None
+
+
+def foreign_weights(path: Path) -> str | None:
+    """What a folder of weights in another layout is ("a Hugging Face export", "Llama
+    weights in Meta's layout"), for a message saying to convert it; None otherwise."""
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return "a Hugging Face export"
+    if (path / "params.json").is_file() and any(path.glob("consolidated.*.pth")):
+        return "Llama weights in Meta's layout"
+    return None
 
 
 def read_marker(step_dir: Path) -> dict[str, Any]:
@@ -226,7 +243,8 @@ def size_problem(step_dir: Path, needed: dict[str, int]) -> str | None:
         if not path.is_file():
             return f"shard {rel} is missing"
         if path.stat().st_size < end:
-            return f"shard {rel} is truncated ({path.stat().st_size} of {end} bytes)"
+            size = path.stat().st_size
+            return f"shard {rel} is truncated ({size:,} bytes; needs at least {end:,})"
     return None
 
 

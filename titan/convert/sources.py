@@ -165,7 +165,9 @@ class HFSource:
             with safe_open(str(path), framework="pt") as f:
                 tensor = f.get_tensor(hf_name)
         except Exception as e:  # safetensors raises its own error types
-            raise ConvertError(f"cannot read {hf_name} from {path}: {first_line(e)}") from None
+            raise ConvertError(
+                f"cannot read {hf_name} from {path} ({first_line(e)}): {_DAMAGED}"
+            ) from None
         if name == "output.weight" and hf_name.endswith("embed_tokens.weight"):
             return tensor  # tied embeddings
         return keymap.from_hf_tensor(hf_name, tensor, self.args)[1].contiguous()
@@ -174,11 +176,14 @@ class HFSource:
         pass
 
 
+_DAMAGED = "not a whole weights file (truncated or damaged?); download or export it again"
+
+
 def _load_pth(path: Path) -> dict[str, torch.Tensor]:
     try:
         sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch raises RuntimeError, pickle errors, ...
-        raise ConvertError(f"cannot read {path}: {first_line(e)}") from None
+        raise ConvertError(f"cannot read {path} ({first_line(e)}): {_DAMAGED}") from None
     if not isinstance(sd, dict):
         raise ConvertError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
     for key, value in sd.items():
@@ -200,7 +205,7 @@ def _safetensors_header(path: Path) -> Iterator[tuple[str, tuple[int, ...], torc
             entries = [(k, f.get_slice(k)) for k in f.keys()]
             info = [(k, tuple(s.get_shape()), s.get_dtype()) for k, s in entries]
     except Exception as e:  # safetensors raises its own error types
-        raise ConvertError(f"cannot read {path}: {first_line(e)}") from None
+        raise ConvertError(f"cannot read {path} ({first_line(e)}): {_DAMAGED}") from None
     for name, shape, dtype in info:
         if dtype not in ST_DTYPES:
             raise ConvertError(f"{path}: {name} has dtype {dtype}; expected F32, BF16 or F16")
