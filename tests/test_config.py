@@ -121,6 +121,7 @@ def test_every_recipe_loads():
         (["--activation_checkpoint.selective_ac_option=²"], "must be 'attn', 'op' or a"),
         (["--activation_checkpoint.memory_headroom=1"], "memory_headroom = 1.0: must be in"),
         (["--activation_checkpoint.memory_limit_gib=inf"], "memory_limit_gib = inf: must be"),
+        (["--eval.output=r.txt"], "eval.output = 'r.txt': must be a path ending in .json"),
         (
             ["--validation.enable", "--training.steps=100"],
             "validation.freq = 500 exceeds training.steps = 100: validation would never run",

@@ -172,16 +172,17 @@ def test_evaluation_bad_inputs(trained, synthetic_dir, tmp_path):
     run = _evaluate(wrong, 1)
     assert run["rc"] == 2 and run["err"].count("\n") == 1, run["err"]
     assert "check model.flavor" in run["err"]
+    (tmp_path / "dir.json").mkdir()
     folder = _args(tmp_path, synthetic_dir, f"--eval.checkpoint={step_dir}",
-                   f"--eval.output={tmp_path}")  # fmt: skip
+                   f"--eval.output={tmp_path / 'dir.json'}")  # fmt: skip
     run = _evaluate(folder, 1)
     assert run["rc"] == 2 and run["err"].count("\n") == 1, run["err"]
-    assert f"eval.output {tmp_path}: is a folder" in run["err"]
+    assert f"eval.output {tmp_path / 'dir.json'}: is a folder" in run["err"]
     assert "Loaded the model weights" not in run["out"]  # refused before any work
     # Only an evaluation's results are ever replaced: not a checkpoint's files, not notes.
     notes = tmp_path / "notes.json"
     notes.write_text('{"todo": 1}\n')
-    for target, words in [(step_dir / ".metadata", "must end in .json"),
+    for target, words in [(step_dir / ".metadata", "must be a path ending in .json"),
                           (notes, "is not an evaluation's results file")]:  # fmt: skip
         before_bytes = target.read_bytes()
         run = _evaluate(_args(tmp_path, synthetic_dir, f"--eval.checkpoint={step_dir}",

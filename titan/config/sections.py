@@ -320,7 +320,9 @@ class Eval:
         int, Rule(lambda v: v == -1 or v > 0, "-1 (training.batch_size) or a positive integer")
     ] = -1
     """Windows per batch on each rank (-1: training.batch_size)."""
-    output: str | None = None
+    output: Annotated[
+        str | None, Rule(lambda v: v is None or v.endswith(".json"), "a path ending in .json")
+    ] = None
     """Results JSON (default: beside the checkpoint, <step directory>.eval-<split>.json)."""
 
 
