@@ -277,12 +277,12 @@ SYSTEMS = {"titan": POLICIES, "transformers": ("ckpt", "no_ckpt")}
 
 def _titan_setting(value: str) -> bool:
     """A titan activation policy, or a block interval N >= 1."""
-    return value in POLICIES or (value.isdigit() and int(value) >= 1)
+    return value in POLICIES or (value.isascii() and value.isdigit() and int(value) >= 1)
 
 
 def _count(least: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        if not text.isdigit() or int(text) < least:
+        if not (text.isascii() and text.isdigit()) or int(text) < least:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= {least}")
         return int(text)
 
@@ -339,15 +339,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=_count(1), help="8B-shaped layers (default 4; --tiny: 2)")
     p.add_argument("--seqs", type=_lengths, help="sequence lengths (default 8192,32768,131072; "
                    "--tiny: 64,128)")  # fmt: skip
-    policies = "titan's AC policies, or N: every N-th block fully recomputed (%(default)s)"
-    p.add_argument("--policies", default="none,attn,full,auto", help=policies)
+    policies = "titan's AC policies, or N: every N-th block fully recomputed (none,attn,full,auto)"
+    p.add_argument("--policies", default=None, help=policies)
     compiled = "eager (off), torch.compile (on) or each (both, the default; --tiny: off)"
     p.add_argument("--compile", choices=["both", "on", "off"], default=None, help=compiled)
     configs = (
-        "exactly these configurations instead of every combination of the two options "
-        "above: comma-separated SYSTEM:SETTING:COMPILE, e.g. titan:full:off,titan:attn:on,"
-        "transformers:ckpt:off (SETTING: a --policies value for titan, ckpt or no_ckpt for "
-        "transformers; COMPILE: on or off)"
+        "exactly these configurations instead of every combination of --policies and "
+        "--compile (not given with it): comma-separated SYSTEM:SETTING:COMPILE, e.g. "
+        "titan:full:off,titan:attn:on,transformers:ckpt:off (SETTING: a --policies value "
+        "for titan, ckpt or no_ckpt for transformers; COMPILE: on or off)"
     )
     p.add_argument("--configs", default=None, help=configs)
     p.add_argument("--warmup", type=_count(0), help="steps not timed (default 2; --tiny: 1)")
@@ -355,10 +355,14 @@ def main(argv: list[str] | None = None) -> int:
                    "--tiny: 2)")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="results file (markdown, .md)")
     opts = p.parse_args(argv)
-    defaults = {"seqs": [8192, 32768, 131072], "layers": 4, "warmup": 2, "steps": 5,
-                "compile": "both"}  # fmt: skip
+    if opts.configs is not None and (opts.policies or opts.compile):
+        print("error: --configs names whole configurations: drop --policies and --compile, "
+              "or --configs", file=sys.stderr)  # fmt: skip
+        return 2
+    defaults = {"policies": "none,attn,full,auto", "seqs": [8192, 32768, 131072], "layers": 4,
+                "warmup": 2, "steps": 5, "compile": "both"}  # fmt: skip
     if opts.tiny:
-        defaults = {"seqs": [64, 128], "layers": 2, "warmup": 1, "steps": 2, "compile": "off"}
+        defaults |= {"seqs": [64, 128], "layers": 2, "warmup": 1, "steps": 2, "compile": "off"}
     for name, value in defaults.items():
         if getattr(opts, name) is None:
             setattr(opts, name, value)
@@ -407,6 +411,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{opts.warmup} warm-up + median of {opts.steps} steps",
         f"- {opts.dtype} matmul {n}^3: {ceiling:.3g} TFLOP/s",
         "- plan GiB: the activation planner's estimate of one rank's peak (eager blocks)",
+        *(
+            ["- vs best transformers: no transformers configuration was run"]
+            if all(system != "transformers" for system, _, _ in opts.configs)
+            else []
+        ),  # fmt: skip
         "",
         "## Attention, forward + backward (TFLOP/s counting the causal half)",
         "",

@@ -114,6 +114,8 @@ def test_wrong_options_are_one_line_before_any_work(tmp_path, capsys):
         ("--warmup", "-1"): "argument --warmup: '-1' is not a whole number >= 0",
         ("--layers", "0"): "argument --layers: '0' is not a whole number >= 1",
         ("--policies", "attn,0"): "--policies 0: each must be one of none, attn",
+        ("--policies", "\u00b2"): "--policies \u00b2: each must be one of",  # a digit to Python
+        ("--configs", "titan:attn:off", "--compile", "on"): "drop --policies and --compile",
         ("--out", str(tmp_path)): "is a folder; name a .md file",
         ("--out", str(tmp_path / "a_file" / "r.md")): "is a file, not a folder",
         ("--out", str(tmp_path / "r.txt")): "must end in .md",

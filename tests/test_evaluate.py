@@ -189,6 +189,11 @@ def test_evaluation_bad_inputs(trained, synthetic_dir, tmp_path):
                               f"--eval.output={target}"), 1)  # fmt: skip
         assert run["rc"] == 2 and run["err"].count("\n") == 1 and words in run["err"], run["err"]
         assert target.read_bytes() == before_bytes
+    inside = step_dir / "results.json"  # nothing is written into a checkpoint
+    run = _evaluate(_args(tmp_path, synthetic_dir, f"--eval.checkpoint={step_dir}",
+                          f"--eval.output={inside}"), 1)  # fmt: skip
+    assert run["rc"] == 2 and f"is inside the checkpoint {step_dir}" in run["err"], run["err"]
+    assert not inside.exists()
     # A dry run checks the checkpoint it names.
     missing = _args(tmp_path, synthetic_dir, "--job.dry_run", f"--eval.checkpoint={tmp_path}/no")
     run = _evaluate(missing, 1)

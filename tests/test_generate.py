@@ -328,6 +328,14 @@ def _bad_inputs(files: dict[str, Path], root: Path) -> dict[str, tuple[list[str]
         "seed beyond 64 bits": ([*ckpt, *data, "--seed", str(10**20)], "must fit in 64 bits"),
         "temperature inf": ([*ckpt, *data, "--temperature", "inf"], "must be finite"),
         "out a folder": ([*ckpt, *data, "--out", str(out_folder)], "is a folder"),
+        "out inside the checkpoint": (
+            [*ckpt, *data, "--out", str(files["dcp"] / "s.npz")],
+            f"is inside the checkpoint {files['dcp']}; nothing is written into a checkpoint",
+        ),
+        "not a checkpoint, not an export": (
+            ["--checkpoint", str(root), "--neurons", "4"],
+            "neither a DCP directory (.metadata) nor a Hugging Face export (config.json)",
+        ),
         "out below a file": (
             [*ckpt, *data, "--out", str(root / "a_file" / "x.npz")],
             f"cannot be written: {root / 'a_file'} is a file",

@@ -112,6 +112,7 @@ def test_chart_without_validation_and_bad_inputs(tmp_path, capsys):
     step = tmp_path / "checkpoint" / "step-5"  # nothing goes into a checkpoint (the output
     step.mkdir(parents=True)  # check every command shares)
     (step / ".metadata").write_bytes(b"")
+    (step / "__0_0.distcp").write_bytes(b"")
     assert main([str(run), "--out", str(step / "charts" / "m.png")]) == 2
     _one_error_line(capsys, f"is inside the checkpoint {step}; nothing is written into")
     (run / "metrics.png").unlink()

@@ -59,8 +59,8 @@ def output_problem(out: Path, suffix: str) -> str | None:
         return f"is a folder; name a {suffix} file"
     if out.suffix != suffix:
         return f"must end in {suffix}"
-    for folder in out.absolute().parents:  # a DCP directory holds a `.metadata` file
-        if (folder / ".metadata").is_file():
+    for folder in out.resolve().parents:  # (`..` collapsed, links followed)
+        if (folder / ".metadata").is_file() and any(folder.glob("*.distcp")):  # DCP's files
             return (
                 f"is inside the checkpoint {folder}; nothing is written into a checkpoint "
                 "(its step is moved or deleted whole): name a file outside it"

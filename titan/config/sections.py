@@ -16,6 +16,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Annotated, Any, Literal
 
 
@@ -34,6 +35,7 @@ NonNegativeFloat = Annotated[float, Rule(lambda v: 0 <= v < math.inf, "a finite 
 Fraction = Annotated[float, Rule(lambda v: 0 <= v <= 1, "in [0, 1]")]
 BelowOne = Annotated[float, Rule(lambda v: 0 <= v < 1, "in [0, 1)")]
 ClipNorm = Annotated[float, Rule(lambda v: not math.isnan(v), "a number, not NaN")]
+JsonPath = Annotated[str, Rule(lambda v: PurePath(v).suffix == ".json", "a path ending in .json")]
 Dtype = Literal["float32", "bfloat16"]
 
 AttnImpl = Literal["auto", "sdpa", "sdpa_cudnn", "sdpa_flash", "flash4", "flash3", "flash2"]
@@ -320,9 +322,7 @@ class Eval:
         int, Rule(lambda v: v == -1 or v > 0, "-1 (training.batch_size) or a positive integer")
     ] = -1
     """Windows per batch on each rank (-1: training.batch_size)."""
-    output: Annotated[
-        str | None, Rule(lambda v: v is None or v.endswith(".json"), "a path ending in .json")
-    ] = None
+    output: JsonPath | None = None
     """Results JSON (default: beside the checkpoint, <step directory>.eval-<split>.json)."""
 
 

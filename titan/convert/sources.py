@@ -176,14 +176,17 @@ class HFSource:
         pass
 
 
-_DAMAGED = "not a whole weights file (truncated or damaged?); download or export it again"
+_DAMAGED = "not a whole safetensors file (truncated or damaged?); download or export it again"
 
 
 def _load_pth(path: Path) -> dict[str, torch.Tensor]:
     try:
         sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch raises RuntimeError, pickle errors, ...
-        raise ConvertError(f"cannot read {path} ({first_line(e)}): {_DAMAGED}") from None
+        raise ConvertError(
+            f"cannot read {path} ({first_line(e)}): not a whole file of tensors as torch.save "
+            "writes them (truncated, damaged, or holding other objects)"
+        ) from None
     if not isinstance(sd, dict):
         raise ConvertError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
     for key, value in sd.items():

@@ -40,9 +40,10 @@ FLASH_MODULES = {
     "flash3": "flash_attn_interface",
     "flash2": "flash_attn",
 }
-# FlashAttention-4 is published as pre-releases only, which a bare `pip install flash-attn-4`
-# refuses to pick; a pre-release bound lets it. 4.0.0b10 is the first with the `cu13` extra
-# (its CUTLASS DSL libraries for CUDA 13), which a CUDA 13 build of torch wants.
+# FlashAttention-4 is published as pre-releases (its one final release, 0.0.1, is yanked,
+# which keeps pip from falling back to them): a bare `pip install flash-attn-4` finds no
+# matching distribution, a pre-release bound lets pip take one. 4.0.0b10 is the first with
+# the `cu13` extra (its CUTLASS DSL libraries for CUDA 13), which a CUDA 13 torch wants.
 _CU13 = (torch.version.cuda or "").startswith("13.")
 INSTALL = {
     "flash4": f"pip install 'flash-attn-4{'[cu13]' * _CU13}>=4.0.0b10' "
