@@ -90,11 +90,8 @@ def check_checkpoint(path: Path) -> None:
     directory nor a Hugging Face export (naming a step to pass instead where it can)."""
     if path.is_dir() and not (path / ".metadata").is_file() and (path / "config.json").is_file():
         return  # a Hugging Face export
-    if problem := storage.step_problem(path):
-        problem = problem.replace(  # this command takes Hugging Face exports too
-            "not a DCP checkpoint directory (no .metadata)",
-            "neither a DCP directory (.metadata) nor a Hugging Face export (config.json)",
-        )
+    neither = "neither a DCP directory (.metadata) nor a Hugging Face export (config.json)"
+    if problem := storage.step_problem(path, not_a_step=neither):
         raise GenerateError(f"--checkpoint {path}: {problem}")
 
 

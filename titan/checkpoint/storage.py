@@ -100,11 +100,19 @@ def step_hint(path: Path) -> str:
     return ""
 
 
-def step_problem(path: Path, allow_incomplete: bool = False) -> str | None:
+def step_problem(
+    path: Path,
+    allow_incomplete: bool = False,
+    *,
+    not_a_step: str = "not a DCP checkpoint directory (no .metadata)",
+    or_else: str = "",
+) -> str | None:
     """Why `path` cannot be read as one checkpoint step, judged from its small files alone
     (the folder, `.metadata`, the marker, the checksum of `.metadata`), as a phrase to
     follow "<path>: " that names a step to pass instead where there is one; None when it
-    can. `allow_incomplete`: a step without a marker passes if its `.metadata` reads."""
+    can. `allow_incomplete`: a step without a marker passes if its `.metadata` reads.
+    A command words a folder that is no step as `not_a_step` (what else it accepts), and
+    adds `or_else` to the advice for an incomplete step (an option that reads one)."""
     if problem := folder_problem(path):
         return problem + step_hint(path)
     if not (path / ".metadata").is_file():
@@ -115,7 +123,7 @@ def step_problem(path: Path, allow_incomplete: bool = False) -> str | None:
                 f"{what}, not a DCP directory: convert it with python llama_to_dcp.py "
                 f"--input_dir {path} --output_dir <new folder> and pass that folder"
             )
-        return "not a DCP checkpoint directory (no .metadata)" + step_hint(path)
+        return not_a_step + step_hint(path)
     if (path / MARKER).is_file():
         problem = metadata_problem(path)
     elif allow_incomplete:
@@ -124,7 +132,7 @@ def step_problem(path: Path, allow_incomplete: bool = False) -> str | None:
         done = [s.path for s in listed_steps(path.parent) if s.complete]
         return (
             f"incomplete (no {MARKER} marker: its save was cut short, or is still being "
-            "written); use a complete step" + (f", e.g. {done[-1]}" if done else "")
+            "written); use a complete step" + (f", e.g. {done[-1]}" if done else "") + or_else
         )
     return f"damaged: {problem}; use another step" if problem else None
 

@@ -213,9 +213,8 @@ def _check_input(input_dir: Path, allow_incomplete: bool) -> None:
             f"--input_dir {input_dir}: {what} already, not a DCP step directory (.../step-N), "
             "which is what dcp_to_llama.py exports"
         )
-    if problem := storage.step_problem(input_dir, allow_incomplete):
-        if problem.startswith("incomplete"):
-            problem += " (or pass --allow_incomplete)"
+    or_else = " (or pass --allow_incomplete)"
+    if problem := storage.step_problem(input_dir, allow_incomplete, or_else=or_else):
         raise ConvertError(f"--input_dir {input_dir}: {problem}")
 
 
