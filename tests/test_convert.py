@@ -516,6 +516,8 @@ def _bad_llama_inputs(root: Path, hf_dir: Path) -> dict[str, tuple[list[str], st
         "rope_string": {"rope_scaling": "llama3", "rope_parameters": None},
         "vocab_null": {"vocab_size": None},
         "eps_text": {"rms_norm_eps": "1e-5"},
+        "rope_list": {"rope_parameters": [1, 2]},
+        "odd_head_dim": {"num_attention_heads": 64, "num_key_value_heads": 64, "head_dim": 1},
     }.items():
         folder = malformed[name] = copy(name)
         config = json.loads((folder / "config.json").read_text())
@@ -535,6 +537,11 @@ def _bad_llama_inputs(root: Path, hf_dir: Path) -> dict[str, tuple[list[str], st
     (meta_list / "params.json").write_text(json.dumps(keymap.meta_params_from_args(META_ARGS)))
     sd = Transformer(META_ARGS).state_dict()
     torch.save(sd | {"norm.weight": [1.0] * META_ARGS.dim}, meta_list / "consolidated.00.pth")
+    meta_text_rope = root / "meta_text_rope"
+    meta_text_rope.mkdir()
+    params = keymap.meta_params_from_args(META_ARGS) | {"use_scaled_rope": "false"}
+    (meta_text_rope / "params.json").write_text(json.dumps(params))
+    torch.save(Transformer(META_ARGS).state_dict(), meta_text_rope / "consolidated.00.pth")
     unfinished = root / "run" / "checkpoint" / "step-2"  # a training save cut short
     unfinished.mkdir(parents=True)
     (unfinished / ".metadata").write_bytes(b"")
@@ -572,6 +579,16 @@ def _bad_llama_inputs(root: Path, hf_dir: Path) -> dict[str, tuple[list[str], st
         "rope_scaling not a mapping": (argv(malformed["rope_string"]), "rope_scaling is 'llama3'"),
         "vocab_size null": (argv(malformed["vocab_null"]), "vocab_size is None"),
         "norm eps as text": (argv(malformed["eps_text"]), "norm_eps is '1e-5'"),
+        "rope_parameters not a mapping": (
+            argv(malformed["rope_list"]),
+            "rope_parameters is [1, 2]; a mapping is needed",
+        ),
+        "odd head dimension": (argv(malformed["odd_head_dim"]), "= 1 is odd; RoPE rotates pairs"),
+        "scaled RoPE as text": (argv(meta_text_rope), "use_scaled_rope is 'false'; true or false"),
+        "output inside a training step": (
+            argv(hf_dir, out=unfinished / "dcp"),
+            f"is inside the checkpoint {unfinished}; nothing is written into a checkpoint",
+        ),
         "weight_map a list": (argv(listed_map), "weight_map is not a mapping"),
         "input is a file": (
             argv(root / "a_file"),
@@ -658,6 +675,10 @@ def _bad_dcp_inputs(root: Path, dcp_dir: Path, hf_dir: Path) -> dict[str, tuple[
             "a full checkpoint, which --overwrite never replaces",
         ),
         "output inside the input": (argv(dcp_dir, out=dcp_dir / "export"), "inside the input"),
+        "output inside another step": (
+            argv(dcp_dir, out=trained / "export"),
+            f"is inside the checkpoint {trained}; nothing is written into a checkpoint",
+        ),
         "no model tensors": (argv(optim_only), "no model tensors"),
         "push without repo": (argv(dcp_dir, "--push_to_hub"), "--hf_repo_name"),
         "private without push": (argv(dcp_dir, "--private"), "add --push_to_hub"),
@@ -682,6 +703,13 @@ def test_every_bad_input_fails_with_one_line(hf_dir, dcp_dir, tmp_path, capsys):
         assert words in err[0], (name, err[0])
         # our own messages say what is wrong without an exception's type name
         assert not re.search(r"(Convert|OS|Value|Type|Key)Error", err[0]), (name, err[0])
+
+
+def test_a_shard_size_beyond_a_float_is_one_shard():
+    from titan.convert.cli import size
+
+    assert size("9" * 400 + "GB") == int("9" * 400) * 10**9  # float() would overflow
+    assert size("1.5KB") == 1500
 
 
 def test_option_mistakes_are_one_line_from_the_parser(capsys):
@@ -959,9 +987,16 @@ def test_export_context_is_above_rope_original_context(tmp_path, capfd):
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     original = config["rope_scaling"]["original_max_position_embeddings"]
     assert original == 8192 and config["max_position_embeddings"] > original
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "| context (max_position_embeddings) | 65536 |" in card
+    assert "- training sequence length: 64 tokens" in card
+    # an explicit --max_seq_len that is raised is named
+    result = _cli("dcp_to_llama.py", "--input_dir", str(step_dir), "--output_dir",
+                  str(tmp_path / "hf2"), "--max_seq_len", "4096")  # fmt: skip
+    assert result.returncode == 0, result.stderr
     assert (
-        "| context (max_position_embeddings) | 65536 |"
-        in (tmp_path / "hf" / "README.md").read_text()
+        "note: config.json's max_position_embeddings is 65536, not --max_seq_len 4096: "
+        "transformers wants it above scaled RoPE's original context (8192)" in result.stdout
     )
     capfd.readouterr()
     transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")

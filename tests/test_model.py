@@ -139,6 +139,9 @@ def test_hf_config_spellings_and_meta_params_round_trip():
     assert keymap.args_from_hf_config(new_style) == expected
     no_scaling = dict(old_style, rope_scaling=None)
     assert not keymap.args_from_hf_config(no_scaling).use_scaled_rope
+    for spelled in ({"rope_type": "default"}, {"type": "default"}):  # transformers' "none"
+        unscaled = dict(old_style, rope_scaling=spelled)
+        assert keymap.args_from_hf_config(unscaled) == keymap.args_from_hf_config(no_scaling)
     with pytest.raises(ValueError, match="yarn"):
         keymap.args_from_hf_config(dict(old_style, rope_scaling={"rope_type": "yarn"}))
 

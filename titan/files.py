@@ -52,6 +52,19 @@ def nearest_existing(path: Path) -> Path:
     return path
 
 
+INSIDE_CHECKPOINT = "nothing is written into a checkpoint (its step is moved or deleted whole)"
+
+
+def enclosing_checkpoint(path: Path) -> Path | None:
+    """The DCP directory (`.metadata` and shard files) that `path` lies inside, with `..`
+    collapsed and links followed; None if there is none. An output there would be moved
+    or deleted with its step."""
+    for folder in path.resolve().parents:
+        if (folder / ".metadata").is_file() and any(folder.glob("*.distcp")):
+            return folder
+    return None
+
+
 def output_problem(out: Path, suffix: str) -> str | None:
     """Why `out` cannot be written as a `suffix` file, as a phrase to follow "<out>: ",
     or None; for commands to check before any work."""
@@ -59,12 +72,8 @@ def output_problem(out: Path, suffix: str) -> str | None:
         return f"is a folder; name a {suffix} file"
     if out.suffix != suffix:
         return f"must end in {suffix}"
-    for folder in out.resolve().parents:  # (`..` collapsed, links followed)
-        if (folder / ".metadata").is_file() and any(folder.glob("*.distcp")):  # DCP's files
-            return (
-                f"is inside the checkpoint {folder}; nothing is written into a checkpoint "
-                "(its step is moved or deleted whole): name a file outside it"
-            )
+    if checkpoint := enclosing_checkpoint(out):
+        return f"is inside the checkpoint {checkpoint}; {INSIDE_CHECKPOINT}: name a file outside it"
     parent = nearest_existing(out.absolute().parent)
     if not parent.is_dir():
         return f"cannot be written: {parent} is a file, not a folder"

@@ -9,6 +9,7 @@ import ctypes
 import re
 import sys
 from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ def size(text: str) -> int:
     if not m:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a size like 5GB, 500MB or 1000000")
     unit = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}[m.group(2).removesuffix("B")]
-    if (value := int(float(m.group(1)) * unit)) < 1:
+    if (value := int(Fraction(m.group(1)) * unit)) < 1:  # exact: no float overflow
         raise argparse.ArgumentTypeError(f"{text!r}: a size of at least one byte, e.g. 5GB")
     return value
 

@@ -262,6 +262,12 @@ def dcp_to_llama(
     if not stored:
         raise ConvertError(f"{input_dir}: no model tensors (keys model.*) in this checkpoint")
     args, origin, job = step_architecture(input_dir, stored, flavor, max_seq_len, log)
+    if max_seq_len is not None and args.max_seq_len != max_seq_len and fmt != "meta":
+        log(
+            f"  note: config.json's max_position_embeddings is {args.max_seq_len}, not "
+            f"--max_seq_len {max_seq_len}: transformers wants it above scaled RoPE's original "
+            f"context ({args.rope_original_context})"
+        )
     _check_data(input_dir)
     names = list(param_shapes(args))
     shapes = {n: stored[n][0] for n in names}

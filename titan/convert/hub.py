@@ -28,6 +28,7 @@ def model_card(
     job_section = (job or {}).get("job", {})
     training = (job or {}).get("training", {})
     recipe = job_section.get("config_file") or "unknown"
+    seq_len = f"{training['seq_len']} tokens" if training.get("seq_len") else "unknown"
     rows = [
         ("dim", args.dim),
         ("layers", args.n_layers),
@@ -59,6 +60,7 @@ def model_card(
         + (f" ({job_section['description']})" if job_section.get("description") else ""),
         f"- step: {step if step is not None else 'unknown'}",
         f"- dataset: {training.get('dataset', 'unknown')}",
+        f"- training sequence length: {seq_len}",
         f"- source checkpoint: `{source.parent.name}/{source.name}`",
         "",
         "| | |",

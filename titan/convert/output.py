@@ -19,7 +19,7 @@ from pathlib import Path
 
 from titan.checkpoint import MARKER, storage
 from titan.convert.common import FULL_DISK, ConvertError, first_line, write_error
-from titan.files import listing, nearest_existing
+from titan.files import INSIDE_CHECKPOINT, enclosing_checkpoint, listing, nearest_existing
 
 PARTIAL = ".partial"
 # Files these tools write (DCP's `.metadata.tmp` too, if it was cut short); --overwrite
@@ -109,9 +109,9 @@ def _check_writable(folder: Path) -> None:
 
 def check_output(folder: Path, overwrite: bool, inputs: list[Path]) -> None:
     """Refuse (ConvertError) an output folder that is an input, inside one or above one,
-    that is not a directory, that cannot be written, or that is not empty, unless
-    `overwrite`, which replaces only files these tools write (never through a symbolic
-    link), and never a training checkpoint. Creates and removes nothing."""
+    inside any checkpoint, that is not a directory, that cannot be written, or that is not
+    empty, unless `overwrite`, which replaces only files these tools write (never through
+    a symbolic link), and never a training checkpoint. Creates and removes nothing."""
     resolved, inputs = folder.resolve(), [inp.resolve() for inp in inputs]
     for inp in inputs:
         if inp.is_relative_to(resolved):
@@ -121,6 +121,11 @@ def check_output(folder: Path, overwrite: bool, inputs: list[Path]) -> None:
             raise ConvertError(
                 f"--output_dir {folder} is inside the input {inp}; choose a folder outside it"
             )
+    if checkpoint := enclosing_checkpoint(folder):
+        raise ConvertError(
+            f"--output_dir {folder} is inside the checkpoint {checkpoint}; {INSIDE_CHECKPOINT}: "
+            "choose a folder outside it"
+        )
     if folder.exists() and not folder.is_dir():
         raise ConvertError(f"--output_dir {folder} exists and is not a directory")
     _check_writable(folder)

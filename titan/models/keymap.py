@@ -215,10 +215,18 @@ def _checked(args: ModelArgs, file: str) -> ModelArgs:
             continue
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
             raise ValueError(f"{file}: {field} is {value!r}; a positive number is needed")
+    if not isinstance(args.use_scaled_rope, bool):
+        value = args.use_scaled_rope
+        raise ValueError(f"{file}: use_scaled_rope is {value!r}; true or false is needed")
     if args.dim % args.n_heads or args.n_heads % args.n_kv_heads:
         raise ValueError(
             f"{file}: {args.n_heads} heads ({args.n_kv_heads} kv) do not divide dim {args.dim} "
             "(or the kv heads do not divide the heads)"
+        )
+    if args.head_dim % 2:
+        raise ValueError(
+            f"{file}: the head dimension dim / heads = {args.dim} / {args.n_heads} = "
+            f"{args.head_dim} is odd; RoPE rotates pairs of features and needs it even"
         )
     return args
 
@@ -238,13 +246,17 @@ def args_from_hf_config(cfg: Mapping) -> ModelArgs:
     if cfg.get("head_dim") not in (None, dim // n_heads):
         raise ValueError(f"config.json has head_dim {cfg['head_dim']} != hidden/heads")
     params = cfg.get("rope_parameters") or {}
-    if isinstance(params, Mapping) and "rope_theta" not in params and "rope_type" not in params:
+    if not isinstance(params, Mapping):
+        raise ValueError(f"config.json: rope_parameters is {params!r}; a mapping is needed")
+    if "rope_theta" not in params and "rope_type" not in params:
         params = {}  # per-layer-type dicts are not Llama's
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
     scaling = params if params.get("rope_type") not in (None, "default") else None
     scaling = scaling or cfg.get("rope_scaling") or None
     if scaling is not None and not isinstance(scaling, Mapping):
         raise ValueError(f"config.json: rope_scaling is {scaling!r}; a mapping is needed")
+    if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
+        scaling = None  # transformers' spelling of no scaling
     multiple_of, mult = ffn_params_for_hidden(dim, cfg["intermediate_size"])
     args = ModelArgs(
         dim=dim,
@@ -317,7 +329,7 @@ def args_from_meta_params(
         ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
         norm_eps=params.get("norm_eps", 1e-5),
         rope_theta=float(params.get("rope_theta", 10000.0)),
-        use_scaled_rope=bool(params.get("use_scaled_rope", False)),
+        use_scaled_rope=params.get("use_scaled_rope", False),  # a bool: _checked says
         max_seq_len=params.get("max_seq_len", max_seq_len),
     )
     extras = {f: params[k] for k, f in _META_ROPE_KEYS.items() if params.get(k) is not None}
