@@ -240,6 +240,61 @@ def test_evaluation_bad_inputs(trained, synthetic_dir, tmp_path):
     assert "validation.split = 'train' is the split training reads" in result.stderr
 
 
+def test_dry_run_checks_the_data_and_plans_the_memory(
+    trained, synthetic_dir, tmp_path, capfd, monkeypatch
+):
+    """The dry run opens a local split as a start would and prints the forward-only memory
+    plan, for this machine or the GPUs named; what a start would refuse, it refuses."""
+    from titan.evaluate import main
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    step_dir = trained / "checkpoint" / "step-6"
+    dry = _args(trained, synthetic_dir, "--job.dry_run", f"--eval.output={tmp_path / 'r.json'}")
+    capfd.readouterr()
+    assert main([*dry, "--eval.max_tokens=200", "--job.plan_for=h100-80gb,1gib"]) == 0
+    out = capfd.readouterr().out
+    assert f"would evaluate {step_dir}\n" in out and ", 3 of its " in out
+    assert "windows of 64 tokens" in out
+    for gpu in ("h100-80gb", "1gib"):
+        assert f"memory plan for {gpu}, world 1: " in out
+    assert out.count("blocks: forward only (evaluation)") == 2
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert main(dry) == 0 and "memory plan for this CPU, world 4: " in capfd.readouterr().out
+    monkeypatch.delenv("WORLD_SIZE")
+    single = synthetic_dir / "test"  # one split, saved alone
+    for extra, words in [
+        (["--eval.batch_size=100000000"], "with eval.batch_size 100000000 needs about"),
+        (["--training.dataset=custom", f"--training.dataset_path={single}", "--eval.split=train"],
+         "no split 'train'"),
+        ([f"--eval.checkpoint={step_dir}", "--checkpoint.load_step=6"],
+         "eval.checkpoint and checkpoint.load_step = 6 both name the checkpoint"),
+    ]:  # fmt: skip
+        assert main([*dry, *extra]) == 2, extra
+        err = capfd.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and words in err, (extra, err)
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_a_split_whose_every_row_is_left_out_is_refused(trained, synthetic_dir, tmp_path):
+    """Rows that are read and left out (counts outside 0..255) give no label: one line and
+    no results file, not a table of NaN that replaces an earlier result."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bad = tmp_path / "wide.parquet"
+    pq.write_table(pa.table({"spike_counts": [[[-1, 300, 2] * 30, [1, 2, 3] * 30]]}), bad)
+    out = tmp_path / "r.json"
+    args = _args(tmp_path, synthetic_dir, "--training.dataset=custom",
+                 f"--training.dataset_path={bad}", "--eval.split=train",
+                 f"--eval.checkpoint={trained / 'checkpoint' / 'step-6'}",
+                 f"--eval.output={out}")  # fmt: skip
+    run = _evaluate(args, 1)
+    assert run["rc"] == 2 and run["err"].count("\n") == 1, run["err"]
+    assert "no label to evaluate: every row read was left out" in run["err"]
+    assert "row 0 left out of the losses" in run["out"] and not out.exists()
+
+
 def test_a_wrong_checkpoint_names_the_step_to_pass(trained, synthetic_dir, tmp_path):
     """A run's output folder, its checkpoint folder, a step that is not there: each
     refused naming a step that would do (the newest complete one)."""

@@ -132,6 +132,23 @@ def launched_world_size() -> int | None:
     return int(text)
 
 
+def dry_run_world_size(cfg: JobConfig) -> int:
+    """The world size a dry run plans for: WORLD_SIZE, else the recipe's explicit degrees,
+    else a single process."""
+    world = launched_world_size()
+    t = cfg.training
+    if world is not None:
+        return world
+    if t.data_parallel_shard_degree > 0:
+        return t.data_parallel_replicate_degree * t.data_parallel_shard_degree
+    if t.data_parallel_replicate_degree > 1:
+        raise ConfigError(
+            f"training.data_parallel_replicate_degree = {t.data_parallel_replicate_degree} "
+            "needs the world size: run the dry run as WORLD_SIZE=N python ..."
+        )
+    return 1
+
+
 def local_world_size() -> int:
     """Ranks on this node (LOCAL_WORLD_SIZE from torchrun; 1 without it)."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", 1))

@@ -16,6 +16,7 @@ go to the console as a table and to a JSON file beside the checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -35,11 +36,13 @@ from titan.config import ConfigError, JobConfig
 from titan.data.held_out import IGNORE, HeldOut
 from titan.data.sources import resolve_source
 from titan.data.tokenizer import SEPARATOR
-from titan.distributed import ParallelDims, env_rank
+from titan.distributed import ParallelDims, dry_run_world_size, env_rank
 from titan.files import json_text, output_problem, written_atomically
 from titan.logging import init_logger, logger
+from titan.memory import dry_run_plans, format_plan
+from titan.models.llama import build_model_args
 from titan.preflight import checkpoint_folder
-from titan.run import build_run
+from titan.run import build_run, resolve_attention
 
 
 @torch.no_grad()
@@ -144,6 +147,11 @@ def planned(cfg: JobConfig) -> tuple[Path, Path]:
     the dataset's path: all an evaluation reads and writes (not what training would, such
     as `checkpoint.initial_load_path` or room for a checkpoint)."""
     resolve_source(cfg)
+    if cfg.eval.checkpoint and cfg.checkpoint.load_step != -1:
+        raise ConfigError(
+            f"eval.checkpoint and checkpoint.load_step = {cfg.checkpoint.load_step} both name "
+            "the checkpoint to evaluate; keep one"
+        )
     if cfg.eval.checkpoint:
         path = Path(cfg.eval.checkpoint)
         if problem := storage.step_problem(path):
@@ -166,17 +174,27 @@ def _write(out: Path, result: dict[str, Any]) -> None:
         ) from None
 
 
+def _batch(cfg: JobConfig) -> int:
+    """Windows per forward on each rank."""
+    return cfg.eval.batch_size if cfg.eval.batch_size > 0 else cfg.training.batch_size
+
+
 def run_evaluation(cfg: JobConfig) -> dict[str, Any]:
     """Everything `evaluate.py` does; returns the results (on every rank)."""
     begin = time.perf_counter()
     path, out = planned(cfg)
-    batch = cfg.eval.batch_size if cfg.eval.batch_size > 0 else cfg.training.batch_size
+    batch = _batch(cfg)
     data = HeldOut.open(cfg, cfg.eval.split)  # its problems before the model is built
     with build_run(cfg, train=False, eval_batch=batch) as run:
         run.checkpointer.load_weights(path)
         dp = run.dims.dp_degree
         n_windows = data.windows_for(cfg.eval.steps, cfg.eval.max_tokens, dp, batch)
         result = evaluate(run.model, data, run.dims, batch, n_windows)
+    if result["tokens"] == 0:  # (the same sums on every rank)
+        raise ConfigError(
+            f"{data.label}: no label to evaluate: every row read was left out (the warnings "
+            "above say why); no results written"
+        )
     result |= {
         "checkpoint": str(path),
         "dataset": data.label,
@@ -201,12 +219,41 @@ def run_evaluation(cfg: JobConfig) -> dict[str, Any]:
     return result
 
 
-def _evaluate(cfg: JobConfig) -> None:
+def dry_run(cfg: JobConfig) -> None:
+    """The checks of a real start and its memory plan (for this machine, or the GPUs of
+    `job.plan_for`, at the world size of WORLD_SIZE or the recipe's degrees); nothing is
+    loaded or written. A local dataset is opened (its split and rows checked, its windows
+    counted); a Hub dataset is left to the real run, as training's dry run leaves it."""
+    world = dry_run_world_size(cfg)  # checked first: env_rank() trusts what torchrun sets
     init_logger(env_rank()[0])
-    if cfg.job.dry_run:  # the checks of a real start; nothing is loaded or written
-        path, out = planned(cfg)
-        logger.info(f"dry run: would evaluate {path} on the {cfg.eval.split} split and write {out}")
+    path, out = planned(cfg)
+    batch = _batch(cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dims = ParallelDims.from_config(cfg, world, device.type, training=False)
+    source = resolve_source(cfg)
+    reads = f"{source.label} [{cfg.eval.split}] (a Hub dataset: opened by the real run)"
+    if source.kind != "hub":
+        data = HeldOut.open(cfg, cfg.eval.split)
+        n = data.windows_for(cfg.eval.steps, cfg.eval.max_tokens, dims.dp_degree, batch)
+        reads = f"{data.label}, {n:,} of its {data.num_windows:,} windows of {data.seq_len} tokens"
+    t = cfg.training
+    args = build_model_args(cfg.model.flavor, t.vocab_size, t.seq_len)
+    args = dataclasses.replace(
+        args, attn_impl=resolve_attention(cfg, args, device, measure_auto=False).impl
+    )
+    planned_cfg = dataclasses.replace(cfg, training=dataclasses.replace(t, batch_size=batch))
+    plans = dry_run_plans(planned_cfg, args, dims, device, training=False)
+    logger.info(
+        f"dry run: would evaluate {path}\n    on {reads}\n    and write {out}\n"
+        + "\n".join(format_plan(p, f"{label}, world {world}") for label, p in plans)
+    )
+
+
+def _evaluate(cfg: JobConfig) -> None:
+    if cfg.job.dry_run:
+        dry_run(cfg)
         return
+    init_logger(env_rank()[0])
     run_evaluation(cfg)
 
 

@@ -40,9 +40,9 @@ from dataclasses import dataclass
 
 import torch
 
-from titan.config import JobConfig
+from titan.config import ConfigError, JobConfig
 from titan.config.sections import gpu_gib
-from titan.distributed import ParallelDims
+from titan.distributed import ParallelDims, local_world_size
 from titan.models.llama import (
     ModelArgs,
     Transformer,
@@ -314,6 +314,33 @@ def plan_memory(
     if not fits and advise:
         plan.advice = _advice(cfg, args, dims, capacity, dtype)
     return plan
+
+
+def dry_run_plans(
+    cfg: JobConfig, args: ModelArgs, dims: ParallelDims, device: torch.device, training: bool
+) -> list[tuple[str, MemoryPlan]]:
+    """(GPU, plan) for each GPU of `job.plan_for`, each planned as a start there would plan
+    it (at most `memory_limit_gib`, blocks in `mixed_precision_param`); without plan_for,
+    for this machine's device, refused (ConfigError) where a start here would refuse it:
+    an evaluation that does not fit, or training under the auto mode."""
+    if cfg.job.plan_for:
+        dtype = activation_dtype(cfg, "cuda")
+        return [
+            (
+                name,
+                plan_memory(
+                    cfg, args, dims, capped(cfg, gpu_capacity(name)), dtype, training=training
+                ),
+            )  # fmt: skip
+            for name in cfg.job.plan_for
+        ]
+    label = torch.cuda.get_device_name(device) if device.type == "cuda" else "this CPU"
+    capacity = device_capacity(cfg, device, local_world_size())
+    plan = plan_memory(cfg, args, dims, capacity, activation_dtype(cfg, device.type),
+                       training=training)  # fmt: skip
+    if not plan.fits and (not training or cfg.activation_checkpoint.mode == "auto"):
+        raise ConfigError(refusal(cfg, plan, label))
+    return [(label, plan)]
 
 
 def _advice(

@@ -23,27 +23,12 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from titan.cli import StoppedOnSignal, StoppedUnsaved, TrainingDiverged, run_command
-from titan.config import ConfigError, JobConfig
-from titan.distributed import (
-    ParallelDims,
-    env_rank,
-    launched_world_size,
-    local_world_size,
-    set_collective_timeout,
-)
+from titan.config import JobConfig
+from titan.distributed import ParallelDims, dry_run_world_size, env_rank, set_collective_timeout
 from titan.evaluate import evaluate
 from titan.lifecycle import StepWatch, StopSignals
 from titan.logging import init_logger, logger
-from titan.memory import (
-    activation_dtype,
-    capped,
-    device_capacity,
-    format_plan,
-    gib,
-    gpu_capacity,
-    plan_memory,
-    refusal,
-)
+from titan.memory import dry_run_plans, format_plan, gib
 from titan.metrics import peak_memory_gib
 from titan.models.llama import build_model_args, flops_per_token, token_loss_sum
 from titan.preflight import check_dry_run
@@ -268,37 +253,16 @@ def dry_run(cfg: JobConfig) -> None:
     """Resolve the plan (model on the meta device, mesh, batch, attention kernel, memory
     per GPU) without a process group, after the checks of a real start that write nothing.
     The world size comes from WORLD_SIZE, else from the recipe's explicit degrees."""
-    world = launched_world_size()  # checked first: env_rank() trusts what torchrun sets
-    rank, t = env_rank()[0], cfg.training
-    if world is None:  # the recipe's explicit degrees, else a single process
-        if t.data_parallel_shard_degree > 0:
-            world = t.data_parallel_replicate_degree * t.data_parallel_shard_degree
-        elif t.data_parallel_replicate_degree > 1:
-            raise ConfigError(
-                f"training.data_parallel_replicate_degree = {t.data_parallel_replicate_degree} "
-                "needs the world size: run the dry run as WORLD_SIZE=N python train.py ..."
-            )
-        else:
-            world = 1
-    init_logger(rank)
+    world = dry_run_world_size(cfg)  # checked first: env_rank() trusts what torchrun sets
+    init_logger(env_rank()[0])
     check_dry_run(cfg)  # what a real start would refuse (writes nothing)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dims = ParallelDims.from_config(cfg, world, device.type)
+    t = cfg.training
     args = build_model_args(cfg.model.flavor, t.vocab_size, t.seq_len)
     kernel = resolve_attention(cfg, args, device, measure_auto=False)
     args = dataclasses.replace(args, attn_impl=kernel.impl)
-    # Plans for the GPUs asked for (capped at memory_limit_gib, as a start there would),
-    # else for this machine's device, which a real start would refuse when it cannot fit.
-    gpu_dtype = activation_dtype(cfg, "cuda")
-    targets = [(name, capped(cfg, gpu_capacity(name)), gpu_dtype) for name in cfg.job.plan_for]
-    if not targets:
-        label = torch.cuda.get_device_name(device) if device.type == "cuda" else "this CPU"
-        capacity = device_capacity(cfg, device, local_world_size())
-        targets = [(label, capacity, activation_dtype(cfg, device.type))]
-    plans = [(label, plan_memory(cfg, args, dims, c, dtype)) for label, c, dtype in targets]
-    here_label, here = plans[0]
-    if not cfg.job.plan_for and not here.fits and cfg.activation_checkpoint.mode == "auto":
-        raise ConfigError(refusal(cfg, here, here_label))
+    plans = dry_run_plans(cfg, args, dims, device, training=True)
     logger.info(
         "dry run: the resolved plan and config follow; nothing is trained\n"
         + plan_table(cfg, args, dims, kernel, None)
