@@ -239,6 +239,19 @@ def test_a_stored_255_is_read_as_the_254_the_model_saw(tmp_path):
     assert np.array_equal(tokenize_row(row.counts), tokenize_row(np.array(counts)))
 
 
+def test_a_null_id_stays_null(tmp_path):
+    import datasets
+
+    split = datasets.Dataset.from_dict(
+        {"spike_counts": [[[1, 2]]], "source_dataset": [None], "session_id": ["s1"]}
+    )
+    datasets.DatasetDict({"test": split}).save_to_disk(str(tmp_path / "d"))
+    assert read_row(None, str(tmp_path / "d"), "test", 0).ids == {
+        "source_dataset": None,  # not the string "None"
+        "session_id": "s1",
+    }
+
+
 def test_unconditional_from_the_hf_export(files, tmp_path, capsys):
     out = tmp_path / "free.npz"
     argv = ["--checkpoint", str(files["hf"]), "--neurons", "4", "--bins", "3", "--out", str(out)]
@@ -328,6 +341,13 @@ def _bad_inputs(files: dict[str, Path], root: Path) -> dict[str, tuple[list[str]
         "seed beyond 64 bits": ([*ckpt, *data, "--seed", str(10**20)], "must fit in 64 bits"),
         "temperature inf": ([*ckpt, *data, "--temperature", "inf"], "must be finite"),
         "out a folder": ([*ckpt, *data, "--out", str(out_folder)], "is a folder"),
+        "out the current folder": ([*ckpt, *data, "--out", "."], "--out .: is a folder"),
+        "out empty": ([*ckpt, *data, "--out", ""], "--out is empty (an unset variable?)"),
+        "dataset empty": ([*ckpt, "--dataset", ""], "--dataset is empty"),
+        "flavor for an export": (
+            ["--checkpoint", str(files["hf"]), "--neurons", "4", "--flavor", "8B"],
+            "is a Hugging Face export, whose config.json gives the architecture; drop --flavor",
+        ),
         "out inside the checkpoint": (
             [*ckpt, *data, "--out", str(files["dcp"] / "s.npz")],
             f"is inside the checkpoint {files['dcp']}; nothing is written into a checkpoint",

@@ -69,8 +69,8 @@ class Row:
 
     counts: np.ndarray
     """(n_neurons, n_time_bins) uint8, clipped to `MAX_COUNT` as the tokenizer does."""
-    ids: dict[str, str]
-    """The row's string columns (subject_id, session_id, ...)."""
+    ids: dict[str, str | None]
+    """The row's string columns (subject_id, session_id, ...); None where null."""
     label: str
     """The dataset, as messages name it."""
 
@@ -95,7 +95,8 @@ def read_row(dataset: str | None, dataset_path: str | None, split: str, row: int
     counts, why = arrow_row_matrix(cell)
     if counts is None:
         raise GenerateError(f"row {row} of the {split} split of {src.label}: {why}")
-    ids = {c: str(table.column(c)[0].as_py()) for c in ID_COLUMNS if c in table.column_names}
+    values = {c: table.column(c)[0].as_py() for c in ID_COLUMNS if c in table.column_names}
+    ids = {c: None if v is None else str(v) for c, v in values.items()}  # null stays null
     # counts as the model sees them (the tokenizer clips 255 to 254), so that the prompt,
     # the real continuation and the samples compare like with like
     clipped = np.minimum(counts, MAX_COUNT).astype(np.uint8, copy=False)
@@ -197,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check(opts: argparse.Namespace) -> None:
     """Refuse impossible options before reading anything."""
+    for option in ("checkpoint", "out", "dataset", "dataset_path"):
+        if (value := getattr(opts, option)) is not None and not value.strip():
+            raise GenerateError(f"--{option} is empty (an unset variable?); give a value")
     conditional = opts.dataset is not None or opts.dataset_path is not None
     if conditional and opts.neurons is not None:
         raise GenerateError("give a dataset row (--dataset/--dataset_path) or --neurons, not both")
@@ -239,12 +243,13 @@ def _check(opts: argparse.Namespace) -> None:
         if not ok:
             raise GenerateError(message)
     check_checkpoint(Path(opts.checkpoint))  # before the data is read
-    out, png = Path(opts.out), Path(opts.out).with_suffix(".png")
+    out = Path(opts.out)
     problem = output_problem(out, ".npz")
-    if problem is None and (chart := output_problem(png, ".png")):
-        problem = f"the chart beside it, {png}, {chart}"
-    if problem is None and not opts.overwrite:
-        if out.exists() or png.exists():
+    if problem is None:  # (a folder such as "." is refused above: it has no suffix to swap)
+        png = out.with_suffix(".png")
+        if chart := output_problem(png, ".png"):
+            problem = f"the chart beside it, {png}, {chart}"
+        elif not opts.overwrite and (out.exists() or png.exists()):
             which = "it" if out.exists() else f"the chart beside it, {png},"
             problem = f"{which} exists; pass --overwrite to replace it, or choose another"
     if problem is not None:

@@ -113,6 +113,11 @@ def load_model(
     if (path / ".metadata").is_file():
         args, groups, origin, trained = _dcp_weights(path, flavor)
     else:
+        if flavor is not None:
+            raise GenerateError(
+                f"--flavor {flavor}: {path} is a Hugging Face export, whose config.json gives "
+                "the architecture; drop --flavor"
+            )
         source = HFSource(path)
         args, origin, trained = source.args, f"{path} (Hugging Face export)", None
         groups = ({name: source.load(name)} for name in param_shapes(args))

@@ -134,23 +134,35 @@ def build_figure(train: dict[int, dict], val: dict[int, dict], title: str) -> Fi
     for ax, (steps, values), fmt, color, label in curves:
         if steps:
             ax.plot(steps, values, fmt, color=color, label=label)
-    if ax_loss.lines:
+    has_loss = bool(ax_loss.lines)
+    if has_loss:
         ax_loss.set_yscale("log")  # the first steps' loss would flatten the rest
         ax_loss.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # not 10^0
         ax_loss.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(_minor_label))
+    skipped = [step for step, rec in sorted(train.items()) if rec.get("loss") is None]
+    if skipped:  # steps whose loss was not finite (logged as null): marked along the bottom
+        ax_loss.plot(skipped, [0.03] * len(skipped), "x", color="tab:red",
+                     transform=ax_loss.get_xaxis_transform(), clip_on=False,
+                     label="loss not finite (update skipped)")  # fmt: skip
+    loss_label = "cross-entropy (nats/token" + (", log scale)" if has_loss else ")")
     panels = [
-        (ax_loss, "loss", "cross-entropy (nats/token, log scale)"),
-        (ax_lr, "learning rate", "learning rate"),
-        (ax_tps, "throughput", "tokens/s per device"),
+        (ax_loss, "loss", loss_label, ("loss", "val_loss")),
+        (ax_lr, "learning rate", "learning rate", ("lr",)),
+        (ax_tps, "throughput", "tokens/s per device", ("tokens_per_s",)),
     ]
-    for ax, name, ylabel in panels:
+    records = [*train.values(), *val.values()]
+    for ax, name, ylabel, keys in panels:
         ax.set(title=name, ylabel=ylabel)
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(loc="best")
-        else:
-            ax.text(0.5, 0.5, "not in this run", ha="center", va="center", transform=ax.transAxes)
+        if not (has_loss if ax is ax_loss else ax.lines):
+            ax.set_yticks([])  # no value: no scale
+            logged = any(key in rec for rec in records for key in keys)
+            text = "no finite value in this run" if logged else "not in this run"
+            ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    ax_tps.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # (shared)
     ax_tps.set_xlabel("step")
     fig.suptitle(title)
     return fig
@@ -177,7 +189,7 @@ def samples_title(meta: dict[str, Any]) -> str:
     if meta.get("row") is None:
         what = f"unconditional, {meta['n_neurons']} neurons"
     else:
-        ids = ", ".join(meta["row_ids"].get(c, "") for c in ("session_id", "segment_id"))
+        ids = ", ".join(meta["row_ids"].get(c) or "" for c in ("session_id", "segment_id"))
         what = f"{meta['dataset']} [{meta['split']}] row {meta['row']} ({ids.strip(', ')})"
     s = meta["sampling"]
     how = f"temperature {s['temperature']}, top_k {s['top_k']}, top_p {s['top_p']}"
@@ -192,12 +204,14 @@ def plot_samples(
     """Rasters (neurons x time bins; real continuation and the first sample, the prompt
     before a dashed line) and per-neuron mean rates, as a PNG."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     n_samples, n_neurons, n_bins = generated.shape
     p = prompt.shape[1]
     rasters = []
     if real is not None:
-        rasters.append((f"real: prompt + next {real.shape[1]} bins of the row", real))
+        what = f"prompt + next {real.shape[1]}" if p else f"first {real.shape[1]}"
+        rasters.append((f"real: {what} bins of the row", real))
     label = "generated" if n_samples == 1 else f"generated, sample 1 of {n_samples}"
     label += ": prompt + " if p else ": "
     rasters.append((f"{label}{n_bins} sampled bins", generated[0]))
@@ -217,6 +231,8 @@ def plot_samples(
             ax.axvline(p - 0.5, color="tab:red", linestyle="--", label="end of prompt")
             ax.legend(loc="upper right", framealpha=0.9)
         ax.set(title=name, xlabel="time bin", ylabel="neuron")
+        for axis in (ax.xaxis, ax.yaxis):  # whole bins and neurons only
+            axis.set_major_locator(MaxNLocator(integer=True))
     fig.colorbar(
         image, ax=list(axes[: len(rasters)]), label="spikes per bin",
         extend="max" if shown.max() > vmax else "neither",
@@ -232,6 +248,7 @@ def plot_samples(
     ax.plot(neurons, generated.mean(axis=(0, 2)), "s-", color="tab:orange", label=gen_label)
     ax.set(title="per-neuron mean rate", xlabel="neuron", ylabel="mean spikes per bin")
     ax.set_xlim(-0.5, n_neurons - 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylim(bottom=0)
     ax.legend(loc="upper right", framealpha=0.9)
     fig.suptitle(title)
