@@ -352,6 +352,10 @@ def _bad_inputs(files: dict[str, Path], root: Path) -> dict[str, tuple[list[str]
             [*ckpt, *data, "--out", str(files["dcp"] / "s.npz")],
             f"is inside the checkpoint {files['dcp']}; nothing is written into a checkpoint",
         ),
+        "out in a step folder a run would move aside": (
+            [*ckpt, *data, "--out", str(files["dcp"].parent / "step-9" / "s.npz")],
+            f"is inside {files['dcp'].parent / 'step-9'}, a step folder beside the saved steps",
+        ),
         "not a checkpoint, not an export": (
             ["--checkpoint", str(root), "--neurons", "4"],
             "neither a DCP directory (.metadata) nor a Hugging Face export (config.json)",

@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,16 +53,36 @@ def nearest_existing(path: Path) -> Path:
     return path
 
 
-INSIDE_CHECKPOINT = "nothing is written into a checkpoint (its step is moved or deleted whole)"
+def _holds_dcp(folder: Path) -> bool:
+    """Whether `folder` holds DCP's files (`.metadata` and shard files)."""
+    return (folder / ".metadata").is_file() and any(folder.glob("*.distcp"))
 
 
-def enclosing_checkpoint(path: Path) -> Path | None:
-    """The DCP directory (`.metadata` and shard files) that `path` lies inside, with `..`
-    collapsed and links followed; None if there is none. An output there would be moved
-    or deleted with its step."""
+def _beside_saved_steps(folder: Path, step_name: re.Pattern) -> bool:
+    """Whether `folder`'s parent holds a step directory with DCP's files (False where it
+    cannot be listed, or does not exist)."""
+    try:
+        return any(_holds_dcp(p) for p in folder.parent.iterdir() if step_name.match(p.name))
+    except OSError:
+        return False
+
+
+def inside_checkpoint(path: Path) -> str | None:
+    """Why `path` (`..` collapsed, links followed) must not be written, as a phrase to
+    follow "<path> ", when it lies inside a checkpoint: a DCP directory, or a folder named
+    like a step (step-N) beside saved steps, which a run would move aside as a save cut
+    short; None otherwise. Whatever is written there is moved or deleted with its step."""
+    from titan.checkpoint.storage import STEP_DIR  # local: storage imports this module
+
+    whole = "nothing is written into a checkpoint (its step is moved or deleted whole)"
     for folder in path.resolve().parents:
-        if (folder / ".metadata").is_file() and any(folder.glob("*.distcp")):
-            return folder
+        if _holds_dcp(folder):
+            return f"is inside the checkpoint {folder}; {whole}"
+        if STEP_DIR.match(folder.name) and _beside_saved_steps(folder, STEP_DIR):
+            return (
+                f"is inside {folder}, a step folder beside the saved steps of "
+                f"{folder.parent}; {whole}"
+            )
     return None
 
 
@@ -72,8 +93,8 @@ def output_problem(out: Path, suffix: str) -> str | None:
         return f"is a folder; name a {suffix} file"
     if out.suffix != suffix:
         return f"must end in {suffix}"
-    if checkpoint := enclosing_checkpoint(out):
-        return f"is inside the checkpoint {checkpoint}; {INSIDE_CHECKPOINT}: name a file outside it"
+    if inside := inside_checkpoint(out):
+        return f"{inside}: name a file outside it"
     parent = nearest_existing(out.absolute().parent)
     if not parent.is_dir():
         return f"cannot be written: {parent} is a file, not a folder"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from titan.checkpoint import MARKER, storage
 from titan.convert.common import FULL_DISK, ConvertError, first_line, write_error
-from titan.files import INSIDE_CHECKPOINT, enclosing_checkpoint, listing, nearest_existing
+from titan.files import inside_checkpoint, listing, nearest_existing
 
 PARTIAL = ".partial"
 # Files these tools write (DCP's `.metadata.tmp` too, if it was cut short); --overwrite
@@ -121,11 +121,8 @@ def check_output(folder: Path, overwrite: bool, inputs: list[Path]) -> None:
             raise ConvertError(
                 f"--output_dir {folder} is inside the input {inp}; choose a folder outside it"
             )
-    if checkpoint := enclosing_checkpoint(folder):
-        raise ConvertError(
-            f"--output_dir {folder} is inside the checkpoint {checkpoint}; {INSIDE_CHECKPOINT}: "
-            "choose a folder outside it"
-        )
+    if inside := inside_checkpoint(folder):
+        raise ConvertError(f"--output_dir {folder} {inside}: choose a folder outside it")
     if folder.exists() and not folder.is_dir():
         raise ConvertError(f"--output_dir {folder} exists and is not a directory")
     _check_writable(folder)
