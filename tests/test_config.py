@@ -107,6 +107,10 @@ def test_every_recipe_loads():
             [f"--job.config_file={ROOT}/train_configs/debug.toml"],
             f"no such file (beside it: {ROOT}/train_configs/debug_model.toml, ",
         ),
+        (
+            [f"--job.config_file={ROOT}/train_configs"],
+            f"is a folder; name a TOML recipe (in it: {ROOT}/train_configs/debug_model.toml, ",
+        ),
         (["train_configs/debug_model.toml"], "a recipe is passed as --job.config_file FILE"),
         (["--config", "x.toml"], "'--config'; a recipe is passed as --job.config_file FILE"),
         (["training.steps=3"], "options look like --section.key=value (see --help)"),

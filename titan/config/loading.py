@@ -180,6 +180,10 @@ def _set(cfg: JobConfig, dotted: str, value: Any, from_cli: bool) -> None:
 
 def _load_toml(path: str) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        inside = sorted(str(f) for f in p.glob("*.toml"))
+        hint = f" (in it: {listing(inside, 8)})" if inside else ""
+        raise ConfigError(f"job.config_file = {path!r} is a folder; name a TOML recipe{hint}")
     if not p.is_file():
         near = sorted(str(f) for f in p.parent.glob("*.toml")) if p.parent.is_dir() else []
         hint = f" (beside it: {listing(near, 8)})" if near else ""
