@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import read_metrics as read_records
 from conftest import run_train
 
-from titan.plot import build_figure, main, read_metrics
+from titan.plot import build_figure, main, plot_samples, read_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -109,6 +110,12 @@ def test_chart_without_validation_and_bad_inputs(tmp_path, capsys):
     _one_error_line(capsys, f"--out {notes}: exists and is not a PNG image")
     assert notes.read_text() == "notes"
     assert main([str(run), "--out", str(out)]) == 0  # the chart of before: replaced
+    samples = tmp_path / "samples.png"  # generate.py's figure belongs with its .npz
+    plot_samples(samples, np.zeros((2, 1), np.uint8), np.ones((1, 2, 3), np.uint8), None, "s")
+    before = samples.read_bytes()
+    assert main([str(run), "--out", str(samples)]) == 2
+    _one_error_line(capsys, f"--out {samples}: is generate.py's figure of samples")
+    assert samples.read_bytes() == before
     step = tmp_path / "checkpoint" / "step-5"  # nothing goes into a checkpoint (the output
     step.mkdir(parents=True)  # check every command shares)
     (step / ".metadata").write_bytes(b"")

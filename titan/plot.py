@@ -168,6 +168,12 @@ def build_figure(train: dict[int, dict], val: dict[int, dict], title: str) -> Fi
     return fig
 
 
+# The PNG `Software` tag of each figure titan draws: the chart command replaces an earlier
+# chart, never generate.py's figure of samples (it belongs with its .npz).
+CHART_SOFTWARE = "titan.plot"
+SAMPLES_SOFTWARE = "titan generate.py"
+
+
 def save_png(fig: Figure, out: Path) -> None:
     """Write the figure to a temporary name, then rename it: never a half-written PNG."""
     import matplotlib.pyplot as plt
@@ -175,7 +181,7 @@ def save_png(fig: Figure, out: Path) -> None:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with written_atomically(out) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
+            fig.savefig(tmp, format="png", dpi=100, metadata={"Software": CHART_SOFTWARE})
     finally:
         plt.close(fig)
 
@@ -252,7 +258,7 @@ def plot_samples(
     ax.set_ylim(bottom=0)
     ax.legend(loc="upper right", framealpha=0.9)
     fig.suptitle(title)
-    fig.savefig(path, format="png", dpi=100)
+    fig.savefig(path, format="png", dpi=100, metadata={"Software": SAMPLES_SOFTWARE})
     plt.close(fig)
 
 
@@ -293,15 +299,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _not_a_png(out: Path) -> str | None:
-    """Refuse to replace a file that is not a PNG image (a chart is replaced freely)."""
+    """Refuse to replace a file that is not a PNG image, or that is generate.py's figure of
+    samples (a chart, or another PNG, is replaced freely)."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with out.open("rb") as f:
             head = f.read(8)
     except FileNotFoundError:
         return None
-    if head == b"\x89PNG\r\n\x1a\n":
+    if head != b"\x89PNG\r\n\x1a\n":
+        return "exists and is not a PNG image, which is never replaced; name another file"
+    try:
+        with Image.open(out) as image:
+            software = image.info.get("Software")
+    except (OSError, UnidentifiedImageError):  # a damaged PNG: nothing to keep
         return None
-    return "exists and is not a PNG image, which is never replaced; name another file"
+    if software == SAMPLES_SOFTWARE:
+        return (
+            "is generate.py's figure of samples (beside its .npz), which is never replaced; "
+            "name another file"
+        )
+    return None
 
 
 def _title(folder: Path, train: dict[int, Any], val: dict[int, Any]) -> str:
