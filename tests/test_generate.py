@@ -395,7 +395,8 @@ def test_every_bad_input_is_one_line_and_writes_nothing(files, tmp_path, capsys,
     monkeypatch.setattr("titan.generate.plot_samples", failing_plot)
     argv = ["--checkpoint", str(files["hf"]), "--neurons", "2", "--bins", "1", "--out", str(out)]
     assert main(argv) == 1
-    assert capsys.readouterr().err.strip().endswith("No space left on device")
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: writing --out {out} failed: No space left on device", err
     assert not out.parent.exists() or not any(out.parent.iterdir())
 
 

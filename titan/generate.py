@@ -358,7 +358,10 @@ def generate(opts: argparse.Namespace) -> dict[str, Any]:
         "layout": "counts are uint8 (neurons, time bins) matrices; generated has a leading "
         "sample axis; sample i as a row = concatenate([prompt, generated[i]], axis=1)",
     }
-    png = save(Path(opts.out), prompt, generated, real, metadata)
+    try:
+        png = save(Path(opts.out), prompt, generated, real, metadata)
+    except OSError as e:  # a full disk, say: name the output, not a temporary file
+        raise OSError(f"writing --out {opts.out} failed: {e.strerror or first_line(e)}") from None
     logger.info(f"Wrote {opts.out} and {png}")
     return metadata
 
