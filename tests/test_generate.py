@@ -268,6 +268,12 @@ def test_unconditional_from_the_hf_export(files, tmp_path, capsys):
     assert out.read_bytes() == before
     assert main([*argv, "--seed", "3", "--overwrite"]) == 0
     assert out.read_bytes() != before
+    # The export names the context its run trained with: going past it is warned of.
+    longer = ["--checkpoint", str(files["hf"]), "--neurons", "4", "--bins", "20"]
+    assert main([*longer, "--out", str(tmp_path / "long.npz")]) == 0
+    assert f"beyond the {TRAINED_SEQ_LEN}-token context" in capsys.readouterr().out
+    meta = json.loads(str(np.load(tmp_path / "long.npz")["metadata"]))
+    assert meta["trained_seq_len"] == TRAINED_SEQ_LEN
 
 
 def test_hf_export_and_dcp_give_the_same_logits(files, model):

@@ -119,7 +119,7 @@ def load_model(
                 "the architecture; drop --flavor"
             )
         source = HFSource(path)
-        args, origin, trained = source.args, f"{path} (Hugging Face export)", None
+        args, origin, trained = source.args, f"{path} (Hugging Face export)", source.trained_seq_len
         groups = ({name: source.load(name)} for name in param_shapes(args))
     if args.vocab_size < SEPARATOR + 1:
         raise GenerateError(

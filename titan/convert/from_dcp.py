@@ -317,6 +317,8 @@ def dcp_to_llama(
         if hf_writer is not None:
             hf_writer.write_index()
             config = keymap.hf_config_from_args(args, main_dtype)
+            if seq_len := (job or {}).get("training", {}).get("seq_len"):
+                config[keymap.TRAINED_SEQ_LEN_KEY] = seq_len
             (output_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             title = hf_repo_name or output_dir.resolve().name
             card = model_card(args, title, _dcp_step(input_dir), job, input_dir, main_dtype)

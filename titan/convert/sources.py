@@ -109,6 +109,10 @@ class HFSource:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         config = read_json(folder / "config.json")
+        # the sequence length a titan run trained on (dcp_to_llama.py records it)
+        trained = config.get(keymap.TRAINED_SEQ_LEN_KEY)
+        valid = isinstance(trained, int) and not isinstance(trained, bool) and trained > 0
+        self.trained_seq_len: int | None = trained if valid else None
         try:
             self.args = keymap.args_from_hf_config(config)
         except (KeyError, TypeError, ValueError) as e:

@@ -166,6 +166,11 @@ def above_rope_original_context(args: ModelArgs) -> ModelArgs:
     return args
 
 
+TRAINED_SEQ_LEN_KEY = "titan_training_seq_len"
+"""The `config.json` key of an export that names its run's training.seq_len (transformers
+keeps unknown keys as config attributes), so that generation past it can be warned of."""
+
+
 def hf_config_from_args(args: ModelArgs, dtype: str = "bfloat16") -> dict:
     """`config.json` for `LlamaForCausalLM`. Both RoPE spellings are written: `rope_theta` +
     `rope_scaling` (transformers < 5, the Hub's Llama-3.1 repos) and `rope_parameters`."""
