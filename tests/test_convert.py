@@ -585,6 +585,10 @@ def _bad_llama_inputs(root: Path, hf_dir: Path) -> dict[str, tuple[list[str], st
         ),
         "odd head dimension": (argv(malformed["odd_head_dim"]), "= 1 is odd; RoPE rotates pairs"),
         "scaled RoPE as text": (argv(meta_text_rope), "use_scaled_rope is 'false'; true or false"),
+        "output a new step beside saved ones": (
+            argv(hf_dir, out=unfinished.parent / "step-7"),
+            f"named like a step beside the saved steps of {unfinished.parent}",
+        ),
         "output inside a training step": (
             argv(hf_dir, out=unfinished / "dcp"),
             f"is inside the checkpoint {unfinished}; nothing is written into a checkpoint",
@@ -675,6 +679,11 @@ def _bad_dcp_inputs(root: Path, dcp_dir: Path, hf_dir: Path) -> dict[str, tuple[
             "a full checkpoint, which --overwrite never replaces",
         ),
         "output inside the input": (argv(dcp_dir, out=dcp_dir / "export"), "inside the input"),
+        "output a new step beside saved ones": (
+            argv(dcp_dir, out=trained.parent / "step-99"),
+            f"is named like a step beside the saved steps of {trained.parent}, where a run "
+            "would move it aside or delete it",
+        ),
         "output inside another step": (
             argv(dcp_dir, out=trained / "export"),
             f"is inside the checkpoint {trained}; nothing is written into a checkpoint",
@@ -705,7 +714,7 @@ def test_every_bad_input_fails_with_one_line(hf_dir, dcp_dir, tmp_path, capsys):
         assert not re.search(r"(Convert|OS|Value|Type|Key)Error", err[0]), (name, err[0])
 
 
-def test_a_shard_size_beyond_a_float_is_one_shard():
+def test_a_shard_size_beyond_a_float_parses():
     from titan.convert.cli import size
 
     assert size("9" * 400 + "GB") == int("9" * 400) * 10**9  # float() would overflow

@@ -16,7 +16,6 @@ go to the console as a table and to a JSON file beside the checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -39,10 +38,9 @@ from titan.data.tokenizer import SEPARATOR
 from titan.distributed import ParallelDims, dry_run_world_size, env_rank
 from titan.files import json_text, output_problem, written_atomically
 from titan.logging import init_logger, logger
-from titan.memory import dry_run_plans, format_plan
-from titan.models.llama import build_model_args
+from titan.memory import dry_run_plans, format_plan, with_eval_batch
 from titan.preflight import checkpoint_folder
-from titan.run import build_run, resolve_attention
+from titan.run import build_run, model_args
 
 
 @torch.no_grad()
@@ -150,7 +148,8 @@ def planned(cfg: JobConfig) -> tuple[Path, Path]:
     if cfg.eval.checkpoint and cfg.checkpoint.load_step != -1:
         raise ConfigError(
             f"eval.checkpoint and checkpoint.load_step = {cfg.checkpoint.load_step} both name "
-            "the checkpoint to evaluate; keep one"
+            "the checkpoint to evaluate; keep one (--checkpoint.load_step=-1 unsets the "
+            "recipe's)"
         )
     if cfg.eval.checkpoint:
         path = Path(cfg.eval.checkpoint)
@@ -222,8 +221,9 @@ def run_evaluation(cfg: JobConfig) -> dict[str, Any]:
 def dry_run(cfg: JobConfig) -> None:
     """The checks of a real start and its memory plan (for this machine, or the GPUs of
     `job.plan_for`, at the world size of WORLD_SIZE or the recipe's degrees); nothing is
-    loaded or written. A local dataset is opened (its split and rows checked, its windows
-    counted); a Hub dataset is left to the real run, as training's dry run leaves it."""
+    loaded or written. A dataset saved to disk is opened (its split and rows checked, its
+    windows counted); a Hub dataset or parquet/arrow files are left to the real run,
+    which converts them into `datasets`' cache."""
     world = dry_run_world_size(cfg)  # checked first: env_rank() trusts what torchrun sets
     init_logger(env_rank()[0])
     path, out = planned(cfg)
@@ -231,18 +231,15 @@ def dry_run(cfg: JobConfig) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dims = ParallelDims.from_config(cfg, world, device.type, training=False)
     source = resolve_source(cfg)
-    reads = f"{source.label} [{cfg.eval.split}] (a Hub dataset: opened by the real run)"
-    if source.kind != "hub":
+    # Hub ids and parquet/arrow files are left to the real run: `datasets` would download
+    # or convert them into its cache, and a dry run writes nothing.
+    reads = f"{source.label} [{cfg.eval.split}] (opened by the real run: `datasets` converts it)"
+    if source.kind == "disk":  # a save_to_disk folder (the synthetic datasets too): mapped
         data = HeldOut.open(cfg, cfg.eval.split)
         n = data.windows_for(cfg.eval.steps, cfg.eval.max_tokens, dims.dp_degree, batch)
         reads = f"{data.label}, {n:,} of its {data.num_windows:,} windows of {data.seq_len} tokens"
-    t = cfg.training
-    args = build_model_args(cfg.model.flavor, t.vocab_size, t.seq_len)
-    args = dataclasses.replace(
-        args, attn_impl=resolve_attention(cfg, args, device, measure_auto=False).impl
-    )
-    planned_cfg = dataclasses.replace(cfg, training=dataclasses.replace(t, batch_size=batch))
-    plans = dry_run_plans(planned_cfg, args, dims, device, training=False)
+    args, _ = model_args(cfg, device, measure_auto=False)
+    plans = dry_run_plans(with_eval_batch(cfg, batch), args, dims, device, training=False)
     logger.info(
         f"dry run: would evaluate {path}\n    on {reads}\n    and write {out}\n"
         + "\n".join(format_plan(p, f"{label}, world {world}") for label, p in plans)

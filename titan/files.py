@@ -16,7 +16,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,11 +57,16 @@ def _holds_dcp(folder: Path) -> bool:
     return (folder / ".metadata").is_file() and any(folder.glob("*.distcp"))
 
 
-def _beside_saved_steps(folder: Path, step_name: re.Pattern) -> bool:
-    """Whether `folder`'s parent holds a step directory with DCP's files (False where it
-    cannot be listed, or does not exist)."""
+def step_beside_saved_steps(folder: Path) -> bool:
+    """Whether `folder` is named like a step (step-N) and its parent holds a step directory
+    with DCP's files: a run would move it aside as a save cut short (no marker), or delete
+    it as an old step. False where the parent cannot be listed, or does not exist."""
+    from titan.checkpoint.storage import STEP_DIR  # local: storage imports this module
+
+    if not STEP_DIR.match(folder.name):
+        return False
     try:
-        return any(_holds_dcp(p) for p in folder.parent.iterdir() if step_name.match(p.name))
+        return any(_holds_dcp(p) for p in folder.parent.iterdir() if STEP_DIR.match(p.name))
     except OSError:
         return False
 
@@ -72,13 +76,11 @@ def inside_checkpoint(path: Path) -> str | None:
     follow "<path> ", when it lies inside a checkpoint: a DCP directory, or a folder named
     like a step (step-N) beside saved steps, which a run would move aside as a save cut
     short; None otherwise. Whatever is written there is moved or deleted with its step."""
-    from titan.checkpoint.storage import STEP_DIR  # local: storage imports this module
-
     whole = "nothing is written into a checkpoint (its step is moved or deleted whole)"
     for folder in path.resolve().parents:
         if _holds_dcp(folder):
             return f"is inside the checkpoint {folder}; {whole}"
-        if STEP_DIR.match(folder.name) and _beside_saved_steps(folder, STEP_DIR):
+        if step_beside_saved_steps(folder):
             return (
                 f"is inside {folder}, a step folder beside the saved steps of "
                 f"{folder.parent}; {whole}"

@@ -242,7 +242,7 @@ def _check(opts: argparse.Namespace) -> None:
     for ok, message in rules:
         if not ok:
             raise GenerateError(message)
-    check_checkpoint(Path(opts.checkpoint))  # before the data is read
+    check_checkpoint(Path(opts.checkpoint), opts.flavor)  # before the data is read
     out = Path(opts.out)
     problem = output_problem(out, ".npz")
     if problem is None:  # (a folder such as "." is refused above: it has no suffix to swap)

@@ -85,11 +85,17 @@ def check_memory(
         )
 
 
-def check_checkpoint(path: Path) -> None:
+def check_checkpoint(path: Path, flavor: str | None = None) -> None:
     """Refuse, from its small files alone, a --checkpoint that is neither a complete DCP
-    directory nor a Hugging Face export (naming a step to pass instead where it can)."""
+    directory nor a Hugging Face export (naming a step to pass instead where it can), and
+    a --flavor for an export (its config.json gives the architecture)."""
     if path.is_dir() and not (path / ".metadata").is_file() and (path / "config.json").is_file():
-        return  # a Hugging Face export
+        if flavor is not None:
+            raise GenerateError(
+                f"--flavor {flavor}: {path} is a Hugging Face export, whose config.json gives "
+                "the architecture; drop --flavor"
+            )
+        return
     neither = "neither a DCP directory (.metadata) nor a Hugging Face export (config.json)"
     if problem := storage.step_problem(path, not_a_step=neither):
         raise GenerateError(f"--checkpoint {path}: {problem}")
@@ -109,15 +115,10 @@ def load_model(
     architecture, when neither its params.json nor its run's config.toml says); refused
     when it, a KV cache for `batch` samples and a pass over a `prompt_len`-token prompt
     cannot fit."""
-    check_checkpoint(path)
+    check_checkpoint(path, flavor)
     if (path / ".metadata").is_file():
         args, groups, origin, trained = _dcp_weights(path, flavor)
     else:
-        if flavor is not None:
-            raise GenerateError(
-                f"--flavor {flavor}: {path} is a Hugging Face export, whose config.json gives "
-                "the architecture; drop --flavor"
-            )
         source = HFSource(path)
         args, origin, trained = source.args, f"{path} (Hugging Face export)", source.trained_seq_len
         groups = ({name: source.load(name)} for name in param_shapes(args))

@@ -316,13 +316,34 @@ def plan_memory(
     return plan
 
 
+def with_eval_batch(cfg: JobConfig, batch: int) -> JobConfig:
+    """`cfg` as an evaluation plans it: `batch` windows per forward on each rank."""
+    return dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, batch_size=batch))
+
+
+def plan_here(
+    cfg: JobConfig, args: ModelArgs, dims: ParallelDims, device: torch.device, training: bool
+) -> tuple[str, MemoryPlan]:
+    """(the device's name, the plan) for this machine's device, as a start plans it."""
+    label = torch.cuda.get_device_name(device) if device.type == "cuda" else "this CPU"
+    capacity = device_capacity(cfg, device, local_world_size())
+    dtype = activation_dtype(cfg, device.type)
+    return label, plan_memory(cfg, args, dims, capacity, dtype, training=training)
+
+
+def start_refuses(cfg: JobConfig, plan: MemoryPlan) -> bool:
+    """Whether a start stops on `plan`: an evaluation that does not fit, or training in the
+    auto mode that does not (an explicit mode is warned about and tried: the estimate may
+    be pessimistic)."""
+    return not plan.fits and (not plan.training or cfg.activation_checkpoint.mode == "auto")
+
+
 def dry_run_plans(
     cfg: JobConfig, args: ModelArgs, dims: ParallelDims, device: torch.device, training: bool
 ) -> list[tuple[str, MemoryPlan]]:
     """(GPU, plan) for each GPU of `job.plan_for`, each planned as a start there would plan
     it (at most `memory_limit_gib`, blocks in `mixed_precision_param`); without plan_for,
-    for this machine's device, refused (ConfigError) where a start here would refuse it:
-    an evaluation that does not fit, or training under the auto mode."""
+    for this machine's device, refused (ConfigError) where a start here would refuse it."""
     if cfg.job.plan_for:
         dtype = activation_dtype(cfg, "cuda")
         return [
@@ -334,11 +355,8 @@ def dry_run_plans(
             )  # fmt: skip
             for name in cfg.job.plan_for
         ]
-    label = torch.cuda.get_device_name(device) if device.type == "cuda" else "this CPU"
-    capacity = device_capacity(cfg, device, local_world_size())
-    plan = plan_memory(cfg, args, dims, capacity, activation_dtype(cfg, device.type),
-                       training=training)  # fmt: skip
-    if not plan.fits and (not training or cfg.activation_checkpoint.mode == "auto"):
+    label, plan = plan_here(cfg, args, dims, device, training)
+    if start_refuses(cfg, plan):
         raise ConfigError(refusal(cfg, plan, label))
     return [(label, plan)]
 

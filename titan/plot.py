@@ -134,33 +134,24 @@ def build_figure(train: dict[int, dict], val: dict[int, dict], title: str) -> Fi
     for ax, (steps, values), fmt, color, label in curves:
         if steps:
             ax.plot(steps, values, fmt, color=color, label=label)
-    has_loss = bool(ax_loss.lines)
-    if has_loss:
+    if ax_loss.lines:
         ax_loss.set_yscale("log")  # the first steps' loss would flatten the rest
         ax_loss.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # not 10^0
         ax_loss.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(_minor_label))
-    skipped = [step for step, rec in sorted(train.items()) if rec.get("loss") is None]
-    if skipped:  # steps whose loss was not finite (logged as null): marked along the bottom
-        ax_loss.plot(skipped, [0.03] * len(skipped), "x", color="tab:red",
-                     transform=ax_loss.get_xaxis_transform(), clip_on=False,
-                     label="loss not finite (update skipped)")  # fmt: skip
-    loss_label = "cross-entropy (nats/token" + (", log scale)" if has_loss else ")")
+    loss_label = "cross-entropy (nats/token" + (", log scale)" if ax_loss.lines else ")")
     panels = [
-        (ax_loss, "loss", loss_label, ("loss", "val_loss")),
-        (ax_lr, "learning rate", "learning rate", ("lr",)),
-        (ax_tps, "throughput", "tokens/s per device", ("tokens_per_s",)),
+        (ax_loss, "loss", loss_label),
+        (ax_lr, "learning rate", "learning rate"),
+        (ax_tps, "throughput", "tokens/s per device"),
     ]
-    records = [*train.values(), *val.values()]
-    for ax, name, ylabel, keys in panels:
+    for ax, name, ylabel in panels:
         ax.set(title=name, ylabel=ylabel)
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(loc="best")
-        if not (has_loss if ax is ax_loss else ax.lines):
+        else:
             ax.set_yticks([])  # no value: no scale
-            logged = any(key in rec for rec in records for key in keys)
-            text = "no finite value in this run" if logged else "not in this run"
-            ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+            ax.text(0.5, 0.5, "not in this run", ha="center", va="center", transform=ax.transAxes)
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     ax_tps.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # (shared)
     ax_tps.set_xlabel("step")
@@ -313,7 +304,7 @@ def _not_a_png(out: Path) -> str | None:
     try:
         with Image.open(out) as image:
             software = image.info.get("Software")
-    except (OSError, UnidentifiedImageError):  # a damaged PNG: nothing to keep
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError):  # not our figure
         return None
     if software == SAMPLES_SOFTWARE:
         return (

@@ -28,7 +28,7 @@ from titan.checkpoint import Checkpointer, TrainState
 from titan.config import ConfigError, JobConfig
 from titan.data import SpikeDataLoader, build_dataloader, prepare_dataset
 from titan.data.held_out import HeldOut
-from titan.distributed import ParallelDims, init_distributed, local_world_size, restart_count
+from titan.distributed import ParallelDims, init_distributed, restart_count
 from titan.files import written_atomically
 from titan.kernel_choice import AttnShape, KernelChoice, choose_attention
 from titan.lifecycle import RunLock
@@ -36,10 +36,11 @@ from titan.logging import init_logger, logger
 from titan.memory import (
     MemoryPlan,
     activation_dtype,
-    device_capacity,
     format_plan,
-    plan_memory,
+    plan_here,
     refusal,
+    start_refuses,
+    with_eval_batch,
 )
 from titan.metrics import MetricsLogger
 from titan.models.llama import ModelArgs, Transformer, build_model_args, flops_per_token, num_params
@@ -184,17 +185,20 @@ def attention_shape(cfg: JobConfig, args: ModelArgs, device_type: str) -> AttnSh
     return AttnShape(t.batch_size, t.seq_len, args.n_heads, args.n_kv_heads, args.head_dim, dtype)
 
 
-def resolve_attention(
-    cfg: JobConfig, args: ModelArgs, device: torch.device, measure_auto: bool = True
-) -> KernelChoice:
-    """The attention kernel `model.attn_impl` stands for on this device (logged)."""
+def model_args(
+    cfg: JobConfig, device: torch.device, measure_auto: bool = True
+) -> tuple[ModelArgs, KernelChoice]:
+    """The model's architecture with the attention kernel `model.attn_impl` stands for on
+    this device (logged; `measure_auto=False`, as a dry run: "auto" is not timed)."""
+    t = cfg.training
+    args = build_model_args(cfg.model.flavor, t.vocab_size, t.seq_len)
     try:
         shape = attention_shape(cfg, args, device.type)
         choice = choose_attention(cfg.model.attn_impl, device, shape, measure_auto=measure_auto)
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"model.attn_impl = {cfg.model.attn_impl!r}: {e}") from None
     logger.info(f"Attention kernel: {choice.summary()}")
-    return choice
+    return dataclasses.replace(args, attn_impl=choice.impl), choice
 
 
 def build_model(
@@ -203,21 +207,13 @@ def build_model(
     """Choose the attention kernel and the activation policy of each block (none for an
     evaluation of `eval_batch` sequences per forward), build on the meta device, wrap (AC,
     compile, FSDP2), then materialize and initialize."""
-    t = cfg.training
-    args = build_model_args(cfg.model.flavor, t.vocab_size, t.seq_len)
-    kernel = resolve_attention(cfg, args, device)
-    args = dataclasses.replace(args, attn_impl=kernel.impl)
-    capacity = device_capacity(cfg, device, local_world_size())
-    planned = cfg
-    if eval_batch is not None:
-        planned = dataclasses.replace(cfg, training=dataclasses.replace(t, batch_size=eval_batch))
-    dtype = activation_dtype(cfg, device.type)
-    memory = plan_memory(planned, args, dims, capacity, dtype, training=eval_batch is None)
-    label = torch.cuda.get_device_name(device) if device.type == "cuda" else "this CPU"
+    args, kernel = model_args(cfg, device)
+    planned = cfg if eval_batch is None else with_eval_batch(cfg, eval_batch)
+    label, memory = plan_here(planned, args, dims, device, training=eval_batch is None)
     logger.info(format_plan(memory, label))
     if not memory.fits:
         message = refusal(planned, memory, label)
-        if cfg.activation_checkpoint.mode == "auto" or eval_batch is not None:
+        if start_refuses(planned, memory):
             raise ConfigError(message)
         logger.warning(message + " (training anyway: the estimate may be pessimistic)")
     with torch.device("meta"):

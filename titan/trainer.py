@@ -11,7 +11,6 @@ ranks x micro-batches yields the gradient of one big batch (the tests check 1x4,
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 from collections.abc import Iterator
@@ -30,9 +29,9 @@ from titan.lifecycle import StepWatch, StopSignals
 from titan.logging import init_logger, logger
 from titan.memory import dry_run_plans, format_plan, gib
 from titan.metrics import peak_memory_gib
-from titan.models.llama import build_model_args, flops_per_token, token_loss_sum
+from titan.models.llama import flops_per_token, token_loss_sum
 from titan.preflight import check_dry_run
-from titan.run import Run, build_run, plan_table, resolve_attention
+from titan.run import Run, build_run, model_args, plan_table
 
 # ----------------------------------------------------------------------------- step
 
@@ -259,9 +258,7 @@ def dry_run(cfg: JobConfig) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dims = ParallelDims.from_config(cfg, world, device.type)
     t = cfg.training
-    args = build_model_args(cfg.model.flavor, t.vocab_size, t.seq_len)
-    kernel = resolve_attention(cfg, args, device, measure_auto=False)
-    args = dataclasses.replace(args, attn_impl=kernel.impl)
+    args, kernel = model_args(cfg, device, measure_auto=False)
     plans = dry_run_plans(cfg, args, dims, device, training=True)
     logger.info(
         "dry run: the resolved plan and config follow; nothing is trained\n"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from titan.checkpoint import MARKER, storage
 from titan.convert.common import FULL_DISK, ConvertError, first_line, write_error
-from titan.files import inside_checkpoint, listing, nearest_existing
+from titan.files import inside_checkpoint, listing, nearest_existing, step_beside_saved_steps
 
 PARTIAL = ".partial"
 # Files these tools write (DCP's `.metadata.tmp` too, if it was cut short); --overwrite
@@ -126,14 +126,20 @@ def check_output(folder: Path, overwrite: bool, inputs: list[Path]) -> None:
     if folder.exists() and not folder.is_dir():
         raise ConvertError(f"--output_dir {folder} exists and is not a directory")
     _check_writable(folder)
-    if not folder.is_dir() or not any(folder.iterdir()):
-        return
     # before the partial-output advice: --overwrite would be refused for a training step
-    if step := _training_step(folder):
+    if folder.is_dir() and (step := _training_step(folder)):
         raise ConvertError(
             f"--output_dir {folder} is {step}, which --overwrite never replaces; "
             "choose another directory"
         )
+    if step_beside_saved_steps(folder.resolve()):
+        raise ConvertError(
+            f"--output_dir {folder} is named like a step beside the saved steps of "
+            f"{folder.resolve().parent}, where a run would move it aside or delete it; "
+            "choose another directory"
+        )
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
     if not overwrite:
         if partial := _partial(folder):
             raise ConvertError(

@@ -324,6 +324,7 @@ def args_from_meta_params(
 ) -> ModelArgs:
     """`ModelArgs` from Meta's `params.json`; `vocab_size` overrides the file's (Llama 2
     files say -1), `max_seq_len` is used unless the file has one."""
+    scaled = params.get("use_scaled_rope")
     args = ModelArgs(
         dim=params["dim"],
         n_layers=params["n_layers"],
@@ -334,7 +335,7 @@ def args_from_meta_params(
         ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
         norm_eps=params.get("norm_eps", 1e-5),
         rope_theta=float(params.get("rope_theta", 10000.0)),
-        use_scaled_rope=params.get("use_scaled_rope", False),  # a bool: _checked says
+        use_scaled_rope=False if scaled is None else scaled,  # null: absent; _checked
         max_seq_len=params.get("max_seq_len", max_seq_len),
     )
     extras = {f: params[k] for k, f in _META_ROPE_KEYS.items() if params.get(k) is not None}
