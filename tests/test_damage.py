@@ -99,6 +99,24 @@ def test_layout_changes_are_logged_and_lr_is_the_steps(trained, synthetic_dir):
     )
 
 
+def test_a_resume_takes_the_commands_optimizer_settings(trained, synthetic_dir):
+    """A rerun after a divergence lowers optimizer.lr: the moments are restored, the rate
+    and the other settings are the command's, on the schedule at the saved step."""
+    result = run_train(
+        _args(trained, synthetic_dir, "--training.steps=6", "--optimizer.lr=1e-4",
+              "--optimizer.weight_decay=0.2")  # fmt: skip
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (
+        "Optimizer settings from this command, not the checkpoint: weight_decay 0.1 -> 0.2, "
+        "lr (peak) 0.002 -> 0.0001" in result.stdout
+    )
+    records = {r["step"]: r for r in read_metrics(trained) if "lr" in r}
+    for step in (5, 6):
+        expected = 1e-4 * lr_factor(step - 1, 10, 6, "cosine", 0.1)
+        assert math.isclose(records[step]["lr"], expected, rel_tol=1e-9), records[step]
+
+
 def test_recipe_mistake_under_the_launcher_is_one_line(tmp_path, synthetic_dir):
     result = run_train(
         _args(tmp_path, synthetic_dir, "--training.steps=2", "--training.vocab_size=128"),

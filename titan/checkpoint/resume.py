@@ -238,6 +238,8 @@ def load_full(ckpt: Checkpointer, path: Path) -> str | None:
     same_world = saved_world == state.world_size
     if same_world:
         request["rng"] = {f"rank_{ckpt.rank}": b""}
+    optimizer = ckpt.states["optimizer"].optimizer
+    recipe = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     dcp.load(request, checkpoint_id=str(path))
     saved = {k: int(v) for k, v in counters.items()}
     try:
@@ -253,12 +255,7 @@ def load_full(ckpt: Checkpointer, path: Path) -> str | None:
         state.step, state.tokens_seen = saved["step"], saved["tokens_seen"]
     else:  # counting starts again: the old line's steps would be newer than the new saves
         _set_aside_newer(ckpt, state.step, "Leaving out train_state starts the count at 0")
-    # The rate the next step uses is the schedule's (a restored or fresh schedule; the
-    # optimizer's own record of it is stale when only one of the two was loaded).
-    optimizer = ckpt.states["optimizer"].optimizer
-    lrs = ckpt.states["lr_scheduler"].get_last_lr()
-    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
-        group["lr"] = lr
+    _recipe_settings(optimizer, ckpt.states["lr_scheduler"], recipe)
     if load_data:
         if saved_dp == state.dp_degree:
             ckpt.dataloader.load_state_dict(loader_states[0])
@@ -273,6 +270,35 @@ def load_full(ckpt: Checkpointer, path: Path) -> str | None:
         + (f"; not loaded: {', '.join(sorted(exclude))}" if exclude else "")
     )
     return None
+
+
+def _recipe_settings(optimizer: Any, scheduler: Any, recipe: list[dict[str, Any]]) -> None:
+    """Give the optimizer the recipe's settings (`recipe`: its groups as built, before the
+    load) over the saved ones, and the next step the recipe's schedule at the saved step:
+    the moments and the step count are the checkpoint's, the hyperparameters are the
+    command's (a rerun after a divergence lowers optimizer.lr; a GPU run's fused AdamW is
+    resumed on CPU). Logged when they differ from what was saved."""
+    changes = {}
+    for group, wanted in zip(optimizer.param_groups, recipe, strict=True):
+        for key, value in wanted.items():
+            if key not in ("lr", "initial_lr") and group.get(key) != value:
+                changes.setdefault(key, (group.get(key), value))
+                group[key] = value
+    peaks = [g["initial_lr"] for g in recipe]  # LambdaLR's base rates, as built
+    if scheduler.base_lrs != peaks:
+        changes["lr (peak)"] = (max(scheduler.base_lrs), max(peaks))
+    scheduler.base_lrs = peaks
+    # the rate of the next step: the schedule's at the saved step (closed form, as
+    # LambdaLR.step computes it; the optimizer's saved rate is the old schedule's)
+    rates = [
+        base * f(scheduler.last_epoch) for base, f in zip(peaks, scheduler.lr_lambdas, strict=True)
+    ]
+    for group, base, rate in zip(optimizer.param_groups, peaks, rates, strict=True):
+        group["initial_lr"], group["lr"] = base, rate
+    scheduler._last_lr = rates
+    if changes:
+        said = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items())
+        logger.info(f"Optimizer settings from this command, not the checkpoint: {said}")
 
 
 def _log_layout_change(saved: dict[str, int], state: Any, saved_world: int) -> None:
