@@ -98,6 +98,8 @@ def test_every_recipe_loads():
         ),
         (["--training.steps=three"], "training.steps = 'three': expected an integer"),
         (["--training.seq_len=0"], "training.seq_len = 0: must be a positive integer"),
+        (["--training.steps=" + "9" * 30], "must be a positive integer (below 2**53)"),
+        (["--job.init_timeout_s=99999999999999"], "at most 10**8"),  # (timedelta overflowed)
         (["--training.tensor_parallel_degree=2"], "training.tensor_parallel_degree = 2: only 1"),
         (["--model.flavor=9B"], "model.flavor = '9B': must be one of"),
         (["--activation_checkpoint.mode=fulll"], "(did you mean 'full'?)"),
@@ -241,3 +243,24 @@ def test_allowed_values_are_declared_on_the_fields():
         load_config(["--checkpoint.exclude_from_loading=model,modle"])
     with pytest.raises(ConfigError, match="'op' or a positive integer N"):
         load_config(["--activation_checkpoint.selective_ac_option=0"])
+
+
+def test_the_saved_config_reloads_as_it_was(tmp_path):
+    """config.toml is TOML whatever the values: characters outside the BMP, quotes,
+    infinities (json.dumps wrote surrogate escapes and Infinity, which TOML refuses)."""
+    from titan.run import save_config
+
+    cfg = load_config(
+        [
+            "--job.config_file=train_configs/debug_model.toml",
+            f"--job.dump_folder={tmp_path}",
+            '--job.description=spikes 😀 "quoted" \\ back',
+            "--training.max_norm=inf",
+            "--data.source_datasets=a,b",
+        ]
+    )
+    save_config(cfg)
+    again = load_config([f"--job.config_file={tmp_path / 'config.toml'}"])
+    assert again.to_dict() == cfg.to_dict() | {
+        "job": cfg.to_dict()["job"] | {"config_file": str(tmp_path / "config.toml")}
+    }

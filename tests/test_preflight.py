@@ -157,6 +157,13 @@ BAD_STARTS = {
             "add rope_theta to checkpoint.initial_load_allow",
         ],
     ),
+    "checkpoint folder inside a checkpoint": (
+        ["--checkpoint.folder={S}/six/ck"],
+        [
+            "checkpoint.folder = '{S}/six/ck'",
+            "is inside the checkpoint {S}/six; nothing is written into",
+        ],
+    ),
     "load_step without a checkpoint folder": (
         ["--checkpoint.load_step=7"],
         ["checkpoint.load_step = 7: there is no checkpoint folder"],

@@ -34,6 +34,7 @@ from titan.checkpoint import storage
 from titan.checkpoint.initial import plan_initial_load
 from titan.config import ConfigError, JobConfig
 from titan.data.sources import resolve_source
+from titan.files import inside_checkpoint
 from titan.logging import logger
 from titan.memory import gib
 from titan.models.llama import ModelArgs, build_model_args, num_params_from_args
@@ -148,6 +149,8 @@ def _check_writable(folder: Path, key: str, value: str, write: bool) -> None:
     """Create `folder` and write and delete a probe file in it (`write`), or only check
     what can be known without writing."""
     fix = f"set {key} to a folder you can write to"
+    if inside := inside_checkpoint(folder / "config.toml"):  # the folder itself, or above
+        raise ConfigError(f"{key} = {value!r}: {folder} {inside}; set {key} to a folder outside it")
     existing = _nearest_existing(folder)
     if not existing.is_dir():
         where = "it is a file" if existing == folder.absolute() else f"{existing} is a file"

@@ -13,11 +13,11 @@ evaluation adds its batch size (`eval_batch`), and its memory plan is then forwa
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -330,16 +330,14 @@ def format_config(cfg: JobConfig) -> str:
 
 
 def save_config(cfg: JobConfig) -> None:
-    """Write the resolved config beside the outputs, as a TOML recipe that reloads as is."""
-    lines = []
-    for section, values in cfg.to_dict().items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            if value is not None:
-                lines.append(f"{key} = {json.dumps(value)}")
-        lines.append("")
+    """Write the resolved config beside the outputs, as a TOML recipe that reloads as is
+    (TOML has no null: an unset key is left out)."""
+    recipe = {
+        section: {key: value for key, value in values.items() if value is not None}
+        for section, values in cfg.to_dict().items()
+    }
     folder = Path(cfg.job.dump_folder)
     folder.mkdir(parents=True, exist_ok=True)
     with written_atomically(folder / "config.toml") as tmp:  # never half a recipe
-        tmp.write_text("\n".join(lines))
+        tmp.write_text(tomli_w.dumps(recipe), encoding="utf-8")
     logger.info(f"Resolved config saved to {folder / 'config.toml'}")

@@ -28,7 +28,10 @@ class Rule:
     allowed: str
 
 
-PositiveInt = Annotated[int, Rule(lambda v: v > 0, "a positive integer")]
+PositiveInt = Annotated[int, Rule(lambda v: 0 < v < 2**53, "a positive integer (below 2**53)")]
+Seconds = Annotated[
+    int, Rule(lambda v: 0 < v <= 10**8, "a positive number of seconds, at most 10**8")
+]
 NonNegativeInt = Annotated[int, Rule(lambda v: v >= 0, ">= 0")]
 PositiveFloat = Annotated[float, Rule(lambda v: 0 < v < math.inf, "a positive finite number")]
 NonNegativeFloat = Annotated[float, Rule(lambda v: 0 <= v < math.inf, "a finite number >= 0")]
@@ -87,9 +90,9 @@ class Job:
     """Resolve the config, model, mesh and batch plan, print them and exit without training."""
     plan_for: GpuList = field(default_factory=list)
     """GPUs the dry run prints a memory plan for, e.g. h100-80gb,gh200-96gb,h200-141gb."""
-    init_timeout_s: PositiveInt = 1800
+    init_timeout_s: Seconds = 1800
     """Seconds a collective may take during set-up, the first step and checkpoint saves."""
-    collective_timeout_s: PositiveInt = 600
+    collective_timeout_s: Seconds = 600
     """Seconds a collective may take once training runs; past it the run ends with exit
     status 5 (a rank is stuck or gone) instead of waiting for init_timeout_s."""
 
