@@ -103,8 +103,13 @@ def test_a_resume_takes_the_commands_optimizer_settings(trained, synthetic_dir):
     """A rerun after a divergence lowers optimizer.lr: the moments are restored, the rate
     and the other settings are the command's, on the schedule at the saved step."""
     result = run_train(
-        _args(trained, synthetic_dir, "--training.steps=6", "--optimizer.lr=1e-4",
-              "--optimizer.weight_decay=0.2")  # fmt: skip
+        _args(
+            trained,
+            synthetic_dir,
+            "--training.steps=6",
+            "--optimizer.lr=1e-4",
+            "--optimizer.weight_decay=0.2",
+        )  # fmt: skip
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (
