@@ -139,6 +139,18 @@ def test_a_filter_that_keeps_nothing_stops_the_run_before_its_model(tmp_path, sy
     assert "Applied activation checkpointing" not in result.stdout  # no model was built
 
 
+def test_a_misspelled_source_is_named(tmp_path, synthetic_dir):
+    """A filter that keeps some rows but names a source no row has: a typo, not half the
+    data read without a word."""
+    from titan.config import load_config
+
+    names = "--data.source_datasets=synthetic_0,synthtic_1"
+    cfg = load_config(debug_args(tmp_path, synthetic_dir, names))
+    with pytest.raises(ConfigError) as e:
+        build_dataloader(cfg, 0, 1)
+    assert "names synthtic_1, which no row has (a typo?); it has: synthetic_0, " in one_line(e)
+
+
 # ----------------------------------------------------------------------------- bad sources
 
 

@@ -268,6 +268,12 @@ def build_dataloader(
         if keep:
             column = ds.with_format("arrow")[sources.SOURCE_COLUMN]
             rows = np.flatnonzero(pc.is_in(column, pa.array(sorted(keep))).to_numpy(False))
+            has = sources.source_values(ds)
+            if rows.size and (missing := sorted(keep - set(has))):  # (none kept: said below)
+                raise ConfigError(
+                    f"{label}: data.source_datasets names {', '.join(missing)}, which no row "
+                    f"has (a typo?); it has: {', '.join(has)}"
+                )
         units = MapUnits(ds, rows)
     if units.num_units == 0:
         has = ", ".join(sources.source_values(ds)) if keep and not d.streaming else "no rows"
