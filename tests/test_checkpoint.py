@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
+    assert_refused,
     debug_args,
     launch_train,
     logged_step,
@@ -288,3 +289,21 @@ def test_save_on_two_ranks_load_on_one_and_four(tmp_path):
     on_four = run_ranks(_logits_through_checkpoint, 4, str(tmp_path), False)
     assert torch.equal(on_one, saved)
     assert all(torch.equal(logits, saved) for logits in on_four)
+
+
+def test_a_folder_with_only_a_model_only_export_is_not_trained_over(tmp_path, synthetic_dir):
+    """A run that kept only its final model-only export has nothing to resume: a longer
+    run there would start afresh over its metrics and export; loading the export as a
+    step names initial_load_path instead."""
+    args = debug_args(tmp_path, synthetic_dir, "--training.steps=2",
+                      "--checkpoint.model_weights_only", "--checkpoint.interval=10")  # fmt: skip
+    assert run_train(args).returncode == 0
+    metrics, config = ((tmp_path / f).read_bytes() for f in ("metrics.jsonl", "config.toml"))
+    export = tmp_path / "checkpoint" / "step-2"
+    assert_refused(run_train([*args, "--training.steps=4"]),
+                   f"holds the model-only export {export} but no full checkpoint to resume from",
+                   "checkpoint.initial_load_path")  # fmt: skip
+    assert_refused(run_train([*args, "--training.steps=4", "--checkpoint.load_step=2"]),
+                   f"checkpoint.load_step = 2: {export} is a model-only export")  # fmt: skip
+    assert (tmp_path / "metrics.jsonl").read_bytes() == metrics
+    assert (tmp_path / "config.toml").read_bytes() == config

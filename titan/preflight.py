@@ -89,6 +89,15 @@ def check_inputs(cfg: JobConfig, args: ModelArgs) -> None:
             )
         if c.load_step not in [s.step for s in full]:
             have = ", ".join(str(s.step) for s in full) or "none"
+            found = [s for s in storage.list_steps(folder) if s.step == c.load_step and s.complete]
+            if found:  # weights only (a model-only export, a conversion): nothing to resume
+                kind = "model-only export" if found[0].kind == storage.MODEL_ONLY else "conversion"
+                raise ConfigError(
+                    f"checkpoint.load_step = {c.load_step}: {found[0].path} is a {kind} (weights "
+                    "only: no optimizer state, schedule or data position to resume); start a new "
+                    "run from it with checkpoint.initial_load_path, or load a full checkpoint "
+                    f"(steps: {have})"
+                )
             raise ConfigError(
                 f"checkpoint.load_step = {c.load_step}: no complete checkpoint of that step in "
                 f"{folder} (complete steps: {have}); choose one of them, or -1 for the newest"

@@ -72,6 +72,13 @@ def resume(ckpt: Checkpointer, branch: bool) -> bool:
         return True
     steps = candidates(ckpt)
     if not steps:
+        exports = [s for s in storage.list_steps(ckpt.folder) if s.kind == storage.MODEL_ONLY]
+        if exports:  # a fresh start here would redo the run over its metrics and export
+            raise ConfigError(
+                f"{ckpt.folder} holds the model-only export {exports[-1].path} but no full "
+                "checkpoint to resume from; to train on from its weights, start a new run "
+                "with checkpoint.initial_load_path = that step and another job.dump_folder"
+            )
         return False
     _load_first_usable(ckpt, steps, fallback=ckpt.cfg.fallback_on_corruption and not rewind)
     if rewind:
