@@ -305,5 +305,9 @@ def test_a_folder_with_only_a_model_only_export_is_not_trained_over(tmp_path, sy
                    "checkpoint.initial_load_path")  # fmt: skip
     assert_refused(run_train([*args, "--training.steps=4", "--checkpoint.load_step=2"]),
                    f"checkpoint.load_step = 2: {export} is a model-only export")  # fmt: skip
+    result = run_train([*args, "--training.vocab_size=512"])  # the finished run, another model
+    assert result.returncode != 0 and f"checkpoint {export} was saved by another model" in (
+        result.stderr
+    )
     assert (tmp_path / "metrics.jsonl").read_bytes() == metrics
     assert (tmp_path / "config.toml").read_bytes() == config
