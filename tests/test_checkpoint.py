@@ -311,3 +311,18 @@ def test_a_folder_with_only_a_model_only_export_is_not_trained_over(tmp_path, sy
     )
     assert (tmp_path / "metrics.jsonl").read_bytes() == metrics
     assert (tmp_path / "config.toml").read_bytes() == config
+
+
+def test_the_data_can_change_twice(tmp_path, synthetic_dir):
+    """exclude_from_loading = ['dataloader'] is applied once per line of saves (a requeue
+    of the same command resumes the data position whole), and again when the data changed
+    since (the saved position is for other data)."""
+    base = debug_args(tmp_path, synthetic_dir, "--checkpoint.interval=2")
+    exclude = "--checkpoint.exclude_from_loading=dataloader"
+    assert run_train([*base, "--training.steps=2"]).returncode == 0
+    for steps, source, again in [(4, 0, False), (6, 1, True), (8, 1, False)]:
+        result = run_train([*base, f"--training.steps={steps}", exclude,
+                            f"--data.source_datasets=synthetic_{source}"])  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert ("applies again; the data starts from the beginning" in result.stdout) == again
+    assert "Resumed from" in result.stdout and "step 6" in result.stdout

@@ -264,6 +264,18 @@ def load_full(ckpt: Checkpointer, path: Path) -> str | None:
     else:  # counting starts again: the old line's steps would be newer than the new saves
         _set_aside_newer(ckpt, state.step, "Leaving out train_state starts the count at 0")
     _recipe_settings(optimizer, ckpt.states["lr_scheduler"], recipe)
+    asked = set(ckpt.cfg.exclude_from_loading)
+    if load_data and "dataloader" in asked - exclude:  # applied when this line began...
+        fingerprint = ckpt.dataloader.reader.fingerprint
+        if any(s.get("fingerprint") != fingerprint for s in loader_states):
+            # ...but the data changed again since: a second change of the same kind
+            load_data = False
+            exclude.add("dataloader")
+            logger.info(
+                "The data changed since this run's line of saves began (the saved position "
+                "is for other data): checkpoint.exclude_from_loading = ['dataloader'] applies "
+                "again; the data starts from the beginning"
+            )
     if load_data:
         if saved_dp == state.dp_degree:
             ckpt.dataloader.load_state_dict(loader_states[0])
