@@ -36,6 +36,7 @@ from conftest import (
     debug_args,
     launch_train,
     logged_step,
+    read_metrics,
     run_train,
     running,
     train_command,
@@ -340,7 +341,10 @@ def test_rewind_continues_the_chosen_branch(tmp_path, synthetic_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resumed from {ckpt / 'step-4'} at step 4" in result.stdout
     (branch,) = (ckpt / "branches").iterdir()
-    assert sorted(p.name for p in branch.iterdir()) == ["step-4", "step-6"]
+    assert sorted(p.name for p in branch.iterdir()) == ["metrics.jsonl", "step-4", "step-6"]
+    # the abandoned steps' records went with them; the run's own log has this branch's
+    assert [r["step"] for r in read_metrics(branch)] == [3, 4, 5, 6]
+    assert [r["step"] for r in read_metrics(tmp_path) if "loss" in r] == [1, 2, 3, 4, 5, 6]
     # ... and so does the rewinding command run again (a restart or a requeue repeats it).
     assert read_marker(ckpt / "step-6")["branch_from"] == 2
     keep = "--checkpoint.keep_latest_k=1"  # step-2 itself goes: the branch does not need it

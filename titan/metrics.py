@@ -82,20 +82,24 @@ class MetricsLogger:
 
             self._tb = SummaryWriter(str(self.dump_folder / self.tb_folder))
 
-    def keep_records_until(self, step: int) -> None:
+    def keep_records_until(self, step: int, set_aside: Path | None = None) -> None:
         """Drop the records of steps after `step` (a resumed run redoes them), so
-        metrics.jsonl keeps one record of each kind per step."""
+        metrics.jsonl keeps one record of each kind per step; with `set_aside` (the folder
+        an abandoned branch's steps were moved into), they are kept there, in its own
+        metrics.jsonl."""
         if not self.enabled:
             return
         path = self.dump_folder / "metrics.jsonl"
         self._jsonl.close()
-        kept = []
+        kept, dropped = [], []
         for line in path.read_bytes().decode(errors="replace").splitlines():
             try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
+                (kept if json.loads(line)["step"] <= step else dropped).append(line)
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a line cut short by a kill
+        if set_aside is not None and dropped:  # first: a kill between the two loses nothing
+            with written_atomically(set_aside / "metrics.jsonl") as tmp:
+                tmp.write_text("".join(f"{line}\n" for line in dropped))
         with written_atomically(path) as tmp:
             tmp.write_text("".join(f"{line}\n" for line in kept))
         self._jsonl = path.open("a", buffering=1)

@@ -148,7 +148,8 @@ def build_run(cfg: JobConfig, *, train: bool = True, eval_batch: int | None = No
             if rank == 0:
                 save_config(cfg)
             run.metrics = build_metrics(cfg, run.model_args, device, rank)
-            run.metrics.keep_records_until(run.train_state.step)  # redone steps replace theirs
+            # redone steps replace theirs; an abandoned branch's go beside its steps
+            run.metrics.keep_records_until(run.train_state.step, run.checkpointer.set_aside)
     except BaseException:
         run.close(failed=True)
         raise

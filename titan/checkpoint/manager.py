@@ -79,6 +79,9 @@ class Checkpointer:
         self.branch_from: int | None = None
         """The step this run's line of saves was rewound to with load_step (recorded in
         every marker it writes, so running the same command again does not rewind twice)."""
+        self.set_aside: Path | None = None
+        """Where this start moved an abandoned branch's steps (rank 0; None if it did
+        not): the metrics records of those steps are kept there too."""
         self._async_error: BaseException | None = None
         self._last_save_time = time.monotonic()
         self._pg = None

@@ -138,6 +138,7 @@ def _set_aside_newer(ckpt: Checkpointer, step: int, why: str | None = None) -> N
         moved = storage.set_aside_newer(ckpt.folder, step)
         if moved is not None:
             folder, names = moved
+            ckpt.set_aside = folder
             logger.warning(
                 f"{why or f'Resuming step-{step} starts a new branch'}: set aside "
                 f"{', '.join(names)} into {folder} (move them back to return to that branch)"
@@ -285,7 +286,7 @@ def load_full(ckpt: Checkpointer, path: Path) -> str | None:
         set_rng_state(rng)
     _log_layout_change(saved, state, saved_world)
     logger.info(
-        f"Resumed from {path} at step {saved['step']} ({saved['tokens_seen']:,} tokens seen) in "
+        f"Resumed from {path} at step {state.step} ({state.tokens_seen:,} tokens seen) in "
         f"{time.perf_counter() - begin:.2f}s"
         + (f"; not loaded: {', '.join(sorted(exclude))}" if exclude else "")
     )
