@@ -148,6 +148,11 @@ def test_wrong_type_in_toml(tmp_path):
     recipe.write_bytes(b'[job]\ndescription = "caf\xe9"\n')  # Latin-1, not UTF-8
     with pytest.raises(ConfigError, match="r.toml: not UTF-8 text"):
         load_config(["--job.config_file", str(recipe)])
+    recipe.write_text("[valdation]\n")  # an empty misspelled section is still a mistake
+    with pytest.raises(ConfigError, match="unknown config section 'valdation' \\(did you mean"):
+        load_config(["--job.config_file", str(recipe)])
+    recipe.write_bytes(b'\xef\xbb\xbf[job]\ndescription = "bom"\n')  # a byte-order mark
+    assert load_config(["--job.config_file", str(recipe)]).job.description == "bom"
 
 
 BAD_RUNS = [

@@ -153,15 +153,20 @@ def _coerce(key: str, value: Any, tp: Any, from_cli: bool) -> Any:
     raise AssertionError(f"unsupported config type {tp} for {key}")
 
 
-def _field_type(dotted: str) -> Any:
-    """The declared type of `section.key`; ConfigError naming an unknown section or key
-    (with the closest existing one)."""
-    section, _, key = dotted.partition(".")
+def _check_section(section: str) -> None:
+    """ConfigError naming an unknown section (with the closest existing one)."""
     if section not in SECTIONS:
         raise ConfigError(
             f"unknown config section '{section}'{_suggest(section, list(SECTIONS))}; "
             f"sections are: {', '.join(SECTIONS)}"
         )
+
+
+def _field_type(dotted: str) -> Any:
+    """The declared type of `section.key`; ConfigError naming an unknown section or key
+    (with the closest existing one)."""
+    section, _, key = dotted.partition(".")
+    _check_section(section)
     types_ = _field_types(SECTIONS[section])
     if key not in types_:
         close = difflib.get_close_matches(key, list(types_), n=1, cutoff=0.6)
@@ -188,9 +193,8 @@ def _load_toml(path: str) -> dict[str, Any]:
         near = sorted(str(f) for f in p.parent.glob("*.toml")) if p.parent.is_dir() else []
         hint = f" (beside it: {listing(near, 8)})" if near else ""
         raise ConfigError(f"job.config_file = {path!r}: no such file{hint}")
-    try:
-        with p.open("rb") as f:
-            return tomllib.load(f)
+    try:  # (utf-8-sig: a byte-order mark, as some Windows editors write, is not TOML)
+        return tomllib.loads(p.read_bytes().decode("utf-8-sig"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     except UnicodeDecodeError:
@@ -269,6 +273,7 @@ def load_config(argv: list[str]) -> JobConfig:
         for section, values in _load_toml(cfg.job.config_file).items():
             if not isinstance(values, dict):
                 raise ConfigError(f"{section} = {values!r}: top-level keys must be [sections]")
+            _check_section(section)  # an empty misspelled [section] too
             for key, value in values.items():
                 _set(cfg, f"{section}.{key}", value, from_cli=False)
     for key, value in pairs:
