@@ -64,7 +64,7 @@ def resume(ckpt: Checkpointer, branch: bool) -> bool:
         _load_first_usable(ckpt, [continued], fallback=False)
         return True
     if not rewind and (final := _final_export(ckpt)) is not None:
-        check(ckpt, final.path)  # another model's export is refused before config.toml is
+        check(ckpt, final.path)  # another model's export: refused before config.toml is written
         ckpt.train_state.step = final.step
         logger.info(
             f"{final.path} is this run's final model-only export (step {final.step} of "
