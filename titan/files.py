@@ -61,14 +61,11 @@ def step_beside_saved_steps(folder: Path) -> bool:
     """Whether `folder` is named like a step (step-N) and its parent holds a step directory
     with DCP's files: a run would move it aside as a save cut short (no marker), or delete
     it as an old step. False where the parent cannot be listed, or does not exist."""
-    from titan.checkpoint.storage import STEP_DIR  # local: storage imports this module
+    from titan.checkpoint.storage import STEP_DIR, listed_steps  # local: storage imports us
 
-    if not STEP_DIR.match(folder.name):
-        return False
-    try:
-        return any(_holds_dcp(p) for p in folder.parent.iterdir() if STEP_DIR.match(p.name))
-    except OSError:
-        return False
+    return bool(STEP_DIR.match(folder.name)) and any(
+        _holds_dcp(s.path) for s in listed_steps(folder.parent)
+    )
 
 
 def inside_checkpoint(path: Path) -> str | None:

@@ -352,7 +352,7 @@ def dry_run_plans(
                 plan_memory(
                     cfg, args, dims, capped(cfg, gpu_capacity(name)), dtype, training=training
                 ),
-            )  # fmt: skip
+            )
             for name in cfg.job.plan_for
         ]
     label, plan = plan_here(cfg, args, dims, device, training)

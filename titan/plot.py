@@ -63,7 +63,7 @@ def read_metrics(path: Path) -> tuple[dict[int, dict], dict[int, dict], int]:
         kinds = [(key, records) for key, records in (("loss", train), ("val_loss", val))
                  if key in rec]  # fmt: skip
         if not kinds or not all(_number_or_null(rec[key]) for key, _ in kinds):
-            bad += 1  # (a step whose loss was not finite is logged with null)
+            bad += 1  # (null: a validation that found no label)
             continue
         for _, records in kinds:
             records[rec["step"]] = rec
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = metrics.parent
         train, val, bad = read_metrics(metrics)
         out = Path(opts.out) if opts.out else folder / "metrics.png"
-        if problem := output_problem(out, ".png") or _not_a_png(out):
+        if problem := output_problem(out, ".png") or _never_replaced(out):
             if not opts.out:  # a path the user did not name: say how to name one
                 problem = problem.split(";")[0] + "; name another .png file with --out"
             raise PlotError(f"--out {out}: {problem}" if opts.out else f"{out}: {problem}")
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _not_a_png(out: Path) -> str | None:
+def _never_replaced(out: Path) -> str | None:
     """Refuse to replace a file that is not a PNG image, or that is generate.py's figure of
     samples (a chart, or another PNG, is replaced freely)."""
     from PIL import Image, UnidentifiedImageError

@@ -77,7 +77,8 @@ def check_inputs(cfg: JobConfig, args: ModelArgs) -> None:
             f"checkpoint.load_step = {c.load_step} but checkpoint.enable_checkpoint is false, "
             "so nothing would be loaded; set --checkpoint.enable_checkpoint, or drop load_step"
         )
-    full = [s for s in storage.list_steps(folder) if s.complete and s.kind == storage.FULL]
+    steps = storage.list_steps(folder)
+    full = [s for s in steps if s.complete and s.kind == storage.FULL]
     if c.enable_checkpoint and c.load_step >= 0:
         if storage.branch_head(folder, c.load_step) is not None:
             return  # rewound before: the run continues that branch (older steps may be gone)
@@ -89,7 +90,7 @@ def check_inputs(cfg: JobConfig, args: ModelArgs) -> None:
             )
         if c.load_step not in [s.step for s in full]:
             have = ", ".join(str(s.step) for s in full) or "none"
-            found = [s for s in storage.list_steps(folder) if s.step == c.load_step and s.complete]
+            found = [s for s in steps if s.step == c.load_step and s.complete]
             if found:  # weights only (a model-only export, a conversion): nothing to resume
                 kind = "model-only export" if found[0].kind == storage.MODEL_ONLY else "conversion"
                 raise ConfigError(

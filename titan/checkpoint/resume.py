@@ -64,7 +64,7 @@ def resume(ckpt: Checkpointer, branch: bool) -> bool:
         _load_first_usable(ckpt, [continued], fallback=False)
         return True
     if not rewind and (final := _final_export(ckpt)) is not None:
-        check(ckpt, final.path)  # another model's export: refused before config.toml is written
+        refuse_another_model(ckpt, final.path)  # before config.toml is written (no data read)
         ckpt.train_state.step = final.step
         logger.info(
             f"{final.path} is this run's final model-only export (step {final.step} of "
@@ -187,9 +187,9 @@ def _trusted_mismatch(model: torch.nn.Module, path: Path) -> str | None:
     return None if storage.metadata_problem(path) else _model_mismatch(model, path)
 
 
-def check(ckpt: Checkpointer, path: Path) -> str | None:
-    """The integrity problem of a step directory in a few words, or None; CheckpointError
-    when the step holds another model (no other step would do better)."""
+def refuse_another_model(ckpt: Checkpointer, path: Path) -> None:
+    """CheckpointError when the step holds another model (no other step would do better),
+    judged from its small files alone."""
     mismatch = _trusted_mismatch(ckpt.model, path)
     if mismatch is not None:
         raise CheckpointError(
@@ -197,6 +197,12 @@ def check(ckpt: Checkpointer, path: Path) -> str | None:
             "training.vocab_size changed?); resume with the run's own settings (its "
             "config.toml), or start a new job.dump_folder"
         )
+
+
+def check(ckpt: Checkpointer, path: Path) -> str | None:
+    """The integrity problem of a step directory in a few words, or None; CheckpointError
+    when the step holds another model."""
+    refuse_another_model(ckpt, path)
     return integrity_problem(path)
 
 

@@ -74,7 +74,7 @@ def list_steps(folder: Path) -> list[StepDir]:
 
 
 def listed_steps(folder: Path) -> list[StepDir]:
-    """`list_steps` for a hint: [] for a folder that can be entered but not listed."""
+    """`list_steps`, or [] for a folder that can be entered but not listed."""
     try:
         return list_steps(folder)
     except OSError:
@@ -106,19 +106,23 @@ def step_problem(
     *,
     not_a_step: str = "not a DCP checkpoint directory (no .metadata)",
     or_else: str = "",
+    foreign: str = "",
 ) -> str | None:
     """Why `path` cannot be read as one checkpoint step, judged from its small files alone
     (the folder, `.metadata`, the marker, the checksum of `.metadata`), as a phrase to
     follow "<path>: " that names a step to pass instead where there is one; None when it
     can. `allow_incomplete`: a step without a marker passes if its `.metadata` reads.
-    A command words a folder that is no step as `not_a_step` (what else it accepts), and
-    adds `or_else` to the advice for an incomplete step (an option that reads one)."""
+    A command words a folder that is no step as `not_a_step` (what else it accepts), adds
+    `or_else` to the advice for an incomplete step (an option that reads one), and words
+    Meta or Hugging Face weights as `foreign` (default: how to convert them)."""
     if problem := folder_problem(path):
         return problem + step_hint(path)
     if not (path / ".metadata").is_file():
         if (path / MARKER).is_file() or any(path.glob("*.distcp")):
             return "damaged: its .metadata file is missing; use another step"
         if what := foreign_weights(path):
+            if foreign:
+                return f"{what} {foreign}"
             return (
                 f"{what}, not a DCP directory: convert it with python llama_to_dcp.py "
                 f"--input_dir {path} --output_dir <new folder> and pass that folder"

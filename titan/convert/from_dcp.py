@@ -208,13 +208,13 @@ def _check_input(input_dir: Path, allow_incomplete: bool) -> None:
     """The input's kind and its small files (marker, `.metadata`); the data files are
     checked by `_check_data` once the architecture is known, so that a missing `--flavor`
     is named before tens of GB are read."""
-    if not (input_dir / ".metadata").is_file() and (what := storage.foreign_weights(input_dir)):
-        raise ConvertError(
-            f"--input_dir {input_dir}: {what} already, not a DCP step directory (.../step-N), "
-            "which is what dcp_to_llama.py exports"
-        )
     or_else = " (or pass --allow_incomplete)"
-    if problem := storage.step_problem(input_dir, allow_incomplete, or_else=or_else):
+    foreign = (
+        "already, not a DCP step directory (.../step-N), which is what dcp_to_llama.py exports"
+    )
+    if problem := storage.step_problem(
+        input_dir, allow_incomplete, or_else=or_else, foreign=foreign
+    ):
         raise ConvertError(f"--input_dir {input_dir}: {problem}")
 
 

@@ -258,6 +258,7 @@ def build_dataloader(
     ds = sources.open_split(src, split, d.streaming, d.source_datasets)
     label = f"{src.label} [{split}]"
     keep = set(d.source_datasets)
+    has = ["no rows"]  # the sources there are, for messages (not counted when streaming)
     if d.streaming:
         import datasets
 
@@ -276,11 +277,11 @@ def build_dataloader(
                 )
         units = MapUnits(ds, rows)
     if units.num_units == 0:
-        has = ", ".join(sources.source_values(ds)) if keep and not d.streaming else "no rows"
         raise ConfigError(
             f"{label}: nothing to read"
-            + (f": no row has source_dataset in {sorted(keep)}; it has: {has}" if keep else "")
-        )
+            + (f": no row has source_dataset in {sorted(keep)}; it has: {', '.join(has)}"
+               if keep else "")
+        )  # fmt: skip
     fingerprint = (
         f"{units.kind} split={split} units={units.num_units} seed={t.seed} shuffle={d.shuffle} "
         f"source_datasets={','.join(sorted(keep)) or 'all'}"
