@@ -28,6 +28,7 @@ from conftest import (
     debug_args,
     launch_train,
     logged_step,
+    read_metrics,
     run_train,
     train_losses,
     wait_for,
@@ -35,7 +36,7 @@ from conftest import (
 )
 from dist_utils import run_ranks
 
-from titan.checkpoint import list_steps
+from titan.checkpoint import checkpoint_keys, list_steps, storage
 
 STEPS = 12
 
@@ -311,6 +312,33 @@ def test_a_folder_with_only_a_model_only_export_is_not_trained_over(tmp_path, sy
     )
     assert (tmp_path / "metrics.jsonl").read_bytes() == metrics
     assert (tmp_path / "config.toml").read_bytes() == config
+
+
+def test_a_longer_run_after_a_final_export_says_what_it_trains_again(tmp_path, synthetic_dir):
+    """A finished run's last step is a model-only export, which cannot be resumed: a rerun
+    says how a longer run goes on, and the longer run resumes the full step before it,
+    names the steps it trains again, and keeps the export it replaces."""
+    args = debug_args(tmp_path, synthetic_dir, "--checkpoint.model_weights_only",
+                      "--checkpoint.interval=2")  # fmt: skip
+    assert run_train([*args, "--training.steps=4"]).returncode == 0
+    again = run_train([*args, "--training.steps=4"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "a longer run resumes the last full checkpoint, step-2, and trains steps 3-4 again" in (
+        again.stdout
+    )
+    longer = run_train([*args, "--training.steps=6"])
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    export = tmp_path / "checkpoint" / "step-4"
+    assert (f"{export} is a model-only export, which cannot be resumed: resumed step-2 instead, "
+            "so steps 3-4 are trained again") in longer.stdout  # fmt: skip
+    assert f"{export} was already there: moved it to {tmp_path / 'checkpoint' / 'replaced'}" in (
+        longer.stdout
+    )
+    (kept,) = (tmp_path / "checkpoint" / "replaced").iterdir()
+    assert all(k.startswith("model.") for k in checkpoint_keys(kept))
+    kinds = [(s.step, s.kind) for s in list_steps(tmp_path / "checkpoint")]
+    assert kinds == [(4, storage.FULL), (6, storage.MODEL_ONLY)]  # keep_latest_k = 2
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_the_data_can_change_twice(tmp_path, synthetic_dir):

@@ -143,7 +143,8 @@ class Checkpointer:
         self.wait()  # at most one save in flight
         step_dir = storage.step_path(self.folder, step)
         if self.rank == 0 and step_dir.exists():  # an older attempt's leftovers: keep them
-            storage.move_aside(step_dir, "replaced")
+            aside = storage.move_aside(step_dir, "replaced")
+            logger.info(f"{step_dir} was already there: moved it to {aside} before saving")
         dist.barrier()
         begin = time.perf_counter()
         last = step == self.total_steps

@@ -66,9 +66,17 @@ def resume(ckpt: Checkpointer, branch: bool) -> bool:
     if not rewind and (final := _final_export(ckpt)) is not None:
         refuse_another_model(ckpt, final.path)  # before config.toml is written (no data read)
         ckpt.train_state.step = final.step
+        full = [s for s in candidates(ckpt) if s.step < final.step]
+        longer = (
+            f"a longer run resumes the last full checkpoint, {full[0].path.name}, and trains "
+            f"steps {full[0].step + 1}-{final.step} again (an export cannot be resumed)"
+            if full
+            else "an export cannot be resumed: to train on from it, start a new run with "
+            "checkpoint.initial_load_path = that step and another job.dump_folder"
+        )
         logger.info(
             f"{final.path} is this run's final model-only export (step {final.step} of "
-            f"{ckpt.total_steps}): the run is finished, nothing is loaded"
+            f"{ckpt.total_steps}): the run is finished, nothing is loaded; {longer}"
         )
         return True
     steps = candidates(ckpt)
@@ -85,7 +93,27 @@ def resume(ckpt: Checkpointer, branch: bool) -> bool:
     if rewind:
         _set_aside_newer(ckpt, ckpt.cfg.load_step)
         ckpt.branch_from = ckpt.cfg.load_step
+    else:
+        _note_newer_export(ckpt)
     return True
+
+
+def _note_newer_export(ckpt: Checkpointer) -> None:
+    """A longer run after a final model-only export resumes the full step before it: say
+    which steps are trained again and what becomes of the export."""
+    loaded = ckpt.train_state.step
+    exports = [
+        s for s in storage.list_steps(ckpt.folder)
+        if s.kind == storage.MODEL_ONLY and s.step > loaded
+    ]  # fmt: skip
+    if exports:
+        export = exports[-1]
+        logger.warning(
+            f"{export.path} is a model-only export, which cannot be resumed: resumed "
+            f"step-{loaded} instead, so steps {loaded + 1}-{export.step} are trained again "
+            f"(the export is kept; a new save of step {export.step} moves it into "
+            f"{ckpt.folder / 'replaced'})"
+        )
 
 
 def _final_export(ckpt: Checkpointer) -> storage.StepDir | None:
