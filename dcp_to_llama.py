@@ -10,8 +10,9 @@ lists the options; the logic lives in titan/convert/.
 import sys
 
 from titan.checkpoint import MARKER
+from titan.cli import at_least
 from titan.convert import dcp_to_llama
-from titan.convert.cli import at_least, parser, run, size
+from titan.convert.cli import parser, run, size
 
 
 def main(argv: list[str] | None = None) -> int:

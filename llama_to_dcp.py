@@ -10,8 +10,9 @@ lives in titan/convert/.
 
 import sys
 
+from titan.cli import at_least
 from titan.convert import llama_to_dcp
-from titan.convert.cli import at_least, parser, run
+from titan.convert.cli import parser, run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,6 @@ printed last.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import gc
@@ -34,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -44,7 +42,7 @@ from tabulate import tabulate
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from titan.cli import OneLineParser  # noqa: E402
+from titan.cli import OneLineParser, at_least  # noqa: E402
 from titan.config import load_config  # noqa: E402
 from titan.distributed import exit_process  # noqa: E402
 from titan.files import output_problem  # noqa: E402
@@ -280,18 +278,9 @@ def _titan_setting(value: str) -> bool:
     return value in POLICIES or (value.isascii() and value.isdigit() and int(value) >= 1)
 
 
-def _count(least: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        if not (text.isascii() and text.isdigit()) or int(text) < least:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= {least}")
-        return int(text)
-
-    return parse
-
-
 def _lengths(text: str) -> list[int]:
     """Comma-separated sequence lengths, each a whole number >= 2."""
-    return [_count(2)(item) for item in text.split(",")]
+    return [at_least(2)(item) for item in text.split(",")]
 
 
 def parse_configs(text: str) -> list[tuple[str, str, bool]]:
@@ -336,7 +325,7 @@ def environment(device: torch.device) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="CPU, debug shapes, seconds")
-    p.add_argument("--layers", type=_count(1), help="8B-shaped layers (default 4; --tiny: 2)")
+    p.add_argument("--layers", type=at_least(1), help="8B-shaped layers (default 4; --tiny: 2)")
     p.add_argument("--seqs", type=_lengths, help="sequence lengths (default 8192,32768,131072; "
                    "--tiny: 64,128)")  # fmt: skip
     policies = "titan's AC policies, or N: every N-th block fully recomputed (none,attn,full,auto)"
@@ -350,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         "for titan, ckpt or no_ckpt for transformers; COMPILE: on or off)"
     )
     p.add_argument("--configs", default=None, help=configs)
-    p.add_argument("--warmup", type=_count(0), help="steps not timed (default 2; --tiny: 1)")
-    p.add_argument("--steps", type=_count(1), help="timed steps, median kept (default 5; "
+    p.add_argument("--warmup", type=at_least(0), help="steps not timed (default 2; --tiny: 1)")
+    p.add_argument("--steps", type=at_least(1), help="timed steps, median kept (default 5; "
                    "--tiny: 2)")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="results file (markdown, .md)")
     opts = p.parse_args(argv)

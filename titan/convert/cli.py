@@ -44,21 +44,6 @@ def parser(
     return p
 
 
-def at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= `low`."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is below {low}")
-        return value
-
-    return parse
-
-
 def size(text: str) -> int:
     """An argparse type: '5GB', '500MB', '1000000' -> bytes (decimal units)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*", text.upper())
