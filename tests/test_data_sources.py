@@ -180,7 +180,7 @@ def test_missing_split_names_the_splits(tmp_path):
     for streaming in (False, True):
         with pytest.raises(ConfigError) as e:
             build_dataloader(cfg_for(path, streaming=streaming, split="test"), 0, 1)
-        assert "no split 'test'; it has: train" in one_line(e)
+        assert f"data.split = 'test': {path}: no split 'test'; it has: train" in one_line(e)
 
 
 def test_single_dataset_serves_only_its_split(tmp_path):

@@ -11,7 +11,9 @@ earlier run's) left as it was. Covered:
   chosen tensors and settings differ), damaged (a flipped bit); `checkpoint.load_step`
   without a checkpoint folder, or with checkpointing off;
 - a dump folder that cannot be made or written; a checkpoint folder without room for one save;
-- the lang-primate recipe's dry run names the checkpoint it lacks and how to make it;
+- a validation split the dataset lacks;
+- the lang-primate recipe's dry run names the checkpoint it lacks and how to make it; the
+  dry run opens a dataset saved to disk as a start would;
 - on 2 ranks only rank 0 touches the disk, and every rank stops with its message.
 """
 
@@ -30,6 +32,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import ROOT, TRAIN_ENV, assert_refused, run_train
+from datasets import Dataset, DatasetDict
+from datasets.table import InMemoryTable
 from dist_utils import run_ranks
 
 from titan import preflight
@@ -39,6 +43,7 @@ from titan.config import ConfigError, load_config
 from titan.data import prepare_dataset
 from titan.models import keymap
 from titan.models.llama import build_model_args, param_shapes
+from titan.trainer import dry_run_data
 
 DEBUG = build_model_args("debugmodel", 256, 64)
 EARLIER_CONFIG = "# the config of an earlier run in this folder\n"
@@ -68,6 +73,7 @@ def sources(tmp_path_factory) -> Path:
     table = pa.table({"spike_counts": pa.array([[[1, 2], [3, 4]]], pa.list_(pa.list_(pa.uint8())))})
     (root / "parquet").mkdir()
     pq.write_table(table, root / "parquet" / "rows-0.parquet")
+    DatasetDict({"train": Dataset(InMemoryTable(table))}).save_to_disk(str(root / "trainonly"))
     for step, complete in ((3, True), (5, False)):
         (root / "run" / "checkpoint" / f"step-{step}").mkdir(parents=True)
         if complete:
@@ -164,6 +170,15 @@ BAD_STARTS = {
             "is inside the checkpoint {S}/six; nothing is written into",
         ],
     ),
+    "validation split missing": (
+        [
+            "--training.dataset=custom",
+            "--training.dataset_path={S}/trainonly",
+            "--validation.enable",
+            "--validation.freq=1",
+        ],
+        ["validation.split = 'test': {S}/trainonly: no split 'test'; it has: train"],
+    ),  # fmt: skip
     "load_step without a checkpoint folder": (
         ["--checkpoint.load_step=7"],
         ["checkpoint.load_step = 7: there is no checkpoint folder"],
@@ -282,6 +297,30 @@ def test_generate_synthetic_creates_the_path(tmp_path):
     cfg.data.generate_synthetic = True
     with pytest.raises(ConfigError, match="generate_synthetic = true needs training.dataset"):
         preflight.check_dry_run(cfg)
+
+
+def test_dry_run_opens_a_dataset_saved_to_disk(tmp_path, synthetic_dir, sources):
+    """What a start would find wrong in a dataset saved to disk (a missing split, a source
+    filter that keeps nothing), the dry run finds too; others are left to the real run."""
+    validate = ["--validation.enable", "--validation.freq=1"]
+    cfg = _cfg(tmp_path, f"--training.dataset_path={synthetic_dir}", *validate)
+    assert dry_run_data(cfg, 2).splitlines() == [
+        f"data: synthetic dataset {synthetic_dir} [train], 24 rows",
+        f"validation: synthetic dataset {synthetic_dir} [test], 80 of its 1,250 windows of "
+        "64 tokens every 1 step",
+    ]
+    typo = _cfg(tmp_path, f"--training.dataset_path={synthetic_dir}", "--data.source_datasets=x")
+    with pytest.raises(ConfigError, match="no row has source_dataset in"):
+        dry_run_data(typo, 1)
+    hub = _cfg(tmp_path, "--training.dataset=primate")
+    assert dry_run_data(hub, 1) == (
+        "data: eminorhan/neural-pile-primate (not opened: the real run has `datasets` convert it)"
+    )
+    dump = tmp_path / "run"
+    trainonly = ["--training.dataset=custom", f"--training.dataset_path={sources}/trainonly"]
+    result = _start(dump, synthetic_dir, *trainonly, *validate, "--job.dry_run")
+    assert_refused(result, f"validation.split = 'test': {sources}/trainonly: no split 'test'")
+    _nothing_complete(dump)
 
 
 def test_initial_load_allow_names_settings_and_tensors(sources):

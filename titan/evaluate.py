@@ -183,7 +183,7 @@ def run_evaluation(cfg: JobConfig) -> dict[str, Any]:
     begin = time.perf_counter()
     path, out = planned(cfg)
     batch = _batch(cfg)
-    data = HeldOut.open(cfg, cfg.eval.split)  # its problems before the model is built
+    data = HeldOut.open(cfg, cfg.eval.split, "eval.split")  # its problems before the model is built
     with build_run(cfg, train=False, eval_batch=batch) as run:
         run.checkpointer.load_weights(path)
         dp = run.dims.dp_degree
@@ -235,7 +235,7 @@ def dry_run(cfg: JobConfig) -> None:
     # or convert them into its cache, and a dry run writes nothing.
     reads = f"{source.label} [{cfg.eval.split}] (opened by the real run: `datasets` converts it)"
     if source.kind == "disk":  # a save_to_disk folder (the synthetic datasets too): mapped
-        data = HeldOut.open(cfg, cfg.eval.split)
+        data = HeldOut.open(cfg, cfg.eval.split, "eval.split")
         n = data.windows_for(cfg.eval.steps, cfg.eval.max_tokens, dims.dp_degree, batch)
         reads = f"{data.label}, {n:,} of its {data.num_windows:,} windows of {data.seq_len} tokens"
     args, _ = model_args(cfg, device, measure_auto=False)

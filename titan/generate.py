@@ -82,7 +82,7 @@ def read_row(dataset: str | None, dataset_path: str | None, split: str, row: int
     cfg.training.dataset_path = dataset_path
     try:
         src = sources.resolve_source(cfg)
-        ds = sources.open_split(src, split, False, [], extra_columns=ID_COLUMNS)
+        ds = sources.open_split(src, split, False, [], extra_columns=ID_COLUMNS, key="--split")
     except ConfigError as e:  # it names the training keys: name this command's options
         text = str(e).replace("training.dataset_path", "--dataset_path")
         raise GenerateError(text.replace("training.dataset", "--dataset")) from None

@@ -125,7 +125,7 @@ def build_run(cfg: JobConfig, *, train: bool = True, eval_batch: int | None = No
             # validation split stops the run here.
             run.dataloader = build_dataloader(cfg, dims.dp_rank(), dims.dp_degree)
             if cfg.validation.enable:
-                run.held_out = HeldOut.open(cfg, cfg.validation.split)
+                run.held_out = HeldOut.open(cfg, cfg.validation.split, "validation.split")
         run.model, run.model_args, run.kernel, run.memory = build_model(
             cfg, dims, device, eval_batch
         )

@@ -23,6 +23,9 @@ from torch.distributed.tensor import DTensor
 
 from titan.cli import StoppedOnSignal, StoppedUnsaved, TrainingDiverged, run_command
 from titan.config import JobConfig
+from titan.data.held_out import HeldOut
+from titan.data.loader import build_dataloader
+from titan.data.sources import quiet_datasets, resolve_source
 from titan.distributed import ParallelDims, dry_run_world_size, env_rank, set_collective_timeout
 from titan.evaluate import evaluate
 from titan.lifecycle import StepWatch, StopSignals
@@ -260,15 +263,40 @@ def dry_run(cfg: JobConfig) -> None:
     t = cfg.training
     args, kernel = model_args(cfg, device, measure_auto=False)
     plans = dry_run_plans(cfg, args, dims, device, training=True)
+    data = dry_run_data(cfg, dims.dp_degree)
     logger.info(
         "dry run: the resolved plan and config follow; nothing is trained\n"
         + plan_table(cfg, args, dims, kernel, None)
+        + f"\n{data}"
         + f"\nFLOPs per token: {flops_per_token(args, t.seq_len, causal=False):.4g} "
         f"(causal-aware {flops_per_token(args, t.seq_len, causal=True):.4g})\n"
         + "\n".join(format_plan(plan, f"{label}, world {world}") for label, plan in plans)
         + "\n"
         + cfg.to_json()
     )
+
+
+def dry_run_data(cfg: JobConfig, dp_world: int) -> str:
+    """The data a dry run can check without writing: a dataset saved to disk is opened as a
+    start opens it (split, column, data.source_datasets; and the validation split), since
+    `datasets` maps it; a Hub id or parquet/arrow files are left to the real run, which
+    converts them into `datasets`' cache."""
+    src = resolve_source(cfg)
+    if src.kind != "disk" or not Path(src.location).exists():
+        what = "generates it" if src.kind == "disk" else "has `datasets` convert it"
+        return f"data: {src.label} (not opened: the real run {what})"
+    with quiet_datasets():
+        units = build_dataloader(cfg, 0, dp_world).reader.units
+        count = f"{units.num_units:,} {'rows' if units.kind == 'map' else 'shards'}"
+        lines = [f"data: {src.label} [{cfg.data.split}], {count}"]
+        if (v := cfg.validation).enable:
+            held = HeldOut.open(cfg, v.split, "validation.split")
+            n = held.windows_for(v.steps, v.max_tokens, dp_world, cfg.training.batch_size)
+            lines.append(
+                f"validation: {held.label}, {n:,} of its {held.num_windows:,} windows of "
+                f"{held.seq_len} tokens every {v.freq:,} step{'s' * (v.freq != 1)}"
+            )
+    return "\n".join(lines)
 
 
 def _train_or_plan(cfg: JobConfig) -> None:

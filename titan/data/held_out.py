@@ -81,11 +81,12 @@ class HeldOut:
     """Rows found unreadable when read (already warned about)."""
 
     @classmethod
-    def open(cls, cfg: JobConfig, split: str) -> HeldOut:
-        """The split `split` of the run's dataset (with its data.source_datasets filter)."""
+    def open(cls, cfg: JobConfig, split: str, key: str | None = None) -> HeldOut:
+        """The split `split` of the run's dataset (with its data.source_datasets filter);
+        `key` is the setting that chose it, for the message when it is missing."""
         src = sources.resolve_source(cfg)
-        keep = cfg.data.source_datasets
-        ds = sources.open_split(src, split, False, keep, extra_columns=(sources.SOURCE_COLUMN,))
+        keep, extra = cfg.data.source_datasets, (sources.SOURCE_COLUMN,)
+        ds = sources.open_split(src, split, False, keep, extra_columns=extra, key=key)
         table = ds.with_format("arrow")
         lengths, usable = _row_lengths(table[sources.COLUMN])
         if sources.SOURCE_COLUMN in ds.column_names:

@@ -247,15 +247,13 @@ def build_dataloader(
     dp_rank: int,
     dp_world: int,
     *,
-    split: str | None = None,
     infinite: bool = True,
 ) -> SpikeDataLoader:
     """The loader of data-parallel rank `dp_rank` of `dp_world` (plain integers) for
-    `cfg`'s dataset and `data.split` (or `split`); finite (one epoch) if not `infinite`."""
+    `cfg`'s dataset and `data.split`; finite (one epoch) if not `infinite`."""
     t, d = cfg.training, cfg.data
-    split = split or d.split
-    src = sources.resolve_source(cfg)
-    ds = sources.open_split(src, split, d.streaming, d.source_datasets)
+    src, split = sources.resolve_source(cfg), d.split
+    ds = sources.open_split(src, split, d.streaming, d.source_datasets, key="data.split")
     label = f"{src.label} [{split}]"
     keep = set(d.source_datasets)
     has = ["no rows"]  # the sources there are, for messages (not counted when streaming)
@@ -324,4 +322,5 @@ def prepare_dataset(cfg: JobConfig) -> None:
                     f"seed {params['seed']}), not the configured {rows} rows, seed {seed}; "
                     "delete the folder to regenerate it"
                 )
-    sources.open_split(src, cfg.data.split, cfg.data.streaming, cfg.data.source_datasets)
+    d = cfg.data
+    sources.open_split(src, d.split, d.streaming, d.source_datasets, key="data.split")

@@ -245,19 +245,20 @@ def _load(src: Source, streaming: bool) -> Any:
         raise ConfigError(f"{src.label}: cannot load it ({type(e).__name__}: {first}){hint}") from e
 
 
-def _pick_split(src: Source, loaded: Any, split: str) -> Any:
+def _pick_split(src: Source, loaded: Any, split: str, key: str | None) -> Any:
     import datasets
 
+    said = f"{key} = {split!r}: " if key else ""  # the setting that names the split
     if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         if split not in loaded:
             raise ConfigError(
-                f"{src.label}: no split {split!r}; it has: {', '.join(loaded) or 'none'}"
+                f"{said}{src.label}: no split {split!r}; it has: {', '.join(loaded) or 'none'}"
             )
         return loaded[split]
     own = str(loaded.split) if loaded.split is not None else "train"
     if split != own:
         raise ConfigError(
-            f"{src.label}: no split {split!r}; it is a single dataset (split {own!r}), "
+            f"{said}{src.label}: no split {split!r}; it is a single dataset (split {own!r}), "
             "not a DatasetDict"
         )
     return loaded
@@ -291,16 +292,18 @@ def open_split(
     streaming: bool,
     source_datasets: list[str],
     extra_columns: tuple[str, ...] = (),
+    key: str | None = None,
 ) -> Any:
     """The checked split: a `datasets.Dataset` (map-style, and streamed local sources, which
     the loader cuts into shards itself) or an `IterableDataset` (streamed Hub/files); it keeps
-    `spike_counts`, `source_dataset` when filtering, and those `extra_columns` it has."""
+    `spike_counts`, `source_dataset` when filtering, and those `extra_columns` it has.
+    `key` is the setting that chose `split`, named when the split is missing."""
     import datasets
 
     # offline, a Hub dataset can only come from the local cache: stream it like a local one
     local = src.kind == "disk" or (src.kind == "hub" and datasets.config.HF_HUB_OFFLINE)
     stream = streaming and not local
-    ds = _pick_split(src, _load(src, stream), split)
+    ds = _pick_split(src, _load(src, stream), split, key)
     _check_columns(src, split, ds, source_datasets)
     cols = [COLUMN] + ([SOURCE_COLUMN] if source_datasets else [])
     if ds.features is not None:
