@@ -301,6 +301,15 @@ def test_a_folder_with_only_a_model_only_export_is_not_trained_over(tmp_path, sy
     assert run_train(args).returncode == 0
     metrics, config = ((tmp_path / f).read_bytes() for f in ("metrics.jsonl", "config.toml"))
     export = tmp_path / "checkpoint" / "step-2"
+    again = run_train(args)  # finished: the way on is a new run from the export
+    assert (
+        again.returncode == 0
+        and (
+            f"to train on, start a new run with checkpoint.initial_load_path = {export} and another "
+            "job.dump_folder, as an export cannot be resumed"
+        )
+        in again.stdout
+    )
     assert_refused(run_train([*args, "--training.steps=4"]),
                    f"holds the model-only export {export} but no full checkpoint to resume from",
                    "checkpoint.initial_load_path")  # fmt: skip
@@ -323,9 +332,10 @@ def test_a_longer_run_after_a_final_export_says_what_it_trains_again(tmp_path, s
     assert run_train([*args, "--training.steps=4"]).returncode == 0
     again = run_train([*args, "--training.steps=4"])
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "a longer run resumes the last full checkpoint, step-2, and trains steps 3-4 again" in (
+    assert ("Already trained 4 of 4 steps: nothing to do (to train on, a larger --training.steps "
+            "resumes the last full checkpoint, step-2, and trains steps 3-4 again") in (
         again.stdout
-    )
+    )  # fmt: skip
     longer = run_train([*args, "--training.steps=6"])
     assert longer.returncode == 0, longer.stderr[-2000:]
     export = tmp_path / "checkpoint" / "step-4"

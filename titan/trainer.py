@@ -236,7 +236,7 @@ def setup_and_train(cfg: JobConfig) -> None:
         if step >= cfg.training.steps:
             logger.info(
                 f"Already trained {step} of {cfg.training.steps} steps: nothing to do (to train "
-                "on, pass a larger --training.steps; to go back, --checkpoint.load_step N)"
+                f"on, {run.checkpointer.train_on}; to go back, --checkpoint.load_step N)"
             )
             return
         if stop.signals and stop.stop_agreed(run.device):

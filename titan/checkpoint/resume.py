@@ -67,16 +67,17 @@ def resume(ckpt: Checkpointer, branch: bool) -> bool:
         refuse_another_model(ckpt, final.path)  # before config.toml is written (no data read)
         ckpt.train_state.step = final.step
         full = [s for s in candidates(ckpt) if s.step < final.step]
-        longer = (
-            f"a longer run resumes the last full checkpoint, {full[0].path.name}, and trains "
-            f"steps {full[0].step + 1}-{final.step} again (an export cannot be resumed)"
+        ckpt.train_on = (
+            f"a larger --training.steps resumes the last full checkpoint, {full[0].path.name}, "
+            f"and trains steps {full[0].step + 1}-{final.step} again, as an export cannot be "
+            "resumed"
             if full
-            else "an export cannot be resumed: to train on from it, start a new run with "
-            "checkpoint.initial_load_path = that step and another job.dump_folder"
+            else f"start a new run with checkpoint.initial_load_path = {final.path} and "
+            "another job.dump_folder, as an export cannot be resumed"
         )
         logger.info(
             f"{final.path} is this run's final model-only export (step {final.step} of "
-            f"{ckpt.total_steps}): the run is finished, nothing is loaded; {longer}"
+            f"{ckpt.total_steps}): the run is finished, nothing is loaded"
         )
         return True
     steps = candidates(ckpt)
