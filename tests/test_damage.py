@@ -61,15 +61,19 @@ def test_a_flipped_bit_is_found_at_load(key, trained, synthetic_dir):
 
 
 def test_another_model_is_one_line_and_keeps_the_config(trained, synthetic_dir):
+    """Found from the step's small files, before any model is built: by a start, and by a
+    dry run (which exited 0 here)."""
     config = (trained / "config.toml").read_bytes()
-    result = run_train(
-        _args(trained, synthetic_dir, "--training.steps=6", "--training.vocab_size=512")
-    )
-    assert result.returncode == 2
-    err = result.stderr.strip()
-    assert "was saved by another model: model.tok_embeddings.weight has shape (256, 256)" in err
-    assert "\n" not in err and "Traceback" not in result.stdout + result.stderr
-    assert (trained / "config.toml").read_bytes() == config
+    other = _args(trained, synthetic_dir, "--training.steps=6", "--training.vocab_size=512")
+    for extra in ([], ["--job.dry_run"], ["--checkpoint.load_step=2", "--job.dry_run"]):
+        result = run_train([*other, *extra])
+        assert result.returncode == 2, (extra, result.stdout[-2000:])
+        err = result.stderr.strip()
+        step = "step-2" if "--checkpoint.load_step=2" in extra else "step-4"
+        assert f"checkpoint {trained / 'checkpoint' / step} was saved by another model: " in err
+        assert "model.tok_embeddings.weight has shape (256, 256)" in err
+        assert "\n" not in err and "Traceback" not in result.stdout + result.stderr
+        assert (trained / "config.toml").read_bytes() == config
 
 
 def test_layout_changes_are_logged_and_lr_is_the_steps(trained, synthetic_dir):

@@ -180,9 +180,11 @@ def test_evaluation_bad_inputs(trained, synthetic_dir, tmp_path):
     step_dir = trained / "checkpoint" / "step-6"
     wrong = _args(tmp_path, synthetic_dir, f"--eval.checkpoint={step_dir}",
                   "--training.vocab_size=512")  # fmt: skip
-    run = _evaluate(wrong, 1)
-    assert run["rc"] == 2 and run["err"].count("\n") == 1, run["err"]
-    assert "check model.flavor" in run["err"]
+    for extra in ([], ["--job.dry_run"]):  # the dry run reads the step's .metadata too
+        run = _evaluate([*wrong, *extra], 1)
+        assert run["rc"] == 2 and run["err"].count("\n") == 1, run["err"]
+        assert "model.tok_embeddings.weight has shape (256, 256)" in run["err"]
+        assert "check model.flavor" in run["err"]
     (tmp_path / "dir.json").mkdir()
     folder = _args(tmp_path, synthetic_dir, f"--eval.checkpoint={step_dir}",
                    f"--eval.output={tmp_path / 'dir.json'}")  # fmt: skip

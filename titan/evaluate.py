@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 from titan.checkpoint import storage
-from titan.checkpoint.resume import newest_weights
+from titan.checkpoint.resume import newest_weights, refuse_other_weights
 from titan.cli import run_command
 from titan.config import ConfigError, JobConfig
 from titan.data.held_out import IGNORE, HeldOut
@@ -39,6 +39,7 @@ from titan.distributed import ParallelDims, dry_run_world_size, env_rank
 from titan.files import json_text, output_problem, written_atomically
 from titan.logging import init_logger, logger
 from titan.memory import dry_run_plans, format_plan, with_eval_batch
+from titan.models.llama import param_shapes
 from titan.preflight import checkpoint_folder
 from titan.run import build_run, model_args
 
@@ -239,6 +240,7 @@ def dry_run(cfg: JobConfig) -> None:
         n = data.windows_for(cfg.eval.steps, cfg.eval.max_tokens, dims.dp_degree, batch)
         reads = f"{data.label}, {n:,} of its {data.num_windows:,} windows of {data.seq_len} tokens"
     args, _ = model_args(cfg, device, measure_auto=False)
+    refuse_other_weights(param_shapes(args), path)  # from its small files, as a start does
     plans = dry_run_plans(with_eval_batch(cfg, batch), args, dims, device, training=False)
     logger.info(
         f"dry run: would evaluate {path}\n    on {reads}\n    and write {out}\n"

@@ -9,7 +9,8 @@ Each failure is a `ConfigError`: one line naming the key, the value and the fix.
 - `training.dataset` / `training.dataset_path`: a local path exists and is of the kind the
   dataset name says (`titan.data.sources.resolve_source`); a Hub id is not looked up here.
 - `checkpoint.load_step`: the checkpoint folder holds that complete step (and checkpointing
-  is on: a run without it resumes nothing).
+  is on: a run without it resumes nothing); that step, or the newest a resume would load,
+  holds this model's tensors (from its `.metadata`, no data file read).
 - `checkpoint.initial_load_path`, when no checkpoint will be resumed: a complete DCP
   directory whose settings and tensors fit the model (`titan.checkpoint.initial`).
 - `job.dump_folder` and, with checkpointing on, the checkpoint folder: created if missing,
@@ -30,14 +31,15 @@ from pathlib import Path
 
 import torch
 
-from titan.checkpoint import storage
+from titan.checkpoint import CheckpointError, storage
 from titan.checkpoint.initial import plan_initial_load
+from titan.checkpoint.resume import refuse_another_model
 from titan.config import ConfigError, JobConfig
 from titan.data.sources import resolve_source
 from titan.files import inside_checkpoint
 from titan.logging import logger
 from titan.memory import gib
-from titan.models.llama import ModelArgs, build_model_args, num_params_from_args
+from titan.models.llama import ModelArgs, build_model_args, num_params_from_args, param_shapes
 
 ADAMW_BYTES_PER_PARAM = 4 + 4 + 4
 """A full checkpoint per parameter: the float32 weight and AdamW's two float32 moments."""
@@ -103,10 +105,22 @@ def check_inputs(cfg: JobConfig, args: ModelArgs) -> None:
                 f"checkpoint.load_step = {c.load_step}: no complete checkpoint of that step in "
                 f"{folder} (complete steps: {have}); choose one of them, or -1 for the newest"
             )
+        _same_model(args, storage.step_path(folder, c.load_step))
         return
+    loadable = [s for s in steps if s.complete and s.kind in (storage.FULL, storage.MODEL_ONLY)]
+    if c.enable_checkpoint and loadable:  # the newest: a resume (or a finished run's export)
+        _same_model(args, loadable[-1].path)
     resumes = c.enable_checkpoint and bool(full)  # then initial_load_path is not read
     if c.initial_load_path and not resumes:
         plan_initial_load(c.initial_load_path, args, c.initial_load_allow)
+
+
+def _same_model(args: ModelArgs, step: Path) -> None:
+    """The step a start would load holds this model (from its small files)."""
+    try:
+        refuse_another_model(param_shapes(args), step)
+    except CheckpointError as e:  # a ConfigError, which run_on_rank0 hands to every rank
+        raise ConfigError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- outputs

@@ -64,7 +64,8 @@ def resume(ckpt: Checkpointer, branch: bool) -> bool:
         _load_first_usable(ckpt, [continued], fallback=False)
         return True
     if not rewind and (final := _final_export(ckpt)) is not None:
-        refuse_another_model(ckpt, final.path)  # before config.toml is written (no data read)
+        # before config.toml is written (no data read)
+        refuse_another_model(model_shapes(ckpt.model), final.path)
         ckpt.train_state.step = final.step
         full = [s for s in candidates(ckpt) if s.step < final.step]
         ckpt.train_on = (
@@ -198,28 +199,15 @@ def integrity_problem(path: Path, prefix: str = "") -> str | None:
     return _gathered_problem(problem) if group else problem
 
 
-def _model_mismatch(model: torch.nn.Module, path: Path) -> str | None:
-    """The first model tensor the step directory lacks or holds with another shape."""
-    saved = storage.checkpoint_keys(path)
-    for name, tensor in get_model_state_dict(model).items():
-        meta = saved.get(f"model.{name}")
-        if meta is None or tuple(getattr(meta, "size", ())) != tuple(tensor.shape):
-            found = "is absent" if meta is None else f"has shape {tuple(meta.size)}"
-            return f"model.{name} {found}, this model needs {tuple(tensor.shape)}"
-    return None
+def model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> full (unsharded) shape of a built model."""
+    return {name: tuple(t.shape) for name, t in get_model_state_dict(model).items()}
 
 
-def _trusted_mismatch(model: torch.nn.Module, path: Path) -> str | None:
-    """`_model_mismatch` once the marker and `.metadata` are intact, so that a step of
-    another model is named before its data files (tens of GB for 8B) are checksummed;
-    None while they are not, for `integrity_problem` to report."""
-    return None if storage.metadata_problem(path) else _model_mismatch(model, path)
-
-
-def refuse_another_model(ckpt: Checkpointer, path: Path) -> None:
-    """CheckpointError when the step holds another model (no other step would do better),
-    judged from its small files alone."""
-    mismatch = _trusted_mismatch(ckpt.model, path)
+def refuse_another_model(shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+    """CheckpointError when the run's step holds another model than `shapes` (no other step
+    would do better), judged from its small files alone."""
+    mismatch = storage.shape_mismatch(shapes, path)
     if mismatch is not None:
         raise CheckpointError(
             f"checkpoint {path} was saved by another model: {mismatch} (model.flavor or "
@@ -228,10 +216,18 @@ def refuse_another_model(ckpt: Checkpointer, path: Path) -> None:
         )
 
 
+def refuse_other_weights(shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+    """CheckpointError when the weights to load (evaluation, generation) are not of the
+    model `shapes` describes, judged from small files alone."""
+    mismatch = storage.shape_mismatch(shapes, path)
+    if mismatch is not None:
+        raise CheckpointError(f"{path}: {mismatch}; check model.flavor and training.vocab_size")
+
+
 def check(ckpt: Checkpointer, path: Path) -> str | None:
     """The integrity problem of a step directory in a few words, or None; CheckpointError
     when the step holds another model."""
-    refuse_another_model(ckpt, path)
+    refuse_another_model(model_shapes(ckpt.model), path)
     return integrity_problem(path)
 
 
@@ -403,9 +399,7 @@ def load_weights(ckpt: Checkpointer, path: Path) -> None:
     a conversion), and nothing else: the optimizer's state is never read."""
     if not (path / ".metadata").is_file():
         raise ConfigError(f"{path}: not a DCP checkpoint directory (no .metadata)")
-    mismatch = _trusted_mismatch(ckpt.model, path)
-    if mismatch is not None:
-        raise CheckpointError(f"{path}: {mismatch}; check model.flavor and training.vocab_size")
+    refuse_other_weights(model_shapes(ckpt.model), path)
     problem = integrity_problem(path, "model.")
     if problem is not None:
         raise CheckpointError(f"checkpoint {path} is corrupted: {problem}")

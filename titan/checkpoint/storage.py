@@ -240,6 +240,22 @@ def checkpoint_keys(path: Path) -> dict[str, Any]:
     return dict(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
 
 
+def shape_mismatch(shapes: dict[str, tuple[int, ...]], path: Path) -> str | None:
+    """The first model tensor of `shapes` (name -> shape) that the directory lacks or holds
+    with another shape, from its small files alone, so that another model's step is named
+    before its data files (tens of GB for 8B) are checksummed; None also while the marker
+    or `.metadata` is damaged (`metadata_problem`, for the integrity check to report)."""
+    if metadata_problem(path):
+        return None
+    saved = checkpoint_keys(path)
+    for name, shape in shapes.items():
+        meta = saved.get(f"model.{name}")
+        if meta is None or tuple(getattr(meta, "size", ())) != shape:
+            found = "is absent" if meta is None else f"has shape {tuple(meta.size)}"
+            return f"model.{name} {found}, this model needs {shape}"
+    return None
+
+
 def verify(step_dir: Path, prefix: str = "") -> str | None:
     """Check that every file `.metadata` refers to for the keys starting with `prefix`
     (all by default) exists and is long enough; return the problem in a few words, or
