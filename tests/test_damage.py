@@ -73,6 +73,7 @@ def test_another_model_is_one_line_and_keeps_the_config(trained, synthetic_dir):
         assert f"checkpoint {trained / 'checkpoint' / step} was saved by another model: " in err
         assert "model.tok_embeddings.weight has shape (256, 256)" in err
         assert "\n" not in err and "Traceback" not in result.stdout + result.stderr
+        assert "layers, dim" not in result.stdout  # refused before the plan (model) is built
         assert (trained / "config.toml").read_bytes() == config
 
 

@@ -33,6 +33,7 @@ import torch
 from conftest import (
     ROOT,
     TRAIN_ENV,
+    assert_refused,
     debug_args,
     launch_train,
     logged_step,
@@ -354,6 +355,10 @@ def test_rewind_continues_the_chosen_branch(tmp_path, synthetic_dir):
     assert f"Resumed from {ckpt / 'step-6'} at step 6" in result.stdout
     assert len(list((ckpt / "branches").iterdir())) == 1
     assert [s.step for s in list_steps(ckpt)] == [8]
+    # the step that branch continues from is checked for another model by a dry run too
+    other = ["--training.vocab_size=512", "--job.dry_run"]
+    result = run_train(_args(tmp_path, synthetic_dir, "--training.steps=10", *rewind, *other))
+    assert_refused(result, f"checkpoint {ckpt / 'step-8'} was saved by another model")
     result = run_train(_args(tmp_path, synthetic_dir, "--training.steps=10", *rewind), nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resumed from {ckpt / 'step-8'} at step 8" in result.stdout

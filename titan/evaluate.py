@@ -40,7 +40,7 @@ from titan.files import json_text, output_problem, written_atomically
 from titan.logging import init_logger, logger
 from titan.memory import dry_run_plans, format_plan, with_eval_batch
 from titan.models.llama import param_shapes
-from titan.preflight import checkpoint_folder
+from titan.preflight import checkpoint_folder, shape_args
 from titan.run import build_run, model_args
 
 
@@ -158,6 +158,7 @@ def planned(cfg: JobConfig) -> tuple[Path, Path]:
             raise ConfigError(f"eval.checkpoint {path}: {problem}")
     else:
         path = newest_weights(checkpoint_folder(cfg), cfg.checkpoint.load_step)
+    refuse_other_weights(param_shapes(shape_args(cfg)), path)  # from .metadata alone
     out = results_path(cfg, path)
     check_output(out, "eval.output" if cfg.eval.output else "the results file")
     return path, out
@@ -240,7 +241,6 @@ def dry_run(cfg: JobConfig) -> None:
         n = data.windows_for(cfg.eval.steps, cfg.eval.max_tokens, dims.dp_degree, batch)
         reads = f"{data.label}, {n:,} of its {data.num_windows:,} windows of {data.seq_len} tokens"
     args, _ = model_args(cfg, device, measure_auto=False)
-    refuse_other_weights(param_shapes(args), path)  # from its small files, as a start does
     plans = dry_run_plans(with_eval_batch(cfg, batch), args, dims, device, training=False)
     logger.info(
         f"dry run: would evaluate {path}\n    on {reads}\n    and write {out}\n"

@@ -10,7 +10,8 @@ Each failure is a `ConfigError`: one line naming the key, the value and the fix.
   dataset name says (`titan.data.sources.resolve_source`); a Hub id is not looked up here.
 - `checkpoint.load_step`: the checkpoint folder holds that complete step (and checkpointing
   is on: a run without it resumes nothing); that step, or the newest a resume would load,
-  holds this model's tensors (from its `.metadata`, no data file read).
+  holds this model's tensors (from its `.metadata`, no data file read); a folder of
+  model-only exports alone has nothing to resume unless the run is over.
 - `checkpoint.initial_load_path`, when no checkpoint will be resumed: a complete DCP
   directory whose settings and tensors fit the model (`titan.checkpoint.initial`).
 - `job.dump_folder` and, with checkpointing on, the checkpoint folder: created if missing,
@@ -33,7 +34,7 @@ import torch
 
 from titan.checkpoint import CheckpointError, storage
 from titan.checkpoint.initial import plan_initial_load
-from titan.checkpoint.resume import refuse_another_model
+from titan.checkpoint.resume import export_without_full_step, final_export, refuse_another_model
 from titan.config import ConfigError, JobConfig
 from titan.data.sources import resolve_source
 from titan.files import inside_checkpoint
@@ -47,19 +48,21 @@ ADAMW_BYTES_PER_PARAM = 4 + 4 + 4
 
 def check_run(cfg: JobConfig) -> None:
     """Everything, on rank 0 of a real training start (folders are created and probed)."""
-    args = _model_args(cfg)
+    args = shape_args(cfg)
     check_inputs(cfg, args)
     check_outputs(cfg, args, write=True)
 
 
 def check_dry_run(cfg: JobConfig) -> None:
     """What the dry run can check without writing anything."""
-    args = _model_args(cfg)
+    args = shape_args(cfg)
     check_inputs(cfg, args)
     check_outputs(cfg, args, write=False)
 
 
-def _model_args(cfg: JobConfig) -> ModelArgs:
+def shape_args(cfg: JobConfig) -> ModelArgs:
+    """The model's architecture from the recipe, without choosing an attention kernel:
+    what the checks need (parameter shapes and count)."""
     return build_model_args(cfg.model.flavor, cfg.training.vocab_size, cfg.training.seq_len)
 
 
@@ -82,8 +85,9 @@ def check_inputs(cfg: JobConfig, args: ModelArgs) -> None:
     steps = storage.list_steps(folder)
     full = [s for s in steps if s.complete and s.kind == storage.FULL]
     if c.enable_checkpoint and c.load_step >= 0:
-        if storage.branch_head(folder, c.load_step) is not None:
-            return  # rewound before: the run continues that branch (older steps may be gone)
+        if (head := storage.branch_head(folder, c.load_step)) is not None:
+            _same_model(args, head.path)  # rewound before: the run continues that branch
+            return
         if not folder.is_dir():
             raise ConfigError(
                 f"checkpoint.load_step = {c.load_step}: there is no checkpoint folder {folder} "
@@ -110,6 +114,11 @@ def check_inputs(cfg: JobConfig, args: ModelArgs) -> None:
     loadable = [s for s in steps if s.complete and s.kind in (storage.FULL, storage.MODEL_ONLY)]
     if c.enable_checkpoint and loadable:  # the newest: a resume (or a finished run's export)
         _same_model(args, loadable[-1].path)
+    # Only exports, and the run is not over: nothing a start could resume (a step without
+    # its marker yet may be completed by the start, so any such step lets it try).
+    exports_only = bool(steps) and all(s.complete and s.kind == storage.MODEL_ONLY for s in steps)
+    if c.enable_checkpoint and exports_only and not final_export(folder, cfg.training.steps):
+        raise ConfigError(str(export_without_full_step(folder)))
     resumes = c.enable_checkpoint and bool(full)  # then initial_load_path is not read
     if c.initial_load_path and not resumes:
         plan_initial_load(c.initial_load_path, args, c.initial_load_allow)

@@ -43,10 +43,10 @@ from titan.memory import (
     with_eval_batch,
 )
 from titan.metrics import MetricsLogger
-from titan.models.llama import ModelArgs, Transformer, build_model_args, flops_per_token, num_params
+from titan.models.llama import ModelArgs, Transformer, flops_per_token, num_params
 from titan.optim import build_lr_scheduler, build_optimizer, warn_about_the_schedule
 from titan.parallelize import parallelize
-from titan.preflight import check_run
+from titan.preflight import check_run, shape_args
 
 
 @dataclass
@@ -191,8 +191,7 @@ def model_args(
 ) -> tuple[ModelArgs, KernelChoice]:
     """The model's architecture with the attention kernel `model.attn_impl` stands for on
     this device (logged; `measure_auto=False`, as a dry run: "auto" is not timed)."""
-    t = cfg.training
-    args = build_model_args(cfg.model.flavor, t.vocab_size, t.seq_len)
+    args = shape_args(cfg)
     try:
         shape = attention_shape(cfg, args, device.type)
         choice = choose_attention(cfg.model.attn_impl, device, shape, measure_auto=measure_auto)

@@ -63,11 +63,11 @@ def resume(ckpt: Checkpointer, branch: bool) -> bool:
         )
         _load_first_usable(ckpt, [continued], fallback=False)
         return True
-    if not rewind and (final := _final_export(ckpt)) is not None:
+    if not rewind and (final := final_export(ckpt.folder, ckpt.total_steps)) is not None:
         # before config.toml is written (no data read)
         refuse_another_model(model_shapes(ckpt.model), final.path)
         ckpt.train_state.step = final.step
-        full = [s for s in candidates(ckpt) if s.step < final.step]
+        full = [s for s in candidates(ckpt) if s.kind == storage.FULL and s.step < final.step]
         ckpt.train_on = (
             f"a larger --training.steps resumes the last full checkpoint, {full[0].path.name}, "
             f"and trains steps {full[0].step + 1}-{final.step} again, as an export cannot be "
@@ -83,47 +83,54 @@ def resume(ckpt: Checkpointer, branch: bool) -> bool:
         return True
     steps = candidates(ckpt)
     if not steps:
-        exports = [s for s in storage.list_steps(ckpt.folder) if s.kind == storage.MODEL_ONLY]
-        if exports:  # a fresh start here would redo the run over its metrics and export
-            raise ConfigError(
-                f"{ckpt.folder} holds the model-only export {exports[-1].path} but no full "
-                "checkpoint to resume from; to train on from its weights, start a new run "
-                "with checkpoint.initial_load_path = that step and another job.dump_folder"
-            )
+        if problem := export_without_full_step(ckpt.folder):
+            raise ConfigError(problem)
         return False
     _load_first_usable(ckpt, steps, fallback=ckpt.cfg.fallback_on_corruption and not rewind)
     if rewind:
         _set_aside_newer(ckpt, ckpt.cfg.load_step)
         ckpt.branch_from = ckpt.cfg.load_step
     else:
-        _note_newer_export(ckpt)
+        _move_newer_exports(ckpt)
     return True
 
 
-def _note_newer_export(ckpt: Checkpointer) -> None:
-    """A longer run after a final model-only export resumes the full step before it: say
-    which steps are trained again and what becomes of the export."""
+def _move_newer_exports(ckpt: Checkpointer) -> None:
+    """A longer run after a final model-only export resumes the full step before it: the
+    export moves into `replaced/` (kept, but no longer a step that retention counts or a
+    load_step names), and the log says which steps are trained again."""
     loaded = ckpt.train_state.step
-    exports = [
-        s for s in storage.list_steps(ckpt.folder)
-        if s.kind == storage.MODEL_ONLY and s.step > loaded
-    ]  # fmt: skip
-    if exports:
-        export = exports[-1]
-        logger.warning(
-            f"{export.path} is a model-only export, which cannot be resumed: resumed "
-            f"step-{loaded} instead, so steps {loaded + 1}-{export.step} are trained again "
-            f"(the export is kept; a new save of step {export.step} moves it into "
-            f"{ckpt.folder / 'replaced'})"
-        )
+    if ckpt.rank == 0:
+        for export in storage.list_steps(ckpt.folder):
+            if export.kind == storage.MODEL_ONLY and export.step > loaded:
+                aside = storage.move_aside(export.path, "replaced")
+                logger.warning(
+                    f"{export.path} is a model-only export, which cannot be resumed: resumed "
+                    f"step-{loaded} instead, so steps {loaded + 1}-{export.step} are trained "
+                    f"again; moved the export to {aside}"
+                )
+    dist.barrier()
 
 
-def _final_export(ckpt: Checkpointer) -> storage.StepDir | None:
+def export_without_full_step(folder: Path) -> str | None:
+    """The refusal for a folder whose only loadable steps are model-only exports, when the
+    run is not over: a fresh start there would redo the run over its metrics and export."""
+    exports = [s for s in storage.list_steps(folder) if s.kind == storage.MODEL_ONLY]
+    if not exports:
+        return None
+    return (
+        f"{folder} holds the model-only export {exports[-1].path} but no full checkpoint to "
+        "resume from; to train on from its weights, start a new run with "
+        "checkpoint.initial_load_path = that step and another job.dump_folder"
+    )
+
+
+def final_export(folder: Path, total_steps: int) -> storage.StepDir | None:
     """The newest complete step when it is a model-only export of the run's last step
     (`model_weights_only`): the run is over, and resuming an older full step would redo it."""
-    complete = [s for s in storage.list_steps(ckpt.folder) if s.complete]
+    complete = [s for s in storage.list_steps(folder) if s.complete]
     newest = complete[-1] if complete else None
-    if newest and newest.kind == storage.MODEL_ONLY and newest.step >= ckpt.total_steps:
+    if newest and newest.kind == storage.MODEL_ONLY and newest.step >= total_steps:
         return newest
     return None
 
@@ -217,8 +224,8 @@ def refuse_another_model(shapes: dict[str, tuple[int, ...]], path: Path) -> None
 
 
 def refuse_other_weights(shapes: dict[str, tuple[int, ...]], path: Path) -> None:
-    """CheckpointError when the weights to load (evaluation, generation) are not of the
-    model `shapes` describes, judged from small files alone."""
+    """CheckpointError when the weights to load (an evaluation's) are not of the model
+    `shapes` describes, judged from small files alone."""
     mismatch = storage.shape_mismatch(shapes, path)
     if mismatch is not None:
         raise CheckpointError(f"{path}: {mismatch}; check model.flavor and training.vocab_size")
