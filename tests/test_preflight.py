@@ -320,6 +320,8 @@ def test_dry_run_opens_a_dataset_saved_to_disk(tmp_path, synthetic_dir, sources)
     trainonly = ["--training.dataset=custom", f"--training.dataset_path={sources}/trainonly"]
     result = _start(dump, synthetic_dir, *trainonly, *validate, "--job.dry_run")
     assert_refused(result, f"validation.split = 'test': {sources}/trainonly: no split 'test'")
+    # what a start warns about, the dry run warns about (1 step, the recipe's warmup of 10)
+    assert "training.warmup_steps = 10 covers all 1 training.steps" in result.stdout
     _nothing_complete(dump)
 
 
