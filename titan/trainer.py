@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
+from titan.checkpoint.resume import train_on_advice
 from titan.cli import StoppedOnSignal, StoppedUnsaved, TrainingDiverged, run_command
 from titan.config import JobConfig
 from titan.data.held_out import HeldOut
@@ -237,7 +238,8 @@ def setup_and_train(cfg: JobConfig) -> None:
         if step >= cfg.training.steps:
             logger.info(
                 f"Already trained {step} of {cfg.training.steps} steps: nothing to do (to train "
-                f"on, {run.checkpointer.train_on}; to go back, --checkpoint.load_step N)"
+                f"on, {train_on_advice(run.checkpointer.folder, cfg.training.steps)}; to go back, "
+                "--checkpoint.load_step N)"
             )
             return
         if stop.signals and stop.stop_agreed(run.device):

@@ -82,9 +82,6 @@ class Checkpointer:
         self.set_aside: Path | None = None
         """Where this start moved an abandoned branch's steps (rank 0; None if it did
         not): the metrics records of those steps are kept there too."""
-        self.train_on = "pass a larger --training.steps"
-        """How to train a finished run on (the final step may be an export that cannot be
-        resumed)."""
         self._async_error: BaseException | None = None
         self._last_save_time = time.monotonic()
         self._pg = None

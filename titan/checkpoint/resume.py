@@ -67,15 +67,6 @@ def resume(ckpt: Checkpointer, branch: bool) -> bool:
         # before config.toml is written (no data read)
         refuse_another_model(model_shapes(ckpt.model), final.path)
         ckpt.train_state.step = final.step
-        full = [s for s in candidates(ckpt) if s.kind == storage.FULL and s.step < final.step]
-        ckpt.train_on = (
-            f"a larger --training.steps resumes the last full checkpoint, {full[0].path.name}, "
-            f"and trains steps {full[0].step + 1}-{final.step} again, as an export cannot be "
-            "resumed"
-            if full
-            else f"start a new run with checkpoint.initial_load_path = {final.path} and "
-            "another job.dump_folder, as an export cannot be resumed"
-        )
         logger.info(
             f"{final.path} is this run's final model-only export (step {final.step} of "
             f"{ckpt.total_steps}): the run is finished, nothing is loaded"
@@ -122,6 +113,24 @@ def export_without_full_step(folder: Path) -> str | None:
         f"{folder} holds the model-only export {exports[-1].path} but no full checkpoint to "
         "resume from; to train on from its weights, start a new run with "
         "checkpoint.initial_load_path = that step and another job.dump_folder"
+    )
+
+
+def train_on_advice(folder: Path, total_steps: int) -> str:
+    """How to train a finished run on: a larger --training.steps, which after a final
+    model-only export (never resumed) resumes the last full step before it."""
+    final = final_export(folder, total_steps)
+    if final is None:
+        return "pass a larger --training.steps"
+    full = [s for s in storage.list_steps(folder) if s.kind == storage.FULL and s.step < final.step]
+    if not full:
+        return (
+            f"start a new run with checkpoint.initial_load_path = {final.path} and another "
+            "job.dump_folder, as an export cannot be resumed"
+        )
+    return (
+        f"a larger --training.steps resumes the last full checkpoint, {full[-1].path.name}, and "
+        f"trains steps {full[-1].step + 1}-{final.step} again, as an export cannot be resumed"
     )
 
 
