@@ -239,7 +239,7 @@ def dry_run(cfg: JobConfig) -> None:
     if source.kind == "disk":  # a save_to_disk folder (the synthetic datasets too): mapped
         data = HeldOut.open(cfg, cfg.eval.split, "eval.split")
         n = data.windows_for(cfg.eval.steps, cfg.eval.max_tokens, dims.dp_degree, batch)
-        reads = f"{data.label}, {n:,} of its {data.num_windows:,} windows of {data.seq_len} tokens"
+        reads = data.describe(n)
     args, _ = model_args(cfg, device, measure_auto=False)
     plans = dry_run_plans(with_eval_batch(cfg, batch), args, dims, device, training=False)
     logger.info(

@@ -296,10 +296,8 @@ def dry_run_data(cfg: JobConfig, dp_world: int) -> str:
         if (v := cfg.validation).enable:
             held = HeldOut.open(cfg, v.split, "validation.split")
             n = held.windows_for(v.steps, v.max_tokens, dp_world, cfg.training.batch_size)
-            lines.append(
-                f"validation: {held.label}, {n:,} of its {held.num_windows:,} windows of "
-                f"{held.seq_len} tokens every {v.freq:,} step{'s' * (v.freq != 1)}"
-            )
+            every = f"every {v.freq:,} step{'s' * (v.freq != 1)}"
+            lines.append(f"validation: {held.describe(n)} {every}")
     return "\n".join(lines)
 
 

@@ -120,6 +120,10 @@ class HeldOut:
         """Windows that cover every label of the stream once."""
         return max(1, math.ceil((self.total_tokens - 1) / self.seq_len))
 
+    def describe(self, n: int) -> str:
+        """`n` of the split's windows, as the dry runs say it."""
+        return f"{self.label}, {n:,} of its {self.num_windows:,} windows of {self.seq_len} tokens"
+
     def windows_for(self, steps: int, max_tokens: int, dp_world: int, batch_size: int) -> int:
         """How many windows an evaluation reads: all of them, or fewer when `steps`
         (batches per rank) or `max_tokens` (labels in all, rounded down to whole windows;
