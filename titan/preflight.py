@@ -4,7 +4,8 @@ where it will write can be written and has room, before any model is built or da
     run_on_rank0(check_run, cfg)    # build_run: rank 0 checks (only it touches the disk)
     check_dry_run(cfg)              # --job.dry_run: the same reads, nothing written
 
-Each failure is a `ConfigError`: one line naming the key, the value and the fix.
+Each failure is a `ConfigError` (a `CheckpointError` for a step of another model): one
+line naming the key, the value and the fix.
 
 - `training.dataset` / `training.dataset_path`: a local path exists and is of the kind the
   dataset name says (`titan.data.sources.resolve_source`); a Hub id is not looked up here.
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from titan.checkpoint import CheckpointError, storage
+from titan.checkpoint import storage
 from titan.checkpoint.initial import plan_initial_load
 from titan.checkpoint.resume import export_without_full_step, final_export, refuse_another_model
 from titan.config import ConfigError, JobConfig
@@ -86,7 +87,8 @@ def check_inputs(cfg: JobConfig, args: ModelArgs) -> None:
     full = [s for s in steps if s.complete and s.kind == storage.FULL]
     if c.enable_checkpoint and c.load_step >= 0:
         if (head := storage.branch_head(folder, c.load_step)) is not None:
-            _same_model(args, head.path)  # rewound before: the run continues that branch
+            # rewound before: the run continues that branch (older steps may be gone)
+            refuse_another_model(param_shapes(args), head.path)
             return
         if not folder.is_dir():
             raise ConfigError(
@@ -109,11 +111,11 @@ def check_inputs(cfg: JobConfig, args: ModelArgs) -> None:
                 f"checkpoint.load_step = {c.load_step}: no complete checkpoint of that step in "
                 f"{folder} (complete steps: {have}); choose one of them, or -1 for the newest"
             )
-        _same_model(args, storage.step_path(folder, c.load_step))
+        refuse_another_model(param_shapes(args), storage.step_path(folder, c.load_step))
         return
     loadable = [s for s in steps if s.complete and s.kind in (storage.FULL, storage.MODEL_ONLY)]
     if c.enable_checkpoint and loadable:  # the newest: a resume (or a finished run's export)
-        _same_model(args, loadable[-1].path)
+        refuse_another_model(param_shapes(args), loadable[-1].path)
     # Only exports, and the run is not over: nothing a start could resume (a step without
     # its marker yet may be completed by the start, so any such step lets it try).
     exports_only = bool(steps) and all(s.complete and s.kind == storage.MODEL_ONLY for s in steps)
@@ -122,14 +124,6 @@ def check_inputs(cfg: JobConfig, args: ModelArgs) -> None:
     resumes = c.enable_checkpoint and bool(full)  # then initial_load_path is not read
     if c.initial_load_path and not resumes:
         plan_initial_load(c.initial_load_path, args, c.initial_load_allow)
-
-
-def _same_model(args: ModelArgs, step: Path) -> None:
-    """The step a start would load holds this model (from its small files)."""
-    try:
-        refuse_another_model(param_shapes(args), step)
-    except CheckpointError as e:  # a ConfigError, which run_on_rank0 hands to every rank
-        raise ConfigError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- outputs

@@ -24,7 +24,7 @@ import torch.nn as nn
 from tabulate import tabulate
 from torch.optim.lr_scheduler import LRScheduler
 
-from titan.checkpoint import Checkpointer, TrainState
+from titan.checkpoint import Checkpointer, CheckpointError, TrainState
 from titan.config import ConfigError, JobConfig
 from titan.data import SpikeDataLoader, build_dataloader, prepare_dataset
 from titan.data.held_out import HeldOut
@@ -238,13 +238,14 @@ def build_metrics(
 
 
 def run_on_rank0(fn, *args) -> None:
-    """Run `fn` on rank 0 only; a ConfigError there stops every rank (no rank is left
-    waiting at a barrier for a rank that has failed)."""
+    """Run `fn` on rank 0 only; a bad input there (ConfigError, or a CheckpointError such as
+    a step of another model) stops every rank with its line (no rank is left waiting at a
+    barrier for a rank that has failed)."""
     error = [None]
     if dist.get_rank() == 0:
         try:
             fn(*args)
-        except ConfigError as e:
+        except (ConfigError, CheckpointError) as e:
             error[0] = str(e)
     dist.broadcast_object_list(error, src=0)
     if error[0] is not None:
