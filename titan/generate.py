@@ -164,13 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1)")
     s.add_argument("--top_k", type=int, default=0, help="keep the k likeliest counts (0 = all)")
     s.add_argument("--top_p", type=float, default=1.0, help="nucleus mass in (0, 1] (default 1)")
-    s.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="sample i's random draws come from (seed, i) alone, whatever --num_samples "
-        "(default 0)",
-    )
+    s.add_argument("--seed", type=int, default=0, help="sample i draws from (seed, i); default 0")
     r = p.add_argument_group("model and runtime")
     r.add_argument(
         "--flavor",
