@@ -149,7 +149,7 @@ def test_chart_without_validation_and_bad_inputs(tmp_path, capsys):
 
 def test_non_finite_numbers_are_written_as_null(tmp_path, capsys):
     """metrics.jsonl and results files stay strict JSON (jq, JavaScript), and the chart
-    skips what was not a number."""
+    marks the steps whose loss was not a number instead of drawing them."""
     from titan.files import json_text
 
     rec = {"step": 2, "val_loss": float("nan"), "val_loss_by_source": {"a": float("inf")}}
@@ -162,3 +162,12 @@ def test_non_finite_numbers_are_written_as_null(tmp_path, capsys):
     train = json_text({"step": 1, "loss": 3.0, "lr": 1e-3, "tokens_per_s": 1.0})
     (run / "metrics.jsonl").write_text(f"{train}\n{line}\n")
     assert main([str(run)]) == 0, capsys.readouterr().err
+    train, val, _ = read_metrics(run / "metrics.jsonl")
+    assert _legends(train, val)[0] == ["training loss", "loss not finite (1 step)"]
+    diverged = {s: {"step": s, "loss": None, "lr": 1e-3} for s in (1, 2, 3)}
+    fig = build_figure(diverged, {}, "run")
+    loss_panel = fig.axes[0]
+    marks = [line for line in loss_panel.lines if line.get_label().startswith("loss not")]
+    assert [list(m.get_xdata()) for m in marks] == [[1, 2, 3]]
+    assert [t.get_text() for t in loss_panel.texts] == ["no finite value"]  # not "not in
+    assert [t.get_text() for t in fig.axes[2].texts] == ["not in this run"]  # this run"

@@ -95,6 +95,17 @@ def _series(
     return steps, values
 
 
+def _not_finite(records: dict[int, dict], key: str) -> list[int]:
+    """The steps whose `key` was logged but is not a finite number: metrics.jsonl writes a
+    non-finite loss as null."""
+    return [
+        step
+        for step, rec in sorted(records.items())
+        if key in rec
+        and (rec[key] is None or isinstance(rec[key], float) and not math.isfinite(rec[key]))
+    ]
+
+
 # Per-source validation curves: colors other than the training (blue) and validation (red) ones.
 _SOURCE_COLORS = ["tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
 
@@ -111,6 +122,7 @@ def build_figure(train: dict[int, dict], val: dict[int, dict], title: str) -> Fi
     records do not have is not drawn."""
     import matplotlib.pyplot as plt
     import matplotlib.ticker
+    import matplotlib.transforms
 
     fig, (ax_loss, ax_lr, ax_tps) = plt.subplots(
         3, 1, figsize=(10, 10), sharex=True, layout="constrained"
@@ -134,11 +146,17 @@ def build_figure(train: dict[int, dict], val: dict[int, dict], title: str) -> Fi
     for ax, (steps, values), fmt, color, label in curves:
         if steps:
             ax.plot(steps, values, fmt, color=color, label=label)
+    finite = {ax: bool(ax.lines) for ax in (ax_loss, ax_lr, ax_tps)}
     if ax_loss.lines:
         ax_loss.set_yscale("log")  # the first steps' loss would flatten the rest
         ax_loss.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # not 10^0
         ax_loss.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(_minor_label))
     loss_label = "cross-entropy (nats/token" + (", log scale)" if ax_loss.lines else ")")
+    if bad := sorted(set(_not_finite(train, "loss")) | set(_not_finite(val, "val_loss"))):
+        # marked along the top (x in steps, y in axes units), so a diverged run shows where
+        top = matplotlib.transforms.blended_transform_factory(ax_loss.transData, ax_loss.transAxes)
+        label = f"loss not finite ({len(bad)} step{'s' if len(bad) > 1 else ''})"
+        ax_loss.plot(bad, [0.96] * len(bad), "x", color="black", transform=top, label=label)
     panels = [
         (ax_loss, "loss", loss_label),
         (ax_lr, "learning rate", "learning rate"),
@@ -149,9 +167,10 @@ def build_figure(train: dict[int, dict], val: dict[int, dict], title: str) -> Fi
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(loc="best")
-        else:
+        if not finite[ax]:
             ax.set_yticks([])  # no value: no scale
-            ax.text(0.5, 0.5, "not in this run", ha="center", va="center", transform=ax.transAxes)
+            what = "no finite value" if ax.lines else "not in this run"
+            ax.text(0.5, 0.5, what, ha="center", va="center", transform=ax.transAxes)
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     ax_tps.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # (shared)
     ax_tps.set_xlabel("step")
