@@ -565,7 +565,7 @@ def _bad_llama_inputs(root: Path, hf_dir: Path) -> dict[str, tuple[list[str], st
         "shape mismatch": (argv(wrong_shape), "config.json implies"),
         "truncated safetensors": (argv(truncated), "cannot read"),
         "missing shard": (argv(missing), "no such file"),
-        "unreadable pth": (argv(meta), "cannot read"),
+        "unreadable pth": (argv(meta), "not a file of tensors as torch.save writes them"),
         "flavor mismatch": (argv(hf_dir, "--flavor", "8B"), "architecture mismatch"),
         "output not empty": (argv(hf_dir, out=out_busy), "--overwrite"),
         "foreign files": (argv(hf_dir, "--overwrite", out=out_busy), "did not write"),
@@ -794,17 +794,24 @@ def test_an_unwritable_output_folder_is_a_bad_input(dcp_dir, tmp_path, capsys):
 def test_an_output_folder_on_a_read_only_file_system_is_refused_first(
     hf_dir, dcp_dir, tmp_path, capsys, monkeypatch
 ):
-    """A read-only mount (what access(2) reports, even to root; faked here) is refused
-    before the checkpoint is read and before anything is written, also for a folder
-    that would be created in it."""
-    from titan.convert import output
+    """A read-only mount (faked here: the probe file's creation fails as it would there,
+    even for root) is refused before the checkpoint is read and before anything is
+    written, also for a folder that would be created in it."""
+    import errno
+    import tempfile
+
+    from titan import files
 
     read_only = tmp_path / "ro"
     read_only.mkdir()
-    access = os.access
-    monkeypatch.setattr(
-        output.os, "access", lambda path, mode: Path(path) != read_only and access(path, mode)
-    )
+    real = tempfile.NamedTemporaryFile
+
+    def probe(*args, dir, **kwargs):  # noqa: A002 (tempfile's name)
+        if Path(dir) == read_only:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(files.tempfile, "NamedTemporaryFile", probe)
     monkeypatch.setattr(convert.from_dcp, "read_dcp_model_groups", None)  # never reached
     monkeypatch.setattr(convert.from_dcp, "integrity_problem", None)  # (reads every shard)
     monkeypatch.setattr(convert.sources.HFSource, "load", None)
@@ -815,8 +822,7 @@ def test_an_output_folder_on_a_read_only_file_system_is_refused_first(
         assert main(["--input_dir", str(inp), "--output_dir", str(out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [
-            f"error: --output_dir {out} {what} (no write permission, or a read-only file "
-            "system); choose another folder"
+            f"error: --output_dir {out} {what} (Read-only file system); choose another folder"
         ]
     assert not any(read_only.iterdir())
 

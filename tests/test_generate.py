@@ -227,6 +227,20 @@ def test_npz_round_trips_to_the_neural_pile_schema(model, files, tmp_path, capsy
         assert why == "" and np.array_equal(tokenize_row(counts), tokens[i])
 
 
+def test_a_row_shorter_than_the_request_says_so(files, tmp_path, capsys):
+    """Near its end a row has fewer real bins to compare than --bins: generated in full,
+    the real continuation is what there is, and the log says so."""
+    have = read_row(None, str(files["data"]), "test", 0).counts.shape[1]
+    out = tmp_path / "end.npz"
+    argv = ["--checkpoint", str(files["dcp"]), "--dataset_path", str(files["data"]),
+            "--prompt_bins", str(have - 2), "--bins", "5", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "Row 0 has 2 time bins after the prompt" in capsys.readouterr().out
+    saved = np.load(out)
+    assert saved["spike_counts_real"].shape[1] == 2
+    assert saved["spike_counts_generated"].shape[2] == 5
+
+
 def test_a_stored_255_is_read_as_the_254_the_model_saw(tmp_path):
     import datasets
 
@@ -337,7 +351,7 @@ def _bad_inputs(files: dict[str, Path], root: Path) -> dict[str, tuple[list[str]
         "both prompts": ([*ckpt, *data, "--neurons", "4"], "not both"),
         "row options without a row": (
             [*ckpt, "--neurons", "4", "--row", "2", "--prompt_bins", "5"],
-            "--row, --prompt_bins choose a dataset row, which --neurons",
+            "--row, --prompt_bins: options of a dataset row, which --neurons",
         ),
         "no prompt": (ckpt, "nothing to generate"),
         "not an int": ([*ckpt, "--neurons", "four"], "invalid int value"),
@@ -402,7 +416,10 @@ def test_every_bad_input_is_one_line_and_writes_nothing(files, tmp_path, capsys,
     argv = ["--checkpoint", str(files["hf"]), "--neurons", "2", "--bins", "1", "--out", str(out)]
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
-    assert err == f"error: writing --out {out} failed: No space left on device", err
+    assert err == (
+        f"error: cannot write --out {out} (No space left on device); choose another --out, "
+        "or free space"
+    ), err
     assert not out.parent.exists() or not any(out.parent.iterdir())
 
 

@@ -4,13 +4,18 @@ and a line cut short; without validation records; and its one-line errors."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import read_metrics as read_records
 from conftest import run_train
+from matplotlib.figure import Figure
 
+from titan.files import cannot_write_in
 from titan.plot import build_figure, main, plot_samples, read_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -145,6 +150,32 @@ def test_chart_without_validation_and_bad_inputs(tmp_path, capsys):
     _one_error_line(capsys, "no training or validation records")
     assert main([]) == 2
     _one_error_line(capsys, "output_dir")
+
+
+def test_an_output_that_cannot_be_written(tmp_path, capsys, monkeypatch):
+    """Refused before drawing where a probe file cannot be created (permission bits say
+    nothing to root: /sys refuses new files even to root); a write that fails anyway, a
+    full disk say, names the chart, not a temporary file, and leaves nothing."""
+    from titan import plot
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    if Path("/sys").is_dir() and cannot_write_in(Path("/sys")):
+        assert main([str(run), "--out", "/sys/titan/m.png"]) == 2
+        _one_error_line(capsys, "--out /sys/titan/m.png: cannot be written: no file can be")
+    real_savefig = Figure.savefig
+
+    def disk_full(fig, target, **kwargs):
+        real_savefig(fig, target, **kwargs)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Figure, "savefig", disk_full)
+    assert plot.main([str(run)]) == 1
+    _one_error_line(
+        capsys, f"cannot write {run / 'metrics.png'} (No space left on device); name another"
+    )
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
 
 
 def test_non_finite_numbers_are_written_as_null(tmp_path, capsys):

@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,11 +46,24 @@ def folder_problem(path: Path) -> str | None:
 
 
 def nearest_existing(path: Path) -> Path:
-    """`path` if it exists, else its nearest ancestor that does (what decides whether it
-    can be created)."""
+    """`path` (made absolute) if it exists, else its nearest ancestor that does (what
+    decides whether it can be created)."""
+    path = path.absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+def cannot_write_in(folder: Path) -> str | None:
+    """Why no file can be created in the existing `folder` (the system's words), or None;
+    found by creating and deleting a probe file, because permission bits miss a root
+    user's read-only pseudo file systems and root-squashed NFS exports."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".titan-write-probe-"):
+            pass
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
 
 
 def _holds_dcp(folder: Path) -> bool:
@@ -94,11 +108,11 @@ def output_problem(out: Path, suffix: str) -> str | None:
         return f"must end in {suffix}"
     if inside := inside_checkpoint(out):
         return f"{inside}: name a file outside it"
-    parent = nearest_existing(out.absolute().parent)
+    parent = nearest_existing(out.parent)
     if not parent.is_dir():
         return f"cannot be written: {parent} is a file, not a folder"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"cannot be written: no write permission in {parent}"
+    if why := cannot_write_in(parent):
+        return f"cannot be written: no file can be created in {parent} ({why})"
     return None
 
 

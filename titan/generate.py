@@ -206,8 +206,8 @@ def _check(opts: argparse.Namespace) -> None:
     row_options = {"--split": opts.split, "--row": opts.row, "--prompt_bins": opts.prompt_bins}
     if opts.neurons is not None and (given := [k for k, v in row_options.items() if v is not None]):
         raise GenerateError(
-            f"{', '.join(given)} choose a dataset row, which --neurons (unconditional) has none "
-            "of; drop them, or give --dataset/--dataset_path instead of --neurons"
+            f"{', '.join(given)}: options of a dataset row, which --neurons (unconditional) "
+            "has none of; drop them, or give --dataset/--dataset_path instead of --neurons"
         )
     opts.split = "test" if opts.split is None else opts.split
     opts.row = 0 if opts.row is None else opts.row
@@ -286,6 +286,11 @@ def generate(opts: argparse.Namespace) -> dict[str, Any]:
             )
         prompt = row.counts[:, : opts.prompt_bins]  # (neurons, prompt_bins)
         real = row.counts[:, opts.prompt_bins : opts.prompt_bins + opts.bins]  # (neurons, <=bins)
+        if real.shape[1] < opts.bins:
+            logger.warning(
+                f"Row {opts.row} has {real.shape[1]} time bins after the prompt: the real "
+                f"continuation to compare is that long, not --bins {opts.bins}"
+            )
     else:
         n_neurons = opts.neurons
         prompt = np.zeros((n_neurons, 0), dtype=np.uint8)  # (neurons, 0)
@@ -355,7 +360,10 @@ def generate(opts: argparse.Namespace) -> dict[str, Any]:
     try:
         png = save(Path(opts.out), prompt, generated, real, metadata)
     except OSError as e:  # a full disk, say: name the output, not a temporary file
-        raise OSError(f"writing --out {opts.out} failed: {e.strerror or first_line(e)}") from None
+        raise OSError(
+            f"cannot write --out {opts.out} ({e.strerror or first_line(e)}); choose another "
+            "--out, or free space"
+        ) from None
     logger.info(f"Wrote {opts.out} and {png}")
     return metadata
 

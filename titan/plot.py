@@ -296,12 +296,21 @@ def main(argv: list[str] | None = None) -> int:
             if not opts.out:  # a path the user did not name: say how to name one
                 problem = problem.split(";")[0] + "; name another .png file with --out"
             raise PlotError(f"--out {out}: {problem}" if opts.out else f"{out}: {problem}")
-        save_png(build_figure(train, val, _title(folder, train, val)), out)
+        figure = build_figure(train, val, _title(folder, train, val))
+        try:
+            save_png(figure, out)
+        except OSError as e:  # a full disk, say: name the output, not a temporary file
+            where = f"--out {out}" if opts.out else str(out)
+            raise OSError(
+                f"cannot write {where} ({e.strerror or e}); name another .png file with --out, "
+                "or free space"
+            ) from None
     except PlotError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    except OSError as e:  # unreadable file, missing output folder, full disk
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    except OSError as e:  # an unreadable metrics file, a failed write
+        what = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+        print(f"error: {what}", file=sys.stderr, flush=True)
         return 1
     skipped = f" (skipped {bad} unreadable lines)" if bad else ""
     print(f"wrote {out}: {len(train)} training and {len(val)} validation records{skipped}")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -38,7 +37,7 @@ from titan.checkpoint.initial import plan_initial_load
 from titan.checkpoint.resume import export_without_full_step, final_export, refuse_another_model
 from titan.config import ConfigError, JobConfig
 from titan.data.sources import resolve_source
-from titan.files import inside_checkpoint
+from titan.files import cannot_write_in, inside_checkpoint, nearest_existing
 from titan.logging import logger
 from titan.memory import gib
 from titan.models.llama import ModelArgs, build_model_args, num_params_from_args, param_shapes
@@ -140,7 +139,7 @@ def check_outputs(cfg: JobConfig, args: ModelArgs, *, write: bool) -> None:
     folder = checkpoint_folder(cfg)
     _check_writable(folder, "checkpoint.folder", cfg.checkpoint.folder, write)
     need, what = checkpoint_bytes(cfg, args)
-    free = shutil.disk_usage(_nearest_existing(folder)).free
+    free = shutil.disk_usage(nearest_existing(folder)).free
     if free < need:
         message = (
             f"job.dump_folder = {cfg.job.dump_folder!r}: the checkpoint folder {folder} has "
@@ -165,20 +164,13 @@ def checkpoint_bytes(cfg: JobConfig, args: ModelArgs) -> tuple[int, str]:
     return n * ADAMW_BYTES_PER_PARAM, f"{n:,} float32 parameters and their two AdamW moments"
 
 
-def _nearest_existing(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists():
-        path = path.parent
-    return path
-
-
 def _check_writable(folder: Path, key: str, value: str, write: bool) -> None:
     """Create `folder` and write and delete a probe file in it (`write`), or only check
     what can be known without writing."""
     fix = f"set {key} to a folder you can write to"
     if inside := inside_checkpoint(folder / "config.toml"):  # the folder itself, or above
         raise ConfigError(f"{key} = {value!r}: {folder} {inside}; set {key} to a folder outside it")
-    existing = _nearest_existing(folder)
+    existing = nearest_existing(folder)
     if not existing.is_dir():
         where = "it is a file" if existing == folder.absolute() else f"{existing} is a file"
         raise ConfigError(f"{key} = {value!r}: cannot make the folder {folder}: {where}; {fix}")
@@ -188,8 +180,8 @@ def _check_writable(folder: Path, key: str, value: str, write: bool) -> None:
         return
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".titan-write-probe-"):
-            pass
     except OSError as e:
         why = e.strerror or type(e).__name__
-        raise ConfigError(f"{key} = {value!r}: cannot write to {folder} ({why}); {fix}") from None
+        raise ConfigError(f"{key} = {value!r}: cannot make {folder} ({why}); {fix}") from None
+    if why := cannot_write_in(folder):
+        raise ConfigError(f"{key} = {value!r}: cannot write to {folder} ({why}); {fix}")

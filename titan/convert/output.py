@@ -12,14 +12,19 @@ recognized, and the markers that tell a finished output from a partial one.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 from titan.checkpoint import MARKER, storage
 from titan.convert.common import FULL_DISK, ConvertError, first_line, write_error
-from titan.files import inside_checkpoint, listing, nearest_existing, step_beside_saved_steps
+from titan.files import (
+    cannot_write_in,
+    inside_checkpoint,
+    listing,
+    nearest_existing,
+    step_beside_saved_steps,
+)
 
 PARTIAL = ".partial"
 # Files these tools write (DCP's `.metadata.tmp` too, if it was cut short); --overwrite
@@ -99,19 +104,21 @@ def _meta_subfolder(folder: Path) -> Path | None:
 def _check_writable(folder: Path) -> None:
     """Refuse an output folder that cannot be written (or created), before any work."""
     existing = nearest_existing(folder)
-    if not os.access(existing, os.W_OK | os.X_OK):
-        what = "cannot be written" if existing == folder else f"cannot be created in {existing}"
-        raise ConvertError(
-            f"--output_dir {folder} {what} (no write permission, or a read-only file "
-            "system); choose another folder"
+    if why := cannot_write_in(existing):
+        what = (
+            "cannot be written"
+            if existing == folder.absolute()
+            else f"cannot be created in {existing}"
         )
+        raise ConvertError(f"--output_dir {folder} {what} ({why}); choose another folder")
 
 
 def check_output(folder: Path, overwrite: bool, inputs: list[Path]) -> None:
     """Refuse (ConvertError) an output folder that is an input, inside one or above one,
     inside any checkpoint, that is not a directory, that cannot be written, or that is not
     empty, unless `overwrite`, which replaces only files these tools write (never through
-    a symbolic link), and never a training checkpoint. Creates and removes nothing."""
+    a symbolic link), and never a training checkpoint. Leaves nothing behind (a probe
+    file shows that the folder can be written)."""
     resolved, inputs = folder.resolve(), [inp.resolve() for inp in inputs]
     for inp in inputs:
         if inp.is_relative_to(resolved):

@@ -7,6 +7,7 @@ of our (Meta) parameter names, `load(name)` giving one full tensor in Meta's lay
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -184,6 +185,11 @@ _DAMAGED = "not a whole safetensors file (truncated or damaged?); download or ex
 
 
 def _load_pth(path: Path) -> dict[str, torch.Tensor]:
+    if not zipfile.is_zipfile(path):  # torch's own error would advise saving it anew
+        raise ConvertError(
+            f"cannot read {path}: not a file of tensors as torch.save writes them (a zip "
+            "archive; truncated or damaged?); download or export it again"
+        )
     try:
         sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch raises RuntimeError, pickle errors, ...
