@@ -208,6 +208,7 @@ def test_the_launcher_checks_the_layout_of_the_ranks_it_starts(tmp_path):
     assert_refused(check("evaluate.py", "--training.global_batch_size=6"),
                    "no complete checkpoint in")  # its own first problem  # fmt: skip
     assert check("train.py").returncode == 0
+    assert_refused(check("trian.py"), "trian.py: no such script; name the script to run")
 
 
 def test_help_lists_every_key_with_its_docstring():

@@ -75,6 +75,12 @@ def test_another_model_is_one_line_and_keeps_the_config(trained, synthetic_dir):
         assert "\n" not in err and "Traceback" not in result.stdout + result.stderr
         assert "layers, dim" not in result.stdout  # refused before the plan (model) is built
         assert (trained / "config.toml").read_bytes() == config
+    # The launcher's check before any worker starts: the same line, not a traceback.
+    result = run_train(other, nproc=2, launcher="titan.launch", timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.startswith(f"error: checkpoint {trained / 'checkpoint' / 'step-4'} was ")
+    assert "\n" not in result.stderr.strip() and result.stdout == ""
+    assert (trained / "config.toml").read_bytes() == config
 
 
 def test_layout_changes_are_logged_and_lr_is_the_steps(trained, synthetic_dir):

@@ -24,6 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from titan.checkpoint import CheckpointError
 from titan.cli import (
     EXIT_BAD_INPUT,
     EXIT_CODES,
@@ -119,11 +120,20 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         return EXIT_BAD_INPUT
+    script = Path(args.training_script)
+    if not (args.module or args.no_python or script.is_file()):  # torchrun: a 30-line report
+        print(
+            f"error: {script}: no such script; name the script to run (e.g. train.py) "
+            "after the launcher's options",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_BAD_INPUT
     wants_help = {"--help", "-h"} & set(args.training_script_args)
-    if Path(args.training_script).name in SCRIPTS and not wants_help:
+    if script.name in SCRIPTS and not wants_help:
         try:
             _precheck(args.training_script, args.training_script_args, _world(args))
-        except ConfigError as e:
+        except (ConfigError, CheckpointError) as e:  # the preflight refuses another model
             print(f"error: {e}", file=sys.stderr, flush=True)
             return EXIT_BAD_INPUT
     if check_only():  # the Slurm launcher checks once, before srun starts every node's
