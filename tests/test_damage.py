@@ -61,8 +61,9 @@ def test_a_flipped_bit_is_found_at_load(key, trained, synthetic_dir):
 
 
 def test_another_model_is_one_line_and_keeps_the_config(trained, synthetic_dir):
-    """Found from the step's small files, before any model is built: by a start, and by a
-    dry run (which exited 0 here)."""
+    """Found from the step's small files, before any model is built: by a start, a dry
+    run (which exited 0 here) and the launcher; nor does a start that trains nothing
+    rewrite the config."""
     config = (trained / "config.toml").read_bytes()
     other = _args(trained, synthetic_dir, "--training.steps=6", "--training.vocab_size=512")
     for extra in ([], ["--job.dry_run"], ["--checkpoint.load_step=2", "--job.dry_run"]):
@@ -80,6 +81,10 @@ def test_another_model_is_one_line_and_keeps_the_config(trained, synthetic_dir):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.startswith(f"error: checkpoint {trained / 'checkpoint' / 'step-4'} was ")
     assert "\n" not in result.stderr.strip() and result.stdout == ""
+    assert (trained / "config.toml").read_bytes() == config
+    # A start with nothing to train leaves the config of the steps there (export reads it).
+    result = run_train(_args(trained, synthetic_dir, "--training.steps=2", "--training.seq_len=32"))
+    assert result.returncode == 0 and "Already trained 4 of 2 steps" in result.stdout
     assert (trained / "config.toml").read_bytes() == config
 
 

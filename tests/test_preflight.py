@@ -34,7 +34,7 @@ import torch
 from conftest import ROOT, TRAIN_ENV, assert_refused, run_train
 from datasets import Dataset, DatasetDict
 from datasets.table import InMemoryTable
-from dist_utils import run_ranks
+from dist_utils import free_port, run_ranks
 
 from titan import preflight
 from titan.checkpoint import storage
@@ -397,3 +397,29 @@ def test_only_rank0_touches_the_disk(tmp_path):
     results = run_ranks(_probe_on_two_ranks, 2, str(tmp_path / "file.txt" / "run"))
     assert results[0][1] == 1 and results[1][1] == 0  # only rank 0 probed
     assert results[0][0] == results[1][0] and "is a file" in results[0][0]
+
+
+def test_a_world_without_its_launcher(tmp_path):
+    """WORLD_SIZE left in the environment of a plain `python train.py` (the dry run's
+    example without --job.dry_run) is one line, not a rendezvous error or a 30-minute
+    wait; ranks that never all start end with the init timeout named, status 5."""
+    import subprocess
+    import sys
+
+    from titan.cli import EXIT_STUCK
+
+    def start(**env: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(ROOT / "train.py"), "--job.config_file",
+                   "train_configs/debug_model.toml", f"--job.dump_folder={tmp_path / 'run'}",
+                   "--job.init_timeout_s=3"]  # fmt: skip
+        return subprocess.run(command, cwd=ROOT, env={**TRAIN_ENV, **env}, capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+
+    assert_refused(start(WORLD_SIZE="2"), "WORLD_SIZE=2 is set but RANK, MASTER_ADDR, "
+                   "MASTER_PORT not", "python -m titan.launch --nproc_per_node 2")  # fmt: skip
+    alone = start(WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    assert alone.returncode == EXIT_STUCK, alone.stderr[-2000:]
+    assert alone.stderr.strip().startswith(
+        "error: not all 2 ranks joined within job.init_timeout_s = 3 s"
+    ), alone.stderr
+    assert "\n" not in alone.stderr.strip() and not (tmp_path / "run").exists()

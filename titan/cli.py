@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from titan.checkpoint import CheckpointError, CheckpointSaveError
 from titan.config import ConfigError, JobConfig, format_help, load_config
-from titan.distributed import env_rank, restart_count, status_file
+from titan.distributed import RanksDidNotJoin, env_rank, restart_count, status_file
 from titan.files import written_atomically
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_SAVE_FAILED, EXIT_STUCK = 0, 2, 3, 4, 5
@@ -88,6 +88,7 @@ EXIT_CODES: dict[type[Exception], int] = {
     CheckpointSaveError: EXIT_SAVE_FAILED,
     StoppedOnSignal: EXIT_STOPPED,
     StoppedUnsaved: EXIT_STOPPED_UNSAVED,
+    RanksDidNotJoin: EXIT_STUCK,
 }
 STOPPED = (EXIT_STOPPED, EXIT_STOPPED_UNSAVED, EXIT_INTERRUPTED)
 """The statuses printed as `stopped: ...` rather than `error: ...`."""

@@ -24,6 +24,11 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from titan.config import ConfigError, JobConfig
 
 _PARENT = os.getppid()  # the launching process (torchrun's agent), as this process started
+_LAUNCHER_VARS = ("RANK", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets beside WORLD_SIZE
+
+
+class RanksDidNotJoin(RuntimeError):
+    """The process group's rendezvous gave up: not every rank started."""
 
 
 @dataclass
@@ -180,6 +185,12 @@ def init_distributed(timeout_s: int = 1800) -> tuple[torch.device, int, int]:
     """Pick the device (CUDA + NCCL when available, else CPU + gloo) and join the process
     group; works without torchrun as a world of one. Returns (device, rank, world_size)."""
     rank, local_rank, world_size = env_rank()
+    if world_size > 1 and (missing := [v for v in _LAUNCHER_VARS if v not in os.environ]):
+        raise ConfigError(
+            f"WORLD_SIZE={world_size} is set but {', '.join(missing)} not: this process was "
+            f"not started by a launcher; run python -m titan.launch --nproc_per_node "
+            f"{world_size} ..., or unset WORLD_SIZE (only a dry run reads it alone)"
+        )
     exit_with_agent()
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -195,14 +206,21 @@ def init_distributed(timeout_s: int = 1800) -> tuple[torch.device, int, int]:
             # store runs a server thread that, now and then, aborts the interpreter's exit
             # ("terminate called without an active exception", exit 134 after a clean run).
             store = dist.HashStore()
-        dist.init_process_group(
-            backend=backend,
-            store=store,
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=timeout_s),
-            device_id=device if backend == "nccl" else None,
-        )
+        try:
+            dist.init_process_group(
+                backend=backend,
+                store=store,
+                rank=rank,
+                world_size=world_size,
+                timeout=timedelta(seconds=timeout_s),
+                device_id=device if backend == "nccl" else None,
+            )
+        except dist.DistStoreError as e:  # "Timed out after N seconds waiting for clients"
+            raise RanksDidNotJoin(
+                f"not all {world_size} ranks joined within job.init_timeout_s = {timeout_s} s "
+                f"({' '.join(str(e).split())[:120]}); check that every node's launcher "
+                "started (and the MASTER_ADDR/MASTER_PORT they share)"
+            ) from None
     return device, rank, world_size
 
 

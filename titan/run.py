@@ -116,10 +116,10 @@ def build_run(cfg: JobConfig, *, train: bool = True, eval_batch: int | None = No
     run = Run(cfg, device, rank, dims, state)
     try:
         if train:
-            _log_start(cfg)
-            warn_about_the_schedule(cfg)
             run_on_rank0(check_run, cfg)  # inputs, folders, disk space: before heavy work
             run_on_rank0(_take_folder, run)  # one run per dump folder
+            _log_start(cfg)  # after the quick refusals, which are then the only line
+            warn_about_the_schedule(cfg)
             run_on_rank0(prepare_dataset, cfg)
             # Every rank's data, before the heavy work: an empty source filter or a missing
             # validation split stops the run here.
@@ -145,8 +145,8 @@ def build_run(cfg: JobConfig, *, train: bool = True, eval_batch: int | None = No
         )
         if train:
             run.checkpointer.load()
-            if rank == 0:
-                save_config(cfg)
+            if rank == 0 and run.train_state.step < cfg.training.steps:
+                save_config(cfg)  # not for a run with nothing to do: it keeps its steps' own
             run.metrics = build_metrics(cfg, run.model_args, device, rank)
             # redone steps replace theirs; an abandoned branch's go beside its steps
             run.metrics.keep_records_until(run.train_state.step, run.checkpointer.set_aside)
