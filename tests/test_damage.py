@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import debug_args, read_metrics, run_train
+from conftest import assert_refused, debug_args, read_metrics, run_train
 from torch.distributed.checkpoint import FileSystemReader
 
 from titan.optim import lr_factor
@@ -81,6 +81,13 @@ def test_another_model_is_one_line_and_keeps_the_config(trained, synthetic_dir):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.startswith(f"error: checkpoint {trained / 'checkpoint' / 'step-4'} was ")
     assert "\n" not in result.stderr.strip() and result.stdout == ""
+    assert (trained / "config.toml").read_bytes() == config
+    # A new run with checkpointing off would replace the run's config and metrics: refused.
+    metrics = (trained / "metrics.jsonl").read_bytes()
+    for extra in ([], ["--job.dry_run"]):
+        off = _args(trained, synthetic_dir, "--checkpoint.no_enable_checkpoint", *extra)
+        assert_refused(run_train(off), "holds a run's checkpoints (newest step-4)")
+    assert (trained / "metrics.jsonl").read_bytes() == metrics
     assert (trained / "config.toml").read_bytes() == config
     # A start with nothing to train leaves the config of the steps there (export reads it).
     result = run_train(_args(trained, synthetic_dir, "--training.steps=2", "--training.seq_len=32"))

@@ -113,6 +113,13 @@ def check_inputs(cfg: JobConfig, args: ModelArgs) -> None:
         refuse_another_model(param_shapes(args), storage.step_path(folder, c.load_step))
         return
     loadable = [s for s in steps if s.complete and s.kind in (storage.FULL, storage.MODEL_ONLY)]
+    if not c.enable_checkpoint and loadable:  # a new run over one that saved: its records go
+        raise ConfigError(
+            f"job.dump_folder = {cfg.job.dump_folder!r} holds a run's checkpoints (newest "
+            f"{loadable[-1].path.name}), which a start with checkpoint.enable_checkpoint = false "
+            "would not resume, replacing that run's config.toml and metrics.jsonl; set "
+            "--checkpoint.enable_checkpoint to resume it, or choose another job.dump_folder"
+        )
     if c.enable_checkpoint and loadable:  # the newest: a resume (or a finished run's export)
         refuse_another_model(param_shapes(args), loadable[-1].path)
     # Only exports, and the run is not over: nothing a start could resume (a step without
