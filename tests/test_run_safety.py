@@ -133,6 +133,9 @@ def test_one_run_per_folder_and_stale_locks(tmp_path, synthetic_dir):
     err = second.stderr.strip()
     assert err.startswith(f"error: job.dump_folder = '{tmp_path}' is in use by a live run (host ")
     assert "\n" not in err
+    dry = run_train([*_args(tmp_path, synthetic_dir), "--job.dry_run"], timeout=120)
+    assert dry.returncode == 0, dry.stderr[-2000:]  # the plan, with the start's refusal ahead
+    assert f"A start now would be refused: job.dump_folder = '{tmp_path}' is in use" in dry.stdout
     # another dump folder, but the live run's checkpoint folder named by its absolute path
     elsewhere = tmp_path / "elsewhere"
     third = run_train(_args(elsewhere, synthetic_dir, f"--checkpoint.folder={tmp_path}/checkpoint"),

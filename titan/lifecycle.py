@@ -267,6 +267,14 @@ class RunLock:
         self._thread = threading.Thread(target=self._refresh, name="titan-lock", daemon=True)
         self._thread.start()
 
+    def held_by_another(self) -> str | None:
+        """What a start would be refused with while a live run holds the folder, else None
+        (a look for the dry run: nothing is taken)."""
+        owner = self._owner()
+        if owner is None or self._stale_because(owner) is not None:
+            return None
+        return self._in_use(owner)
+
     def _in_use(self, owner: dict[str, Any]) -> str:
         folder = f"{self.key} = {str(self.path.parent)!r}"
         if not owner:

@@ -156,16 +156,20 @@ def build_run(cfg: JobConfig, *, train: bool = True, eval_batch: int | None = No
     return run
 
 
+def run_locks(cfg: JobConfig) -> list[RunLock]:
+    """The locks a run takes: the dump folder's and the checkpoint folder's, since an
+    absolute `checkpoint.folder` (e.g. on a scratch file system) may be another run's,
+    whatever the dump folders."""
+    dump = Path(cfg.job.dump_folder)
+    locks = [RunLock(dump, "job.dump_folder")]
+    checkpoints = dump / cfg.checkpoint.folder
+    if cfg.checkpoint.enable_checkpoint and checkpoints.resolve() != dump.resolve():
+        locks.append(RunLock(checkpoints, "checkpoint.folder"))
+    return locks
+
+
 def _take_folder(run: Run) -> None:
-    """Lock the dump folder and the checkpoint folder: an absolute `checkpoint.folder`
-    (e.g. on a scratch file system) may be another run's, whatever the dump folders."""
-    dump = Path(run.cfg.job.dump_folder)
-    folders = [(dump, "job.dump_folder")]
-    checkpoints = dump / run.cfg.checkpoint.folder
-    if run.cfg.checkpoint.enable_checkpoint and checkpoints.resolve() != dump.resolve():
-        folders.append((checkpoints, "checkpoint.folder"))
-    for folder, key in folders:
-        lock = RunLock(folder, key)
+    for lock in run_locks(run.cfg):
         lock.acquire()
         run.locks.append(lock)
 

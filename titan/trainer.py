@@ -36,7 +36,7 @@ from titan.metrics import peak_memory_gib
 from titan.models.llama import flops_per_token, token_loss_sum
 from titan.optim import warn_about_the_schedule
 from titan.preflight import check_dry_run
-from titan.run import Run, build_run, model_args, plan_table
+from titan.run import Run, build_run, model_args, plan_table, run_locks
 
 # ----------------------------------------------------------------------------- step
 
@@ -261,6 +261,8 @@ def dry_run(cfg: JobConfig) -> None:
     world = dry_run_world_size(cfg)  # checked first: env_rank() trusts what torchrun sets
     init_logger(env_rank()[0])
     check_dry_run(cfg)  # what a real start would refuse (writes nothing)
+    for held in filter(None, (lock.held_by_another() for lock in run_locks(cfg))):
+        logger.warning(f"A start now would be refused: {held}")  # the plan is still worth seeing
     warn_about_the_schedule(cfg)  # and what it would warn about
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dims = ParallelDims.from_config(cfg, world, device.type)
