@@ -96,6 +96,7 @@ def test_every_recipe_loads():
             ["--training.step=3"],
             "unknown config key 'training.step' (did you mean 'training.steps'?)",
         ),
+        (["--training.lr=1"], "unknown config key 'training.lr' (did you mean 'optimizer.lr'?)"),
         (["--training.steps=three"], "training.steps = 'three': expected an integer"),
         (["--training.seq_len=0"], "training.seq_len = 0: must be a positive integer"),
         (["--training.steps=" + "9" * 30], "must be a positive integer (below 2**53)"),

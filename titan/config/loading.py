@@ -169,8 +169,10 @@ def _field_type(dotted: str) -> Any:
     _check_section(section)
     types_ = _field_types(SECTIONS[section])
     if key not in types_:
-        close = difflib.get_close_matches(key, list(types_), n=1, cutoff=0.6)
-        hint = f" (did you mean '{section}.{close[0]}'?)" if close else ""
+        close = [f"{section}.{k}" for k in difflib.get_close_matches(key, list(types_), 1, 0.6)]
+        # or the key of another section (training.lr for optimizer.lr)
+        close += [f"{s}.{key}" for s, cls in SECTIONS.items() if key in _field_types(cls)]
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(
             f"unknown config key '{dotted}'{hint}; [{section}] has: {', '.join(types_)}"
         )
