@@ -95,15 +95,10 @@ def _series(
     return steps, values
 
 
-def _not_finite(records: dict[int, dict], key: str) -> list[int]:
-    """The steps whose `key` was logged but is not a finite number: metrics.jsonl writes a
-    non-finite loss as null."""
-    return [
-        step
-        for step, rec in sorted(records.items())
-        if key in rec
-        and (rec[key] is None or isinstance(rec[key], float) and not math.isfinite(rec[key]))
-    ]
+def _not_finite(records: dict[int, dict], key: str) -> set[int]:
+    """The steps whose `key` was logged but is not among `_series`' finite numbers:
+    metrics.jsonl writes a non-finite loss as null."""
+    return {step for step, rec in records.items() if key in rec} - set(_series(records, key)[0])
 
 
 # Per-source validation curves: colors other than the training (blue) and validation (red) ones.
@@ -152,7 +147,7 @@ def build_figure(train: dict[int, dict], val: dict[int, dict], title: str) -> Fi
         ax_loss.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # not 10^0
         ax_loss.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(_minor_label))
     loss_label = "cross-entropy (nats/token" + (", log scale)" if ax_loss.lines else ")")
-    if bad := sorted(set(_not_finite(train, "loss")) | set(_not_finite(val, "val_loss"))):
+    if bad := sorted(_not_finite(train, "loss") | _not_finite(val, "val_loss")):
         # marked along the top (x in steps, y in axes units), so a diverged run shows where
         top = matplotlib.transforms.blended_transform_factory(ax_loss.transData, ax_loss.transAxes)
         label = f"loss not finite ({len(bad)} step{'s' if len(bad) > 1 else ''})"

@@ -72,6 +72,11 @@ class Run:
     locks: list[RunLock] = field(default_factory=list)
     """Rank 0's hold on the dump folder and on the checkpoint folder (training only)."""
 
+    @property
+    def trained_already(self) -> bool:
+        """Whether the resumed step is already the recipe's last: nothing left to train."""
+        return self.train_state.step >= self.cfg.training.steps
+
     def close(self, failed: bool = False) -> None:
         """Release what the run holds; safe to call on a partly built run, and twice."""
         try:
@@ -145,8 +150,8 @@ def build_run(cfg: JobConfig, *, train: bool = True, eval_batch: int | None = No
         )
         if train:
             run.checkpointer.load()
-            if rank == 0 and run.train_state.step < cfg.training.steps:
-                save_config(cfg)  # not for a run with nothing to do: it keeps its steps' own
+            if rank == 0 and not run.trained_already:  # else the config of its steps stays
+                save_config(cfg)
             run.metrics = build_metrics(cfg, run.model_args, device, rank)
             # redone steps replace theirs; an abandoned branch's go beside its steps
             run.metrics.keep_records_until(run.train_state.step, run.checkpointer.set_aside)

@@ -235,7 +235,7 @@ def setup_and_train(cfg: JobConfig) -> None:
         build_run(cfg) as run,
     ):
         step = run.train_state.step
-        if step >= cfg.training.steps:
+        if run.trained_already:
             logger.info(
                 f"Already trained {step} of {cfg.training.steps} steps: nothing to do (to train "
                 f"on, {train_on_advice(run.checkpointer.folder, cfg.training.steps)}; to go back, "
